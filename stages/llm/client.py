@@ -1,0 +1,141 @@
+"""Network ``LlmBackend``: OpenAI chat-completions streaming over SSE, with httpx.
+
+Works against our own service (``cascade stage llm``) and vLLM's OpenAI server. Closing the
+async generator (``aclose()`` / task cancellation) exits the ``httpx`` response context,
+which closes the TCP connection mid-body; both servers treat that as a disconnect and
+abort the generation, so a barge-in frees the GPU at once. httpx is used directly rather
+than the ``openai`` SDK so the connection lifetime is explicit and no retries hide errors.
+
+Production on GPUs, vLLM's own server (tool calling needs a parser matching the model)::
+
+    python -m vllm.entrypoints.openai.api_server \\
+        --model Qwen/Qwen2.5-7B-Instruct --served-model-name assistant \\
+        --host 0.0.0.0 --port 8002 --dtype auto --max-model-len 8192 \\
+        --gpu-memory-utilization 0.85 --enable-prefix-caching \\
+        --enable-auto-tool-choice --tool-call-parser hermes
+
+then point the orchestrator at it: ``OpenAICompatLlm("http://HOST:8002/v1",
+model="assistant")`` (settings: ``CASCADE_LLM_BASE_URL``, ``CASCADE_LLM_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from stages.llm.types import LlmDelta, LlmError, LlmRequest, LlmUsage, ToolCallDelta
+
+
+class OpenAICompatLlm:
+    """``LlmBackend`` speaking to any OpenAI-compatible ``/v1/chat/completions``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        model: str = "smollm2-135m-instruct",
+        *,
+        timeout: float = 60.0,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        base = base_url.rstrip("/")
+        self.base_url = base if base.endswith("/v1") else base + "/v1"
+        self.model = model
+        self._headers = {"Accept": "text/event-stream"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=5.0)
+        )
+
+    def _body(self, request: LlmRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [m.model_dump(exclude_none=True) for m in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.tools:
+            body["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
+        for key in ("tool_choice", "temperature", "max_tokens", "stop"):
+            value = getattr(request, key)
+            if value is not None:
+                body[key] = value
+        return body
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
+        url = f"{self.base_url}/chat/completions"
+        finish: str | None = None
+        usage: LlmUsage | None = None
+        try:
+            async with self._http.stream(
+                "POST", url, json=self._body(request), headers=self._headers
+            ) as resp:
+                if resp.status_code != 200:
+                    raise _http_error(resp.status_code, await resp.aread())
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments, "event:" lines
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = _parse_chunk(data)
+                    if chunk.get("usage"):
+                        u = chunk["usage"]
+                        usage = LlmUsage(prompt_tokens=int(u.get("prompt_tokens", 0)),
+                                         completion_tokens=int(u.get("completion_tokens", 0)))
+                    for choice in chunk.get("choices") or []:
+                        finish = choice.get("finish_reason") or finish
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content") or ""
+                        calls = [ToolCallDelta.model_validate(c)
+                                 for c in delta.get("tool_calls") or []]
+                        if text or calls:
+                            yield LlmDelta(text=text, tool_calls=calls or None)
+        except httpx.HTTPError as exc:
+            raise LlmError(f"LLM server unreachable at {url}: {exc}", code="unavailable",
+                           status=503) from exc
+        if finish is not None or usage is not None:
+            yield LlmDelta(finish_reason=finish or "stop", usage=usage)
+
+    async def list_models(self) -> list[str]:
+        resp = await self._http.get(f"{self.base_url}/models", headers=self._headers)
+        if resp.status_code != 200:
+            raise _http_error(resp.status_code, resp.content)
+        return [str(m["id"]) for m in resp.json().get("data", [])]
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+
+def _parse_chunk(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise LlmError(f"malformed SSE chunk from LLM server: {data[:200]!r}",
+                       code="bad_upstream", status=502) from exc
+    if not isinstance(chunk, dict):
+        raise LlmError("SSE chunk is not a JSON object", code="bad_upstream", status=502)
+    if "error" in chunk:
+        err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+        raise LlmError(f"LLM server error mid-stream: {err.get('message')}",
+                       code=str(err.get("code") or "llm_error"), status=502)
+    return chunk
+
+
+def _http_error(status: int, raw: bytes) -> LlmError:
+    message = raw.decode("utf-8", "replace")[:500]
+    code = "http_error"
+    try:
+        err = json.loads(raw).get("error") or {}
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+            code = str(err.get("code") or code)
+    except (ValueError, AttributeError):
+        pass
+    return LlmError(f"LLM server returned {status}: {message}", code=code, status=status)
