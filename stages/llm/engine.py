@@ -132,7 +132,7 @@ class LlamaCppLlm:
         self.model_name = model_name
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self._max_waiting = max_waiting
+        self.max_waiting = max_waiting
         self._queue_size = max(1, queue_size)
         self._llm = Llama(
             model_path=path,
@@ -196,7 +196,7 @@ class LlamaCppLlm:
         with self._lock:
             if self._closed:
                 raise LlmError("the LLM engine is shut down", code="unavailable", status=503)
-            if len(self._jobs) > self._max_waiting:
+            if len(self._jobs) > self.max_waiting:
                 raise LlmBusyError(
                     f"{len(self._jobs)} requests already in progress or waiting; try again"
                 )
@@ -237,8 +237,12 @@ class LlamaCppLlm:
             if not job.stop.is_set():
                 finished = self._generate(job)
         except Exception as exc:  # reported to the consumer, never kills the worker
-            log.exception("generation %d failed", stats.request_id)
-            job.post(_as_llm_error(exc), bounded=False)
+            error = _as_llm_error(exc)
+            if error.status < 500:
+                log.warning("request %d rejected: %s", stats.request_id, error)
+            else:
+                log.exception("generation %d failed", stats.request_id)
+            job.post(error, bounded=False)
         finally:
             stats.ended_at = time.monotonic()
             if not finished and job.stop.is_set():

@@ -128,7 +128,7 @@ def test_bad_audio_is_rejected(model: SileroVadModel) -> None:
     with pytest.raises(AudioFormatError):
         stream.process(np.zeros((2, 512), dtype=np.float32))
     with pytest.raises(AudioFormatError):
-        stream.process(np.zeros(512, dtype=np.float64))
+        stream.process(np.zeros(512, dtype=np.float64))  # type: ignore[arg-type]
     with pytest.raises(AudioFormatError):
         VadStream(model, sample_rate=8000)
     assert stream.samples_received == 0
