@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 
 import numpy as np
@@ -105,6 +106,7 @@ async def round_trip(backends: Backends, question: str, out_path: str,
                 "reply_audio_s"):
         print(f"{key:>26}: {report[key]}")
     print(f"wrote {out_path}")
+    print("result: " + json.dumps(report))
     return report
 
 

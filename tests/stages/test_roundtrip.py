@@ -1,0 +1,44 @@
+"""TTS speaks a sentence, streaming ASR transcribes it back word for word."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from stages.asr.engine import WhisperAsr
+from stages.common.audio import ASR_RATE
+from stages.tts.engine import PiperTts
+from tests.support.text import normalize
+
+SENTENCES = (
+    "Please turn on the lights in the kitchen.",
+    "The meeting has been moved to Thursday afternoon.",
+)
+
+
+@pytest.fixture(scope="module")
+async def engines() -> AsyncIterator[tuple[PiperTts, WhisperAsr]]:
+    tts, asr = PiperTts(), await WhisperAsr.load()
+    yield tts, asr
+    await tts.aclose()
+    await asr.aclose()
+
+
+@pytest.mark.parametrize("sentence", SENTENCES)
+async def test_tts_then_streaming_asr_round_trip(engines: tuple[PiperTts, WhisperAsr],
+                                                 sentence: str) -> None:
+    tts, asr = engines
+    chunks = await tts.synthesize(sentence, sample_rate=ASR_RATE)
+    assert "".join(c.text for c in chunks) == sentence
+    audio = b"".join(c.audio for c in chunks) + bytes(int(0.5 * ASR_RATE) * 2)
+
+    stream = await asr.open_stream()
+    frame = ASR_RATE // 10 * 2  # 100 ms
+    for i in range(0, len(audio), frame):
+        await stream.push(audio[i:i + frame])
+    final = await stream.finalize()
+    await stream.aclose()
+
+    assert normalize(final.text) == normalize(sentence)
+    assert [normalize(w.word)[0] for w in final.words if normalize(w.word)] == normalize(sentence)
