@@ -46,7 +46,7 @@ def resample(samples: Float32Array | Int16Array, src_rate: int, dst_rate: int) -
     if samples.dtype == np.int16:
         samples = pcm16_to_float(samples)  # type: ignore[arg-type]
     if src_rate == dst_rate:
-        return samples.astype(np.float32, copy=False)  # type: ignore[return-value]
+        return samples.astype(np.float32, copy=False)
     out: Float32Array = soxr.resample(samples, src_rate, dst_rate, quality="HQ")
     return out.astype(np.float32, copy=False)
 
