@@ -1,0 +1,341 @@
+"""Per-stream state of streaming recognition: the audio window, the decode loop, partials.
+
+Design (why it looks like this)
+-------------------------------
+Whisper pads every input to 30 s, so one decode costs about the same (~0.4 s for tiny.en
+on 2 CPU cores) whether the window holds 1 s or 20 s of audio. Streaming therefore means
+*re-decoding the growing window* periodically rather than decoding small chunks:
+
+* ``push()`` copies the audio into a preallocated float32 window (bounded: when it is full,
+  ``push`` awaits until the decode loop has trimmed it — that is the backpressure).
+* One decode loop task per stream wakes on new audio and re-decodes the whole uncommitted
+  window, at most one decode in flight per stream. The pace is adaptive: the next decode
+  starts no sooner than ``max(decode_interval_s, decode_cost_factor * recent decode time)``
+  after the previous one started, so a busy CPU (many streams) automatically decodes each
+  stream less often instead of queueing work.
+* Local agreement (``agreement.py``) commits the words on which two consecutive
+  hypotheses agree. Committed text is the ``stable`` part of each partial and never
+  changes; the rest of the latest hypothesis is ``unstable``.
+* After a commit the window is trimmed at the end of the committed words (between the last
+  committed word's end and the next word's start, from Whisper's word timestamps) and
+  the committed text goes in as the prompt, so the window stays short in long turns and
+  ``finalize()`` only has to decode the uncommitted tail. If agreement stalls and the
+  window exceeds ``max_window_s``, older tentative words are committed by force.
+* ``finalize()`` waits for the in-flight decode (if any). If that decode already covered
+  all audio — or what came after it is silence (RMS below ``silence_rms``), the usual case
+  when the caller finalizes after a VAD silence — its hypothesis is reused and finalize
+  is nearly free; otherwise one last decode of the uncommitted tail runs.
+
+The session knows nothing about Whisper: it calls a ``Decoder`` (window audio, prompt,
+language) -> words with times relative to the window start, provided by the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import numpy as np
+
+from stages.asr.agreement import LocalAgreement, ends_sentence, join_words
+from stages.asr.types import AsrFinal, AsrPartial, AsrWord
+from stages.common.audio import ASR_RATE, Float32Array, pcm16_from_bytes
+from stages.common.metrics import ASR_ACTIVE_STREAMS, ASR_AUDIO_SECONDS, ASR_FINALIZE_SECONDS
+
+# (window audio, prompt, language, kind) -> words, times relative to the window start.
+Decoder = Callable[[Float32Array, str | None, str | None, str], Awaitable[list[AsrWord]]]
+
+_PROMPT_CHARS = 200  # committed text passed back as the prompt (Whisper keeps ~224 tokens)
+
+
+class StreamClosedError(RuntimeError):
+    """push()/finalize() on a stream that was already finalized or closed."""
+
+
+class StreamConfig:
+    """The knobs a session needs (a subset of AsrSettings, kept small for unit tests)."""
+
+    def __init__(
+        self,
+        *,
+        decode_interval_s: float = 0.35,
+        decode_cost_factor: float = 1.0,
+        min_decode_audio_s: float = 0.5,
+        max_window_s: float = 20.0,
+        trim_window_s: float = 8.0,
+        silence_rms: float = 0.006,
+        queue_size: int = 256,
+    ) -> None:
+        self.decode_interval_s = decode_interval_s
+        self.decode_cost_factor = decode_cost_factor
+        self.min_decode_audio_s = min_decode_audio_s
+        self.max_window_s = max_window_s
+        self.trim_window_s = trim_window_s
+        self.silence_rms = silence_rms
+        self.queue_size = queue_size
+
+
+class WhisperStream:
+    """Implements ``AsrStream`` on top of a ``Decoder``. Create via ``WhisperAsr.open_stream``."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        config: StreamConfig,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        on_close: Callable[[WhisperStream], None] | None = None,
+    ) -> None:
+        self._decoder = decoder
+        self._cfg = config
+        self._language = language
+        self._user_prompt = prompt.strip() if prompt else None
+        self._on_close = on_close
+        # Window: capacity = max window + 5 s of slack for audio arriving during a decode.
+        self._buf = np.zeros(int((config.max_window_s + 5.0) * ASR_RATE), dtype=np.float32)
+        self._len = 0  # samples in the window
+        self._window_start = 0  # absolute sample index of _buf[0]
+        self._total = 0  # samples received
+        self._decoded_upto = 0  # absolute end sample covered by the latest hypothesis
+        self._agree = LocalAgreement()
+        self._revision = 0
+        self._cost_ema = 0.0
+        self._last_decode_start = -1e9
+        self._partials: asyncio.Queue[AsrPartial | None] = asyncio.Queue(
+            maxsize=max(2, config.queue_size)
+        )
+        self._audio_event = asyncio.Event()
+        self._space_event = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        self._closing = False
+        self._closed = False
+        self._final: AsrFinal | None = None
+        self._finalize_lock = asyncio.Lock()
+        self._loop_task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            self._decode_loop()
+        )
+        ASR_ACTIVE_STREAMS.inc()
+
+    # ----------------------------------------------------------------- AsrStream API
+    @property
+    def audio_ms(self) -> int:
+        return self._total * 1000 // ASR_RATE
+
+    async def push(self, pcm16: bytes) -> None:
+        if self._closing:
+            raise StreamClosedError("stream is finalized or closed")
+        samples = pcm16_from_bytes(pcm16)
+        if samples.size == 0:
+            return
+        pos = 0
+        while pos < samples.size:
+            room = self._buf.size - self._len
+            if room == 0:
+                # Bounded buffer full: wait for the decode loop to trim the window.
+                self._space_event.clear()
+                self._audio_event.set()
+                await self._space_event.wait()
+                if self._closing:
+                    raise StreamClosedError("stream is finalized or closed")
+                continue
+            take = min(room, samples.size - pos)
+            part = samples[pos : pos + take]
+            dst = self._buf[self._len : self._len + take]
+            np.multiply(part, np.float32(1.0 / 32768.0), out=dst, casting="unsafe")
+            self._len += take
+            self._total += take
+            pos += take
+        ASR_AUDIO_SECONDS.inc(samples.size / ASR_RATE)
+        self._audio_event.set()
+
+    async def partials(self) -> AsyncIterator[AsrPartial]:
+        while True:
+            item = await self._partials.get()
+            if item is None:
+                return
+            yield item
+
+    async def finalize(self) -> AsrFinal:
+        async with self._finalize_lock:
+            if self._final is not None:
+                return self._final
+            if self._closed:
+                raise StreamClosedError("stream was closed")
+            t0 = time.perf_counter()
+            await self._stop_loop()
+            if self._needs_final_decode():
+                self._agree.commit_all(await self._decode_window("final"))
+            else:
+                self._agree.commit_all()  # reuse the latest hypothesis
+            finalize_ms = (time.perf_counter() - t0) * 1000.0
+            ASR_FINALIZE_SECONDS.observe(finalize_ms / 1000.0)
+            self._final = AsrFinal(
+                text=join_words(self._agree.committed),
+                words=list(self._agree.committed),
+                audio_ms=self.audio_ms,
+                finalize_ms=finalize_ms,
+            )
+            self._finish()
+            return self._final
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        await self._stop_loop()
+        self._finish()
+
+    # ----------------------------------------------------------------- internals
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        ASR_ACTIVE_STREAMS.dec()
+        self._emit(None)
+        if self._on_close is not None:
+            self._on_close(self)
+
+    async def _stop_loop(self) -> None:
+        self._closing = True
+        self._stop_event.set()
+        self._audio_event.set()
+        self._space_event.set()
+        # A decode already running in a thread cannot be interrupted: let it finish, its
+        # hypothesis is the freshest one available (and often all finalize needs).
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._loop_task)
+
+    def _needs_final_decode(self) -> bool:
+        if self._len == 0:
+            return False
+        tail_start = max(0, self._decoded_upto - self._window_start)
+        if tail_start >= self._len:
+            return False
+        tail = self._buf[tail_start : self._len]
+        if self._decoded_upto > self._window_start and _rms(tail) < self._cfg.silence_rms:
+            return False  # only silence since the last full decode: reuse its hypothesis
+        # Nothing decoded yet and the whole window is silence: nothing to transcribe.
+        return not (self._decoded_upto <= self._window_start and _rms(tail) < self._cfg.silence_rms)
+
+    def _interval(self) -> float:
+        return max(self._cfg.decode_interval_s, self._cfg.decode_cost_factor * self._cost_ema)
+
+    async def _decode_loop(self) -> None:
+        min_samples = int(self._cfg.min_decode_audio_s * ASR_RATE)
+        while not self._closing:
+            await self._audio_event.wait()
+            self._audio_event.clear()
+            if self._closing:
+                break
+            if self._len < min_samples or self._window_start + self._len <= self._decoded_upto:
+                continue
+            wait = self._last_decode_start + self._interval() - time.monotonic()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), timeout=wait)
+                if self._closing:
+                    break
+            hyp = await self._decode_window("partial")
+            self._agree.update(hyp)
+            self._trim()
+            self._revision += 1
+            self._emit(
+                AsrPartial(
+                    stable=self._agree.stable_text,
+                    unstable=self._agree.unstable_text,
+                    audio_ms=self._decoded_upto * 1000 // ASR_RATE,
+                    revision=self._revision,
+                )
+            )
+            if self._window_start + self._len > self._decoded_upto:
+                self._audio_event.set()  # audio arrived meanwhile: schedule the next decode
+
+    async def _decode_window(self, kind: str) -> list[AsrWord]:
+        n = self._len
+        start = self._window_start
+        offset = start / ASR_RATE
+        self._last_decode_start = time.monotonic()
+        t0 = time.perf_counter()
+        rel = await self._decoder(self._buf[:n], self._prompt(), self._language, kind)
+        cost = time.perf_counter() - t0
+        self._cost_ema = cost if self._cost_ema == 0.0 else 0.7 * self._cost_ema + 0.3 * cost
+        self._decoded_upto = start + n
+        words = []
+        for w in rel:
+            # A "word" over digital silence is a Whisper hallucination ("Thank you.").
+            a = max(0, int(w.start * ASR_RATE))
+            b = min(n, max(a + 1, int(w.end * ASR_RATE)))
+            if _rms(self._buf[a:b]) < self._cfg.silence_rms:
+                continue
+            words.append(AsrWord(word=w.word, start=w.start + offset, end=w.end + offset,
+                                 probability=w.probability))
+        return words
+
+    def _prompt(self) -> str | None:
+        committed = self._agree.prompt_text()
+        parts = [p for p in (self._user_prompt, committed) if p]
+        if not parts:
+            return None
+        return " ".join(parts)[-_PROMPT_CHARS:]
+
+    def _trim(self) -> None:
+        """Cut the window after committed words (see the module docstring for the policy)."""
+        ag = self._agree
+        window_end = (self._window_start + self._len) / ASR_RATE
+        forced = self._len > self._cfg.max_window_s * ASR_RATE
+        if forced:
+            # Agreement stalled (noise, mumbling): commit tentative words older than 5 s.
+            ag.commit_until(window_end - 5.0)
+        first, last = ag.window_from, len(ag.committed) - 1
+        choice: int | None = None
+        for i in range(last, first - 1, -1):
+            if ends_sentence(ag.committed[i]):
+                choice = i  # a sentence end: Whisper restarts cleanly after a pause
+                break
+        if choice is None and last >= first and (
+            forced or self._len > self._cfg.trim_window_s * ASR_RATE
+        ):
+            # Long window without a sentence end: cut at the widest pause between words.
+            choice = max(range(first, last + 1),
+                         key=lambda i: (round(self._next_start(i) - ag.committed[i].end, 2), i))
+        if choice is not None:
+            end = ag.committed[choice].end
+            cut_s = (end + max(end, self._next_start(choice))) / 2.0
+            ag.window_from = choice + 1
+        elif forced:
+            cut_s = window_end - 5.0
+            ag.window_from = len(ag.committed)
+        else:
+            return
+        cut = min(int(cut_s * ASR_RATE), self._window_start + self._len)
+        drop = cut - self._window_start
+        if drop <= 0:
+            return
+        keep = self._len - drop
+        self._buf[:keep] = self._buf[drop : self._len]
+        self._len = keep
+        self._window_start = cut
+        self._space_event.set()
+
+    def _next_start(self, i: int) -> float:
+        ag = self._agree
+        if i + 1 < len(ag.committed):
+            return ag.committed[i + 1].start
+        return ag.tentative[0].start if ag.tentative else ag.committed[i].end
+
+    def _emit(self, item: AsrPartial | None) -> None:
+        # Partials supersede each other: if the consumer lags, drop the oldest one.
+        while True:
+            try:
+                self._partials.put_nowait(item)
+                return
+            except asyncio.QueueFull:
+                self._partials.get_nowait()
+
+
+def _rms(x: Float32Array) -> float:
+    if x.size == 0:
+        return 0.0
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float32))))
