@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from stages.llm.settings import LlmSettings
 from stages.llm.types import LlmDelta, LlmError, LlmRequest, LlmUsage, ToolCallDelta
 
 
@@ -51,6 +52,14 @@ class OpenAICompatLlm:
         self._http = http_client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=5.0)
         )
+
+    @classmethod
+    def from_settings(cls, settings: LlmSettings) -> OpenAICompatLlm:
+        """Client for ``settings.base_url`` (e.g. vLLM) naming ``served_model_name``."""
+        if not settings.base_url:
+            raise ValueError("LlmSettings.base_url is empty: no upstream LLM server configured")
+        return cls(settings.base_url, settings.api_key or None,
+                   model=settings.served_model_name)
 
     def _body(self, request: LlmRequest) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -148,3 +148,30 @@ def test_convert_delta_sends_id_and_name_once() -> None:
     assert second.tool_calls[0].function.arguments == "}"
     assert _convert_delta({"role": "assistant"}, seen) is None
     assert _convert_delta({"content": "hi"}, seen) == LlmDelta(text="hi")
+
+
+def test_device_selection_on_cpu_build(caplog: pytest.LogCaptureFixture) -> None:
+    import llama_cpp
+
+    from stages.llm.engine import gpu_layers_for
+
+    assert gpu_layers_for("cpu") == 0
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python build has GPU offload")
+    assert gpu_layers_for("auto") == 0
+    with caplog.at_level("WARNING"):
+        assert gpu_layers_for("cuda") == -1
+    assert "no GPU offload" in caplog.text
+
+
+def test_client_from_settings() -> None:
+    from stages.llm.client import OpenAICompatLlm
+    from stages.llm.settings import LlmSettings
+
+    client = OpenAICompatLlm.from_settings(
+        LlmSettings(base_url="http://gpu-box:8002", api_key="k", served_model_name="assistant"))
+    assert client.base_url == "http://gpu-box:8002/v1"
+    assert client.model == "assistant"
+    with pytest.raises(ValueError):
+        OpenAICompatLlm.from_settings(LlmSettings())
+    asyncio.run(client.aclose())
