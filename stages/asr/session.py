@@ -41,7 +41,7 @@ import numpy as np
 
 from stages.asr.agreement import LocalAgreement, ends_sentence, join_words
 from stages.asr.types import AsrFinal, AsrPartial, AsrWord
-from stages.common.audio import ASR_RATE, Float32Array, pcm16_from_bytes
+from stages.common.audio import ASR_RATE, Float32Array, Int16Array, pcm16_from_bytes
 from stages.common.metrics import ASR_ACTIVE_STREAMS, ASR_AUDIO_SECONDS, ASR_FINALIZE_SECONDS
 
 # (window audio, prompt, language, kind) -> words, times relative to the window start.
@@ -125,11 +125,15 @@ class WhisperStream:
         return self._total * 1000 // ASR_RATE
 
     async def push(self, pcm16: bytes) -> None:
+        await self.push_samples(pcm16_from_bytes(pcm16))
+
+    async def push_samples(self, samples: Int16Array | Float32Array) -> None:
+        """Append 16 kHz samples (int16, or float32 in [-1, 1] from a resampler)."""
         if self._closing:
             raise StreamClosedError("stream is finalized or closed")
-        samples = pcm16_from_bytes(pcm16)
         if samples.size == 0:
             return
+        scale = np.float32(1.0 / 32768.0) if samples.dtype == np.int16 else np.float32(1.0)
         pos = 0
         while pos < samples.size:
             room = self._buf.size - self._len
@@ -142,9 +146,8 @@ class WhisperStream:
                     raise StreamClosedError("stream is finalized or closed")
                 continue
             take = min(room, samples.size - pos)
-            part = samples[pos : pos + take]
             dst = self._buf[self._len : self._len + take]
-            np.multiply(part, np.float32(1.0 / 32768.0), out=dst, casting="unsafe")
+            np.multiply(samples[pos : pos + take], scale, out=dst, casting="unsafe")
             self._len += take
             self._total += take
             pos += take
