@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 import httpx
@@ -16,6 +17,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from stages.tts.types import ChunkEvent, TtsChunk, TtsError
+
+if TYPE_CHECKING:
+    from stages.tts.types import TtsBackend, TtsStream
 
 
 class TtsClientStream:
@@ -131,3 +135,8 @@ class TtsClient:
         for stream in list(self._streams):
             await stream.aclose()
         await self._http.aclose()
+
+
+if TYPE_CHECKING:
+    def _implements(client: TtsClient, stream: TtsClientStream) -> tuple[TtsBackend, TtsStream]:
+        return client, stream  # mypy checks the client against the Protocols

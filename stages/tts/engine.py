@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime
@@ -43,6 +43,9 @@ from stages.tts.alignment import PhonemeSpan, word_timings
 from stages.tts.phrases import PhraseBounds, PhraseCutter
 from stages.tts.settings import TtsSettings
 from stages.tts.types import SUPPORTED_RATES, TtsChunk, TtsError, TtsWord
+
+if TYPE_CHECKING:
+    from stages.tts.types import TtsBackend, TtsStream
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +224,7 @@ class PiperTtsStream:
         self._cancel = threading.Event()
         self._flushed = False
         self._closed = False
+        self._ended = False  # the consumer has seen the end of the chunks
         self._t_text: float | None = None
         self._worker = asyncio.create_task(self._run())
         TTS_ACTIVE_STREAMS.inc()
@@ -253,9 +257,10 @@ class PiperTtsStream:
         await self._phrases.put(None)
 
     async def chunks(self) -> AsyncIterator[TtsChunk]:
-        while True:
+        while not self._ended:
             item = await self._out.get()
             if item is None:
+                self._ended = True
                 return
             if isinstance(item, BaseException):
                 raise item
@@ -273,6 +278,7 @@ class PiperTtsStream:
             while not q.empty():
                 q.get_nowait()
         self._out.put_nowait(None)  # ends a consumer waiting in chunks()
+        self._ended = True
         self._engine._streams.discard(self)
         TTS_ACTIVE_STREAMS.dec()
 
@@ -303,3 +309,8 @@ class PiperTtsStream:
         except Exception as exc:
             log.exception("TTS synthesis failed")
             await self._out.put(exc)
+
+
+if TYPE_CHECKING:
+    def _implements(engine: PiperTts, stream: PiperTtsStream) -> tuple[TtsBackend, TtsStream]:
+        return engine, stream  # mypy checks the engine against the Protocols
