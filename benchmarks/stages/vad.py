@@ -29,9 +29,9 @@ def bench(repeats: int) -> dict[str, float]:
             per_frame_us.append((time.perf_counter() - t0) * 1e6)
     per_frame_us.sort()
     return {
-        "vad_frame_us": statistics.median(per_frame_us),
-        "vad_frame_us_p90": per_frame_us[int(0.9 * (len(per_frame_us) - 1))],
-        "vad_realtime_factor": statistics.mean(per_frame_us) / 32_000.0,
+        "vad_frame_us": round(statistics.median(per_frame_us), 1),
+        "vad_frame_us_p90": round(per_frame_us[int(0.9 * (len(per_frame_us) - 1))], 1),
+        "vad_realtime_factor": round(statistics.mean(per_frame_us) / 32_000.0, 5),
     }
 
 

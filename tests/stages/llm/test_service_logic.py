@@ -1,0 +1,80 @@
+"""Service error paths with a scripted backend (no model): busy -> 429, an error after the
+first token -> an SSE error event then [DONE], which our client turns into LlmError."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from stages.llm.client import OpenAICompatLlm
+from stages.llm.service import create_app
+from stages.llm.settings import LlmSettings
+from stages.llm.types import LlmBusyError, LlmDelta, LlmError, LlmRequest
+from tests.stages.llm.conftest import user
+
+
+class ScriptedLlm:
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.closed = False
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
+        if self.mode == "busy":
+            raise LlmBusyError("9 requests waiting")
+        yield LlmDelta(text="Hello")
+        if self.mode == "fail":
+            raise LlmError("backend exploded", code="llm_error")
+        yield LlmDelta(text=" world")
+        yield LlmDelta(finish_reason="stop")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_busy_backend_gives_429() -> None:
+    backend = ScriptedLlm("busy")
+    with TestClient(create_app(LlmSettings(), engine=backend)) as http:
+        body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 429
+        assert r.json()["error"]["code"] == "server_busy"
+        r = http.post("/v1/chat/completions", json={**body, "stream": False})
+        assert r.status_code == 429
+    assert backend.closed  # lifespan shutdown closes the backend
+
+
+def test_mid_stream_error_is_an_sse_event() -> None:
+    with TestClient(create_app(LlmSettings(), engine=ScriptedLlm("fail"))) as http:
+        r = http.post("/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+        assert r.status_code == 200
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert '"Hello"' in events[1]
+        assert '"backend exploded"' in events[-2]
+        assert events[-1] == "[DONE]"
+
+
+async def test_client_raises_on_sse_error_event() -> None:
+    app = create_app(LlmSettings(), engine=ScriptedLlm("fail"))
+    with TestClient(app):  # runs the lifespan so the app is ready
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            client = OpenAICompatLlm("http://test", http_client=http)
+            got: list[str] = []
+            with pytest.raises(LlmError, match="backend exploded"):
+                async for d in client.stream(user("hi")):
+                    got.append(d.text)
+            assert got == ["Hello"]
+
+
+def test_ok_backend_non_streaming_aggregates() -> None:
+    with TestClient(create_app(LlmSettings(), engine=ScriptedLlm("ok"))) as http:
+        r = http.post("/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        msg = r.json()["choices"][0]
+        assert msg["message"]["content"] == "Hello world"
+        assert msg["finish_reason"] == "stop"
