@@ -110,6 +110,12 @@ class _Session:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    async def _send_pair(self, header: ChunkEvent, audio: bytes) -> None:
+        async with self.lock:
+            await self.ws.send_text(header.model_dump_json())
+            await self.ws.send_bytes(audio)
+            self.next_index += 1
+
     async def _send_round(self, stream: PiperTtsStream, base_offset: int,
                           prev: asyncio.Task[None] | None) -> None:
         if prev is not None:
@@ -122,10 +128,8 @@ class _Session:
                     text_offset=base_offset + chunk.text_offset,
                     sample_rate=chunk.sample_rate, duration_ms=chunk.duration_ms,
                     words=chunk.words, audio_bytes=len(chunk.audio))
-                async with self.lock:
-                    await self.ws.send_text(header.model_dump_json())
-                    await self.ws.send_bytes(chunk.audio)
-                self.next_index += 1
+                # shielded: a cancel must never split a header from its audio
+                await asyncio.shield(self._send_pair(header, chunk.audio))
             await self.send(DoneEvent())
         except TtsError as exc:
             await self.error(exc.code, str(exc))
