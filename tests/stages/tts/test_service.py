@@ -223,6 +223,9 @@ def test_openai_bad_requests(base: str) -> None:
     with pytest.raises(openai.BadRequestError, match="too long"):
         client.audio.speech.create(model="tts-1", voice="alloy", input="word " * 500,
                                    response_format="wav")
+    with pytest.raises(openai.BadRequestError, match="speed"):
+        client.audio.speech.create(model="tts-1", voice="alloy", input="Hi.",
+                                   response_format="wav", speed=10.0)
     with pytest.raises(openai.BadRequestError, match="voice"):
         client.audio.speech.create(model="tts-1", voice="nobody", input="Hi.",
                                    response_format="wav")
