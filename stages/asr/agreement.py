@@ -49,7 +49,7 @@ def strip_committed(in_window: list[AsrWord], hyp: list[AsrWord],
             j += 1
         if i == len(in_window):
             return hyp[j:]
-    if committed_end is not None:
+    if in_window and committed_end is not None:
         k = 0
         while k < len(hyp) and (hyp[k].start + hyp[k].end) / 2 < committed_end:
             k += 1

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from faster_whisper import WhisperModel
+from faster_whisper.transcribe import Segment
 
 from stages.asr.batching import DecodeBatcher
 from stages.asr.session import StreamConfig, WhisperStream
@@ -145,20 +146,37 @@ class WhisperAsr:
             if audio.size == 0:
                 return []
             streaming = kind != "file"
-            segments, _ = self.model.transcribe(
-                np.ascontiguousarray(audio, dtype=np.float32),
-                language=language,
-                beam_size=self.settings.beam_size,
-                word_timestamps=True,
-                initial_prompt=prompt or None,
-                condition_on_previous_text=not streaming,
-                # Streaming re-decodes soon anyway: no temperature fallback (extra decodes).
-                temperature=0.0 if streaming else [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
-                vad_filter=False,
-            )
+            segments = self._transcribe(audio, prompt, language, streaming)
+            if prompt and _suspicious(segments, audio):
+                # Tiny models sometimes answer a prompt with nothing or a loop ("The The
+                # The ..."): decode once more without it.
+                segments = self._transcribe(audio, None, language, streaming)
             words: list[AsrWord] = []
             for seg in segments:
                 for w in seg.words or []:
                     words.append(AsrWord(word=w.word, start=float(w.start), end=float(w.end),
                                          probability=float(w.probability)))
             return words
+
+    def _transcribe(self, audio: Float32Array, prompt: str | None, language: str | None,
+                    streaming: bool) -> list[Segment]:
+        segments, _ = self.model.transcribe(
+            np.ascontiguousarray(audio, dtype=np.float32),
+            language=language,
+            beam_size=self.settings.beam_size,
+            word_timestamps=True,
+            initial_prompt=prompt or None,
+            condition_on_previous_text=not streaming,
+            # Streaming re-decodes soon anyway: no temperature fallback (extra decodes).
+            temperature=0.0 if streaming else [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+            vad_filter=False,
+        )
+        return list(segments)
+
+
+def _suspicious(segments: list[Segment], audio: Float32Array) -> bool:
+    if any(seg.compression_ratio > 2.4 for seg in segments):
+        return True
+    if any(seg.words for seg in segments):
+        return False
+    return float(np.sqrt(np.mean(np.square(audio)))) > 0.01  # audible, yet no words

@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
-from stages.asr.agreement import LocalAgreement, ends_sentence, join_words
+from stages.asr.agreement import LocalAgreement, join_words
 from stages.asr.types import AsrFinal, AsrPartial, AsrWord
 from stages.common.audio import ASR_RATE, Float32Array, Int16Array, pcm16_from_bytes
 from stages.common.metrics import ASR_ACTIVE_STREAMS, ASR_AUDIO_SECONDS, ASR_FINALIZE_SECONDS
@@ -48,6 +48,8 @@ from stages.common.metrics import ASR_ACTIVE_STREAMS, ASR_AUDIO_SECONDS, ASR_FIN
 Decoder = Callable[[Float32Array, str | None, str | None, str], Awaitable[list[AsrWord]]]
 
 _PROMPT_CHARS = 200  # committed text passed back as the prompt (Whisper keeps ~224 tokens)
+_FRAME = 320  # 20 ms analysis frames for pause detection
+_MIN_PAUSE_FRAMES = 8  # 160 ms
 
 
 class StreamClosedError(RuntimeError):
@@ -64,7 +66,7 @@ class StreamConfig:
         decode_cost_factor: float = 1.0,
         min_decode_audio_s: float = 0.5,
         max_window_s: float = 20.0,
-        trim_window_s: float = 8.0,
+        trim_window_s: float = 4.0,
         silence_rms: float = 0.006,
         queue_size: int = 256,
     ) -> None:
@@ -102,6 +104,7 @@ class WhisperStream:
         self._decoded_upto = 0  # absolute end sample covered by the latest hypothesis
         self._agree = LocalAgreement()
         self._revision = 0
+        self._decodes = 0
         self._cost_ema = 0.0
         self._last_decode_start = -1e9
         self._partials: asyncio.Queue[AsrPartial | None] = asyncio.Queue(
@@ -123,6 +126,16 @@ class WhisperStream:
     @property
     def audio_ms(self) -> int:
         return self._total * 1000 // ASR_RATE
+
+    @property
+    def window_seconds(self) -> float:
+        """Length of the audio window the next decode would see."""
+        return self._len / ASR_RATE
+
+    @property
+    def decodes(self) -> int:
+        """Decodes run so far (partial and final)."""
+        return self._decodes
 
     async def push(self, pcm16: bytes) -> None:
         await self.push_samples(pcm16_from_bytes(pcm16))
@@ -260,6 +273,7 @@ class WhisperStream:
         start = self._window_start
         offset = start / ASR_RATE
         self._last_decode_start = time.monotonic()
+        self._decodes += 1
         t0 = time.perf_counter()
         rel = await self._decoder(self._buf[:n], self._prompt(), self._language, kind)
         cost = time.perf_counter() - t0
@@ -291,27 +305,26 @@ class WhisperStream:
         if forced:
             # Agreement stalled (noise, mumbling): commit tentative words older than 5 s.
             ag.commit_until(window_end - 5.0)
+        # A cut before the first uncommitted word can never lose uncommitted speech.
+        limit_s = ag.tentative[0].start if ag.tentative else self._decoded_upto / ASR_RATE
+        cut_s = self._pause_cut(min(limit_s, window_end))
         first, last = ag.window_from, len(ag.committed) - 1
-        choice: int | None = None
-        for i in range(last, first - 1, -1):
-            if ends_sentence(ag.committed[i]):
-                choice = i  # a sentence end: Whisper restarts cleanly after a pause
-                break
-        if choice is None and last >= first and (
+        if cut_s is None and last >= first and (
             forced or self._len > self._cfg.trim_window_s * ASR_RATE
         ):
-            # Long window without a sentence end: cut at the widest pause between words.
-            choice = max(range(first, last + 1),
-                         key=lambda i: (round(self._next_start(i) - ag.committed[i].end, 2), i))
-        if choice is not None:
-            end = ag.committed[choice].end
-            cut_s = (end + max(end, self._next_start(choice))) / 2.0
-            ag.window_from = choice + 1
-        elif forced:
+            # Continuous speech: cut between committed words at the widest timestamp gap.
+            i = max(range(first, last + 1),
+                    key=lambda i: (round(self._next_start(i) - ag.committed[i].end, 2), i))
+            end = ag.committed[i].end
+            cut_s = (end + max(end, self._next_start(i))) / 2.0
+        if cut_s is None and forced:
             cut_s = window_end - 5.0
-            ag.window_from = len(ag.committed)
-        else:
+        if cut_s is None:
             return
+        n = ag.window_from
+        while n < len(ag.committed) and (ag.committed[n].start + ag.committed[n].end) / 2 < cut_s:
+            n += 1
+        ag.window_from = n
         cut = min(int(cut_s * ASR_RATE), self._window_start + self._len)
         drop = cut - self._window_start
         if drop <= 0:
@@ -321,6 +334,39 @@ class WhisperStream:
         self._len = keep
         self._window_start = cut
         self._space_event.set()
+
+    def _pause_cut(self, limit_s: float) -> float | None:
+        """Middle of the latest pause (>= 150 ms of quiet 20 ms frames) before ``limit_s``.
+
+        Cutting inside a real pause is robust: Whisper's word timestamps are often 0.1-0.3 s
+        off, and a window that starts mid-word makes it mishear or drop words.
+        """
+        end = min(self._len, int(limit_s * ASR_RATE) - self._window_start)
+        nf = max(0, end) // _FRAME
+        if nf < _MIN_PAUSE_FRAMES:
+            return None
+        frames = self._buf[: nf * _FRAME].reshape(nf, _FRAME)
+        rms = np.sqrt(np.mean(np.square(frames), axis=1))
+        threshold = max(self._cfg.silence_rms, 0.1 * float(np.percentile(rms, 90)))
+        quiet = rms < threshold
+        run_end = None
+        i = nf - 1
+        while i >= 0:
+            if quiet[i]:
+                j = i
+                while j >= 0 and quiet[j]:
+                    j -= 1
+                if i - j >= _MIN_PAUSE_FRAMES:
+                    run_end = i + 1
+                    run_start = j + 1
+                    break
+                i = j
+            else:
+                i -= 1
+        if run_end is None:
+            return None
+        mid = (run_start + run_end) * _FRAME // 2
+        return (self._window_start + mid) / ASR_RATE
 
     def _next_start(self, i: int) -> float:
         ag = self._agree

@@ -29,7 +29,7 @@ class AsrSettings(StageSettings):
     compute_type: str = ""
     device_index: int = 0
     language: str = "en"
-    beam_size: int = 5
+    beam_size: int = 1
     # Decodes run on this many threads sharing one model (CTranslate2 num_workers).
     decode_workers: int = 1
     # Minimum time between two decodes of one stream; grows with the measured decode cost.
@@ -42,7 +42,7 @@ class AsrSettings(StageSettings):
     max_window_s: float = 20.0
     # Without a sentence end, the window is cut (at the widest pause between committed
     # words) once it is longer than this.
-    trim_window_s: float = 8.0
+    trim_window_s: float = 4.0
     # Audio after the last decode quieter than this RMS (full scale 1.0) counts as silence,
     # so finalize() can reuse the last hypothesis without decoding again.
     silence_rms: float = 0.006
