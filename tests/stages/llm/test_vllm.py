@@ -7,6 +7,7 @@ CASCADE_REQUIRE_VLLM=1 (CI sets it), which turns the absence into a failure.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -106,7 +107,7 @@ async def test_closing_the_stream_aborts_generation_in_vllm(vllm_url: str) -> No
         # vLLM notices the disconnect and frees the request.
         while _metric(vllm_url, "vllm:num_requests_running") > 0:
             assert time.monotonic() - cancelled_at < 5.0, "vLLM kept generating"
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
     finally:
         await client.aclose()
     generated = _metric(vllm_url, "vllm:generation_tokens_total") - tokens_before
