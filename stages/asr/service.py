@@ -157,7 +157,12 @@ def create_app(settings: AsrSettings) -> FastAPI:
                 if isinstance(control, FinalizeMessage):
                     if resampler.src_rate != ASR_RATE:
                         await session.push_samples(resampler.flush())
-                    final: AsrFinal = await session.finalize()
+                    try:
+                        final: AsrFinal = await session.finalize()
+                    except Exception as exc:
+                        log.exception("finalize failed")
+                        await refuse("decode_failed", f"transcription failed: {exc}", 1011)
+                        break
                     await sender  # every partial is out before the final
                     await send(final.model_dump_json())
                     await ws.close(code=1000)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -43,6 +44,8 @@ from stages.asr.agreement import LocalAgreement, join_words
 from stages.asr.types import AsrFinal, AsrPartial, AsrWord
 from stages.common.audio import ASR_RATE, Float32Array, Int16Array, pcm16_from_bytes
 from stages.common.metrics import ASR_ACTIVE_STREAMS, ASR_AUDIO_SECONDS, ASR_FINALIZE_SECONDS
+
+log = logging.getLogger(__name__)
 
 # (window audio, prompt, language, kind) -> words, times relative to the window start.
 Decoder = Callable[[Float32Array, str | None, str | None, str], Awaitable[list[AsrWord]]]
@@ -253,7 +256,12 @@ class WhisperStream:
                     await asyncio.wait_for(self._stop_event.wait(), timeout=wait)
                 if self._closing:
                     break
-            hyp = await self._decode_window("partial")
+            try:
+                hyp = await self._decode_window("partial")
+            except Exception:
+                # A failed partial decode must not kill the stream: finalize() retries.
+                log.exception("partial decode failed")
+                continue
             self._agree.update(hyp)
             self._trim()
             self._revision += 1
@@ -275,19 +283,25 @@ class WhisperStream:
         self._last_decode_start = time.monotonic()
         self._decodes += 1
         t0 = time.perf_counter()
-        rel = await self._decoder(self._buf[:n], self._prompt(), self._language, kind)
+        prompt = self._prompt()
+        rel = await self._decoder(self._buf[:n], prompt, self._language, kind)
         cost = time.perf_counter() - t0
         self._cost_ema = cost if self._cost_ema == 0.0 else 0.7 * self._cost_ema + 0.3 * cost
         self._decoded_upto = start + n
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("decode %s window=%.2f-%.2fs cost=%.3fs prompt=%r -> %s", kind, offset,
+                      (start + n) / ASR_RATE, cost, prompt,
+                      " ".join(f"{w.word.strip()}@{w.start:.2f}" for w in rel))
         words = []
         for w in rel:
             # A "word" over digital silence is a Whisper hallucination ("Thank you.").
-            a = max(0, int(w.start * ASR_RATE))
-            b = min(n, max(a + 1, int(w.end * ASR_RATE)))
+            # Word times are only roughly right: judge the word's span widened by 0.1 s.
+            a = max(0, int((w.start - 0.1) * ASR_RATE))
+            b = min(n, max(a + 1, int((w.end + 0.1) * ASR_RATE)))
             if _rms(self._buf[a:b]) < self._cfg.silence_rms:
                 continue
-            words.append(AsrWord(word=w.word, start=w.start + offset, end=w.end + offset,
-                                 probability=w.probability))
+            words.append(AsrWord(word=w.word, start=round(w.start + offset, 3),
+                                 end=round(w.end + offset, 3), probability=w.probability))
         return words
 
     def _prompt(self) -> str | None:
@@ -325,6 +339,7 @@ class WhisperStream:
         while n < len(ag.committed) and (ag.committed[n].start + ag.committed[n].end) / 2 < cut_s:
             n += 1
         ag.window_from = n
+        log.debug("cut window at %.2fs (%d committed words before it)", cut_s, n)
         cut = min(int(cut_s * ASR_RATE), self._window_start + self._len)
         drop = cut - self._window_start
         if drop <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -94,7 +95,7 @@ async def test_long_turn_keeps_window_short(asr: WhisperAsr) -> None:
     assert windows and max(windows) < 0.7 * turn.size / 16000, windows
     # Word times are relative to the stream start, in order, within the audio.
     starts = [w.start for w in final.words]
-    assert starts == sorted(starts)
+    assert all(b >= a - 0.05 for a, b in itertools.pairwise(starts)), starts
     assert final.words[-1].end <= turn.size / 16000 + 0.5
 
 
