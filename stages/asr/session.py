@@ -16,15 +16,23 @@ on 2 CPU cores) whether the window holds 1 s or 20 s of audio. Streaming therefo
 * Local agreement (``agreement.py``) commits the words on which two consecutive
   hypotheses agree. Committed text is the ``stable`` part of each partial and never
   changes; the rest of the latest hypothesis is ``unstable``.
-* After a commit the window is trimmed at the end of the committed words (between the last
-  committed word's end and the next word's start, from Whisper's word timestamps) and
-  the committed text goes in as the prompt, so the window stays short in long turns and
-  ``finalize()`` only has to decode the uncommitted tail. If agreement stalls and the
-  window exceeds ``max_window_s``, older tentative words are committed by force.
-* ``finalize()`` waits for the in-flight decode (if any). If that decode already covered
-  all audio — or what came after it is silence (RMS below ``silence_rms``), the usual case
-  when the caller finalizes after a VAD silence — its hypothesis is reused and finalize
-  is nearly free; otherwise one last decode of the uncommitted tail runs.
+* After each decode the window is cut after committed words, so it stays short in long
+  turns (decode cost grows with the text in the window) and ``finalize()`` only decodes the
+  uncommitted tail. The cut goes in the middle of the latest real pause (>= 160 ms of quiet
+  20 ms frames) before the first uncommitted word: Whisper's word timestamps are often
+  0.1-0.3 s off, and a window that starts mid-word makes tiny models mishear or drop
+  words. Only when the window outgrows ``trim_window_s`` without any pause is it cut at
+  the widest gap between committed words' timestamps. Committed text before the cut is
+  passed as the prompt (previous-text context); committed words still inside the window
+  are removed from each new hypothesis (``agreement.strip_committed``). If agreement stalls
+  and the window exceeds ``max_window_s``, older tentative words are committed by force.
+* ``finalize()``: if the last *finished* decode heard all the speech and only silence came
+  after it (the usual case when the caller finalizes after a VAD silence), its hypothesis
+  is reused at once — even while another decode is in flight (that result is dropped) —
+  so finalize is nearly free. Otherwise it waits for the decode in flight, and decodes the
+  uncommitted tail once more only if speech arrived after that decode's window.
+* Hypothesis words lying on digital silence are dropped (Whisper's "Thank you." on
+  pauses).
 
 The session knows nothing about Whisper: it calls a ``Decoder`` (window audio, prompt,
 language) -> words with times relative to the window start, provided by the engine.
@@ -117,6 +125,8 @@ class WhisperStream:
         self._space_event = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._closing = False
+        self._decoding = False  # a decode of this stream is in flight
+        self._abandon = False  # finalize() went ahead without the decode in flight
         self._closed = False
         self._final: AsrFinal | None = None
         self._finalize_lock = asyncio.Lock()
@@ -184,11 +194,21 @@ class WhisperStream:
             if self._closed:
                 raise StreamClosedError("stream was closed")
             t0 = time.perf_counter()
-            await self._stop_loop()
-            if self._needs_final_decode():
-                self._agree.commit_all(await self._decode_window("final"))
+            if self._decoding and self._tail_is_quiet():
+                # The last finished decode already heard all the speech; only silence came
+                # after it. Reuse its hypothesis now instead of waiting for the decode in
+                # flight (its result is dropped).
+                self._abandon = True
+                self._closing = True
+                self._stop_event.set()
+                self._space_event.set()
+                self._agree.commit_all()
             else:
-                self._agree.commit_all()  # reuse the latest hypothesis
+                await self._stop_loop()
+                if self._needs_final_decode():
+                    self._agree.commit_all(await self._decode_window("final"))
+                else:
+                    self._agree.commit_all()  # reuse the latest hypothesis
             finalize_ms = (time.perf_counter() - t0) * 1000.0
             ASR_FINALIZE_SECONDS.observe(finalize_ms / 1000.0)
             self._final = AsrFinal(
@@ -226,17 +246,30 @@ class WhisperStream:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(self._loop_task)
 
+    def _tail_is_quiet(self) -> bool:
+        """True if a decode has finished and only silence was pushed after its window."""
+        if self._decoded_upto <= self._window_start:
+            return False
+        tail = self._buf[self._decoded_upto - self._window_start : self._len]
+        return _rms(tail) < self._quiet_threshold()
+
+    def _quiet_threshold(self) -> float:
+        """Absolute floor, or 10 % of the loud (90th percentile) 20 ms frames of the window."""
+        nf = self._len // _FRAME
+        if nf == 0:
+            return self._cfg.silence_rms
+        frames = self._buf[: nf * _FRAME].reshape(nf, _FRAME)
+        loud = float(np.percentile(np.sqrt(np.mean(np.square(frames), axis=1)), 90))
+        return max(self._cfg.silence_rms, 0.1 * loud)
+
     def _needs_final_decode(self) -> bool:
-        if self._len == 0:
-            return False
-        tail_start = max(0, self._decoded_upto - self._window_start)
-        if tail_start >= self._len:
-            return False
-        tail = self._buf[tail_start : self._len]
-        if self._decoded_upto > self._window_start and _rms(tail) < self._cfg.silence_rms:
-            return False  # only silence since the last full decode: reuse its hypothesis
+        if self._len == 0 or self._window_start + self._len <= self._decoded_upto:
+            return False  # nothing new since the last decode
+        if self._tail_is_quiet():
+            return False  # only silence since the last decode: reuse its hypothesis
         # Nothing decoded yet and the whole window is silence: nothing to transcribe.
-        return not (self._decoded_upto <= self._window_start and _rms(tail) < self._cfg.silence_rms)
+        return not (self._decoded_upto <= self._window_start
+                    and _rms(self._buf[: self._len]) < self._cfg.silence_rms)
 
     def _interval(self) -> float:
         return max(self._cfg.decode_interval_s, self._cfg.decode_cost_factor * self._cost_ema)
@@ -262,6 +295,8 @@ class WhisperStream:
                 # A failed partial decode must not kill the stream: finalize() retries.
                 log.exception("partial decode failed")
                 continue
+            if self._abandon:
+                break
             self._agree.update(hyp)
             self._trim()
             self._revision += 1
@@ -284,7 +319,11 @@ class WhisperStream:
         self._decodes += 1
         t0 = time.perf_counter()
         prompt = self._prompt()
-        rel = await self._decoder(self._buf[:n], prompt, self._language, kind)
+        self._decoding = True
+        try:
+            rel = await self._decoder(self._buf[:n], prompt, self._language, kind)
+        finally:
+            self._decoding = False
         cost = time.perf_counter() - t0
         self._cost_ema = cost if self._cost_ema == 0.0 else 0.7 * self._cost_ema + 0.3 * cost
         self._decoded_upto = start + n

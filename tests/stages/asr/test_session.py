@@ -142,3 +142,24 @@ async def test_empty_stream_and_misuse() -> None:
     items = [p async for p in stream.partials()]
     assert items == []
     await stream.aclose()
+
+
+async def test_finalize_does_not_wait_for_decode_of_silence() -> None:
+    dec = FakeDecoder(delay=0.05)
+    stream = WhisperStream(dec, config())
+    await stream.push(speech(3))
+    async for p in stream.partials():  # a decode covering all the speech has finished
+        if p.audio_ms == stream.audio_ms:
+            break
+    dec.delay = 2.0  # the next decode (of the silence) is slow
+    await stream.push(np.zeros(8000, dtype=np.int16).tobytes())
+    for _ in range(100):
+        if dec.in_flight:
+            break
+        await asyncio.sleep(0.01)
+    assert dec.in_flight == 1
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    final = await stream.finalize()
+    assert loop.time() - t0 < 1.0, "finalize waited for the decode in flight"
+    assert final.text == "one two three"
