@@ -32,7 +32,14 @@ import numpy as np
 from stages.asr.batching import decode_batch
 from stages.asr.engine import WhisperAsr
 from stages.asr.settings import AsrSettings
-from stages.common.audio import ASR_RATE, Int16Array, float_to_pcm16, resample
+from stages.common.audio import (
+    ASR_RATE,
+    Float32Array,
+    Int16Array,
+    float_to_pcm16,
+    pcm16_to_float,
+    resample,
+)
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -126,7 +133,8 @@ async def _run(repeats: int) -> dict[str, float]:
     await asr.transcribe(long.tobytes())
     rtf = (time.perf_counter() - t0) / (long.size / ASR_RATE)
 
-    windows = [(c[: 3 * ASR_RATE].astype(np.float32) / 32768.0, None) for c in clips[:4]]
+    windows: list[tuple[Float32Array, str | None]] = [
+        (pcm16_to_float(c[: 3 * ASR_RATE]), None) for c in clips[:4]]
     decode_ms = []
     for w, _ in windows[:3]:
         t0 = time.perf_counter()

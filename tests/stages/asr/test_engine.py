@@ -13,6 +13,7 @@ from stages.asr.engine import WhisperAsr
 from stages.asr.settings import AsrSettings
 from stages.asr.types import AsrBackend
 from stages.common.audio import AudioFormatError
+from stages.common.metrics import ASR_DECODE_SECONDS
 from tests.stages.asr.helpers import check_stability, silence, stream_clip
 from tests.support.speech import SENTENCES, espeak_clip, piper_clip, with_silence
 from tests.support.text import wer
@@ -118,3 +119,18 @@ async def test_silent_stream_gives_empty_final_without_decoding(asr: WhisperAsr)
     final = await stream.finalize()
     assert final.text == ""
     assert stream.decodes == 0
+
+
+async def test_cross_stream_batching_mode(asr: WhisperAsr) -> None:
+    # Same model, batched decodes: two concurrent streams decoded in shared batches.
+    batched = WhisperAsr(AsrSettings(batch_decodes=True), model=asr.model)
+    try:
+        clips = [with_silence(piper_clip(t)) for t in SENTENCES[2:]]
+        results = await asyncio.gather(*(stream_clip(batched, c) for c in clips))
+        for (partials, final, _), text in zip(results, SENTENCES[2:], strict=True):
+            check_stability(partials, final)
+            assert wer(text, final.text) <= 0.10, final.text
+        count = ASR_DECODE_SECONDS.labels("batch")._sum
+        assert count.get() > 0
+    finally:
+        await batched.aclose()
