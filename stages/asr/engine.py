@@ -47,6 +47,9 @@ from stages.common.audio import (
 from stages.common.metrics import ASR_AUDIO_SECONDS, ASR_DECODE_SECONDS
 
 log = logging.getLogger(__name__)
+# faster-whisper logs every decode at INFO ("Processing audio with duration ..."): at a few
+# decodes per second per stream that drowns the service log.
+logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 
 SUPPORTED_RATES = (8000, 16000, 24000, 48000)
 
