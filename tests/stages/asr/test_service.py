@@ -45,6 +45,12 @@ async def test_client_streaming_over_websocket(base_url: str) -> None:
             check_stability(partials, final)
             assert wer(text, final.text) <= 0.10, final.text
             assert final.words and final.audio_ms > 1000
+        # The same backend's one-shot path (OpenAI endpoint), at 8 kHz.
+        clip = piper_clip(SENTENCES[3], 8000)
+        result = await client.transcribe(clip.tobytes(), 8000)
+        assert wer(SENTENCES[3], result.text) <= 0.10, result.text
+        assert abs(result.audio_ms - clip.size / 8) < 50
+        assert result.words[0].start < result.words[-1].end
     finally:
         await client.aclose()
 
