@@ -81,8 +81,8 @@ def create_app(settings: AsrSettings) -> FastAPI:
     add_common_routes(app, STAGE, lambda: state.asr is not None)
 
     @app.websocket("/v1/stream")
-    async def stream(ws: WebSocket, sample_rate: int = ASR_RATE, language: str | None = None,
-                     prompt: str | None = None) -> None:
+    async def stream(ws: WebSocket, sample_rate: str = str(ASR_RATE),
+                     language: str | None = None, prompt: str | None = None) -> None:
         await ws.accept()
         send_lock = asyncio.Lock()
 
@@ -101,7 +101,8 @@ def create_app(settings: AsrSettings) -> FastAPI:
         if asr is None:
             await refuse("not_ready", "model is not loaded yet", WS_TRY_LATER)
             return
-        if sample_rate not in SUPPORTED_RATES:
+        rate = int(sample_rate) if sample_rate.isdigit() else -1
+        if rate not in SUPPORTED_RATES:
             await refuse("unsupported_sample_rate",
                          f"sample_rate={sample_rate} is not supported; use one of "
                          f"{list(SUPPORTED_RATES)} (pcm16 mono)", WS_POLICY)
@@ -113,7 +114,7 @@ def create_app(settings: AsrSettings) -> FastAPI:
             return
 
         session = await asr.open_stream(language=language, prompt=prompt)
-        resampler = StreamResampler(sample_rate, ASR_RATE)
+        resampler = StreamResampler(rate, ASR_RATE)
         state.sockets.add(ws)
 
         async def forward_partials() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from stages.asr.engine import WhisperAsr
 from stages.asr.settings import AsrSettings
-from stages.asr.types import AsrBackend
+from stages.asr.types import AsrBackend, AsrStream
 from stages.common.audio import AudioFormatError
 from stages.common.metrics import ASR_DECODE_SECONDS
 from tests.stages.asr.helpers import check_stability, silence, stream_clip
@@ -26,8 +26,13 @@ def asr() -> Iterator[WhisperAsr]:
     asyncio.run(engine.aclose())
 
 
-def test_engine_implements_backend(asr: WhisperAsr) -> None:
+async def test_engine_implements_backend(asr: WhisperAsr) -> None:
     assert isinstance(asr, AsrBackend)
+    stream = await asr.open_stream()
+    assert isinstance(stream, AsrStream)
+    await stream.aclose()
+    await stream.aclose()  # idempotent
+    assert asr.active_streams == 0
 
 
 async def _stream_all(asr: WhisperAsr, clips: list[np.ndarray]) -> list[float]:

@@ -113,6 +113,12 @@ async def test_websocket_bad_inputs(base_url: str) -> None:
         await ws.wait_closed()
         assert ws.close_code == 1008
 
+    async with connect(ws_url(base_url, "sample_rate=fast")) as ws:
+        event = json.loads(await ws.recv())
+        assert event["code"] == "unsupported_sample_rate" and "fast" in event["message"]
+        await ws.wait_closed()
+        assert ws.close_code == 1008
+
     # Recoverable errors keep the stream usable; the final still arrives.
     async with connect(ws_url(base_url)) as ws:
         await ws.send(b"\x01\x02\x03")  # odd byte count
