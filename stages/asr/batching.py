@@ -14,10 +14,11 @@ windows of different streams stack into one batch without any extra padding cost
    next batch — so under load the batch size grows by itself, and with one stream it
    degenerates to a plain decode.
 
-Measured on the 2-core CPU box (tiny.en int8, 4 windows of 3 s): see the ASR report in
-``benchmarks/stages/asr.py`` (``batch4_ms`` vs ``sequential4_ms``). On CPU the encoder is
-compute-bound, so batching gives little; it is off by default and meant for CUDA, where one
-batched encode costs about as much as a single one.
+Measured on the 2-core CPU box (tiny.en int8, 4 windows of 3 s, ``batch4_ms`` vs
+``sequential4_ms`` in ``benchmarks/stages/asr.py``): 1.65-1.90 s batched vs 1.85-1.93 s
+one by one, i.e. 0-15 %, within the shared box's noise: the CPU encoder is compute-bound.
+It is therefore off by default and meant for CUDA, where one batched encode costs about
+as much as a single one. (Not measured on a GPU here.)
 """
 
 from __future__ import annotations
