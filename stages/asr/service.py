@@ -22,15 +22,16 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from stages.asr.engine import SUPPORTED_RATES, WhisperAsr
-from stages.asr.multipart import MultipartError, parse_form
 from stages.asr.settings import AsrSettings
 from stages.asr.types import AsrError, AsrFinal, CloseMessage, ControlMessage, FinalizeMessage
 from stages.common.audio import (
@@ -195,24 +196,27 @@ def create_app(settings: AsrSettings) -> FastAPI:
             body += piece
             if len(body) > limit:
                 return _bad(f"request body exceeds {limit} bytes", "too_large", "file", 413)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return _bad("expected a multipart/form-data body", "invalid_request", None)
         try:
-            form = parse_form(bytes(body), request.headers.get("content-type", ""))
-        except MultipartError as exc:
-            return _bad(str(exc), "invalid_request", None)
-
-        def field(name: str) -> str | None:
-            parts = form.get(name)
-            return parts[0].data.decode("utf-8", "replace") if parts else None
-
-        if "file" not in form:
+            form = await _parse_form(request, bytes(body), limit)
+        except MultiPartException as exc:
+            return _bad(f"malformed multipart body: {exc.message}", "invalid_request", None)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
             return _bad("multipart field 'file' (a pcm16 WAV) is required", "missing_file",
                         "file")
+
+        def field(name: str) -> str | None:
+            value = form.get(name)
+            return value if isinstance(value, str) else None
+
         response_format = field("response_format") or "json"
         if response_format not in _FORMATS:
             return _bad(f"response_format must be one of {list(_FORMATS)}",
                         "unsupported_response_format", "response_format")
         try:
-            samples, rate = read_wav(form["file"][0].data)
+            samples, rate = read_wav(await upload.read())
         except AudioFormatError as exc:
             return _bad(str(exc), "invalid_audio", "file")
         if rate not in SUPPORTED_RATES:
@@ -227,7 +231,8 @@ def create_app(settings: AsrSettings) -> FastAPI:
             return PlainTextResponse(result.text + "\n")
         if response_format == "json":
             return JSONResponse({"text": result.text})
-        granularities = [p.data.decode() for p in form.get("timestamp_granularities[]", [])]
+        granularities = [g for g in form.getlist("timestamp_granularities[]")
+                         if isinstance(g, str)]
         body_out: dict[str, object] = {
             "task": "transcribe",
             "language": language,
@@ -244,6 +249,17 @@ def create_app(settings: AsrSettings) -> FastAPI:
         return JSONResponse(body_out)
 
     return app
+
+
+async def _parse_form(request: Request, body: bytes, limit: int) -> FormData:
+    """Parse an already size-bounded body with python-multipart (via Starlette)."""
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    parser = MultiPartParser(request.headers, chunks(), max_files=1, max_fields=16,
+                             max_part_size=limit)
+    return await parser.parse()
 
 
 def _bad(message: str, code: str, param: str | None, status: int = 400) -> JSONResponse:
