@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per HTTP request to a stage would drown the output; errors still show.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "stage":
         run_stage(args.name, args.host, args.port, args.device, _parse_sets(args.set))
     elif args.command == "demo":
