@@ -172,7 +172,8 @@ class PiperTts:
         """Synthesize one phrase: pcm16 at ``sample_rate`` and its word timings."""
         if not any(c.isalnum() for c in text):
             return np.zeros(0, dtype=np.int16), []
-        syn = SynthesisConfig(length_scale=length_scale)
+        syn = SynthesisConfig(length_scale=length_scale, noise_scale=self.settings.noise_scale,
+                              noise_w_scale=self.settings.noise_w_scale)
         parts: list[Float32Array] = []
         spans: list[PhonemeSpan] = []
         aligned = self.settings.include_alignments

@@ -30,6 +30,10 @@ class TtsSettings(StageSettings):
     sample_rate: int = 24_000
     # Piper length_scale: >1 speaks slower, <1 faster; None = the voice config's own pace.
     length_scale: float | None = None
+    # Piper's generator / phoneme-width noise; None = the voice's own (natural variation).
+    # 0 and 0 make synthesis deterministic (reproducible tests and benchmarks).
+    noise_scale: float | None = None
+    noise_w_scale: float | None = None
     # Word timings need piper's alignment output (model patched in memory with `onnx`).
     include_alignments: bool = True
     first_min_words: int = 3

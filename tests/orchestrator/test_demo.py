@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ def test_demo_round_trip_writes_spoken_reply(tmp_path: Path) -> None:
         [sys.executable, "-m", "orchestrator.cli", "demo", "--out", str(out),
          "--question", "Please turn on the lights in the kitchen."],
         capture_output=True, text=True, timeout=300,
+        # Deterministic piper (no sampling noise) in the stage processes the demo starts.
+        env={**os.environ, "CASCADE_TTS_NOISE_SCALE": "0", "CASCADE_TTS_NOISE_W_SCALE": "0"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("result: ", 1)[1].splitlines()[0])

@@ -34,8 +34,13 @@ def _piper_voice():  # type: ignore[no-untyped-def]
 @functools.cache
 def piper_clip(text: str, rate: int = 16_000) -> Int16Array:
     """``text`` spoken by piper's joe voice, mono pcm16 at ``rate``."""
+    from piper.config import SynthesisConfig
+
     voice = _piper_voice()
-    parts = [chunk.audio_float_array for chunk in voice.synthesize(text)]
+    # No sampling noise: the same sentence is the same audio in every run, so a test
+    # failure is reproducible rather than an unlucky draw.
+    syn = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    parts = [chunk.audio_float_array for chunk in voice.synthesize(text, syn)]
     audio = np.concatenate(parts).astype(np.float32)
     return float_to_pcm16(resample(audio, voice.config.sample_rate, rate))
 

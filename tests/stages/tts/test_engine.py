@@ -192,4 +192,8 @@ async def test_word_timings_match_what_a_listener_heard(engine: PiperTts) -> Non
             hyp = " ".join(s.text for s in segments)
             ref = " ".join(w for w, _end in words[: k + 1])
             assert wer(ref, hyp) <= 0.2, (ref, hyp)
-            assert normalize(hyp)[-1:] == normalize(ref)[-1:], (ref, hyp)
+            # The last word heard is the word cut at: Whisper may miss only its final
+            # fricative ("jump" for "jumps"), which is the cut itself, not a timing error.
+            last_hyp, last_ref = normalize(hyp)[-1], normalize(ref)[-1]
+            assert last_ref.startswith(last_hyp) and len(last_ref) - len(last_hyp) <= 1, (
+                ref, hyp)
