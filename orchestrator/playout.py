@@ -1,0 +1,101 @@
+"""Reply audio out to the client: paced at real time plus a small lead, and an exact
+record of what was sent, so a barge-in keeps only the words the listener heard.
+
+Pacing: audio is released in ``slice_ms`` slices, never more than ``lead_ms`` ahead of
+the listener's playback clock (which starts when the first slice is sent). A client thus
+holds at most ``lead_ms`` of unplayed audio, and an interruption discards at most that.
+
+Heard text: each sent chunk is recorded with its start on the playback timeline. Given a
+playback position (our estimate at barge-in, or the client's own ``audio_end_ms`` from
+``conversation.item.truncate``), :meth:`Playout.heard_text` returns the chunks' text up to
+the last word that ended by then, using the TTS word timings; a chunk without timings
+counts as heard only once fully played.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from stages.tts.types import TtsChunk
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class _Sent:
+    start_ms: float
+    chunk: TtsChunk
+
+
+class Playout:
+    def __init__(self, sample_rate: int, *, lead_ms: float = 300.0, slice_ms: float = 100.0,
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+        self.sample_rate = sample_rate
+        self.lead_ms = lead_ms
+        self._slice_bytes = max(2, int(sample_rate * slice_ms / 1000) * 2)
+        self._clock = clock
+        self._sleep = sleep
+        self._t0: float | None = None  # when the first slice went out
+        self.sent_ms = 0.0  # audio handed to the client so far
+        self._sent: list[_Sent] = []
+
+    @property
+    def started(self) -> bool:
+        return self._t0 is not None
+
+    def played_ms(self) -> float:
+        """Estimated playback position: real time since the first slice, capped at what
+        was sent (the client cannot play audio it has not received)."""
+        if self._t0 is None:
+            return 0.0
+        return min(self.sent_ms, (self._clock() - self._t0) * 1000.0)
+
+    async def send(self, chunk: TtsChunk, write: Callable[[bytes], Awaitable[None]]) -> None:
+        """Send one chunk's audio in paced slices through ``write``."""
+        if chunk.sample_rate != self.sample_rate:
+            raise ValueError(f"chunk at {chunk.sample_rate} Hz on a {self.sample_rate} Hz playout")
+        self._sent.append(_Sent(self.sent_ms, chunk))
+        audio = memoryview(chunk.audio)
+        for i in range(0, len(audio), self._slice_bytes):
+            piece = audio[i:i + self._slice_bytes]
+            if self._t0 is None:
+                self._t0 = self._clock()
+            ahead = self.sent_ms - (self._clock() - self._t0) * 1000.0
+            if ahead > self.lead_ms:
+                await self._sleep((ahead - self.lead_ms) / 1000.0)
+            await write(bytes(piece))
+            self.sent_ms += len(piece) / 2 / self.sample_rate * 1000.0
+
+    def heard_text(self, position_ms: float | None = None) -> str:
+        """The reply text the listener heard by ``position_ms`` (default: now)."""
+        pos = self.played_ms() if position_ms is None else min(position_ms, self.sent_ms)
+        out: list[str] = []
+        for sent in self._sent:
+            chunk = sent.chunk
+            if sent.start_ms + chunk.duration_ms <= pos:
+                out.append(chunk.text)
+                continue
+            if sent.start_ms < pos and chunk.words:
+                out.append(_prefix_heard(chunk, pos - sent.start_ms))
+            break
+        return "".join(out)
+
+
+def _prefix_heard(chunk: TtsChunk, pos_in_chunk_ms: float) -> str:
+    """chunk.text up to the end of the last word that finished by pos_in_chunk_ms."""
+    end = 0
+    cursor = 0
+    for word in chunk.words or ():
+        found = chunk.text.find(word.text, cursor)
+        if found < 0:
+            break
+        cursor = found + len(word.text)
+        if word.end_ms <= pos_in_chunk_ms:
+            end = cursor
+        else:
+            break
+    return chunk.text[:end]

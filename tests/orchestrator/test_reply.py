@@ -1,0 +1,98 @@
+"""ReplyRun: gating before the end of turn, cancellation, backpressure, ordering."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from orchestrator.reply import ReplyAudio, ReplyDone, ReplyRun, ReplyText
+from stages.llm.types import ChatMessage, LlmRequest
+from tests.orchestrator.fakes import FakeLlm, FakeTts
+
+TOKENS = ["Hello", " there", ".", " The", " weather", " is", " fine", " today", "."]
+REQUEST = LlmRequest(messages=[ChatMessage(role="user", content="hi")])
+
+
+async def _until(predicate: Callable[[], bool], limit_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.002)
+
+
+async def _drain(run: ReplyRun) -> list[object]:
+    return [event async for event in run.events()]
+
+
+async def test_nothing_flows_before_release_then_everything_in_order() -> None:
+    llm, tts = FakeLlm(TOKENS), FakeTts()
+    run = ReplyRun(llm, tts, REQUEST)
+    run.start()
+    consumer = asyncio.create_task(_drain(run))
+    await _until(lambda: run.timings.first_audio is not None)  # the run is producing
+    await asyncio.sleep(0.05)
+    assert not consumer.done()  # ...but nothing was handed out
+    run.release()
+    events = await asyncio.wait_for(consumer, 5)
+
+    text = "".join(e.text for e in events if isinstance(e, ReplyText))
+    assert text == "".join(TOKENS)
+    audio = [e.chunk for e in events if isinstance(e, ReplyAudio)]
+    assert "".join(c.text for c in audio) == text  # every word is spoken, once
+    assert [c.index for c in audio] == list(range(len(audio)))
+    assert len(audio) == 2  # phrase by phrase, not one blob
+    assert isinstance(events[-1], ReplyDone) and events[-1].finish_reason == "stop"
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens == len(TOKENS)
+
+
+async def test_cancel_stops_llm_and_tts_promptly() -> None:
+    llm = FakeLlm([f" w{i}" for i in range(1000)], interval_s=0.002)
+    tts = FakeTts()
+    run = ReplyRun(llm, tts, REQUEST)
+    run.start()
+    await _until(lambda: llm.emitted >= 10)
+    await run.cancel()
+    emitted = llm.emitted
+    await asyncio.sleep(0.05)
+    assert llm.emitted == emitted  # no token after the cancel returned
+    assert llm.closed_early == 1
+    assert tts.streams[0].closed
+    events = await asyncio.wait_for(_drain(run), 1)
+    assert events == [ReplyDone(finish_reason="cancelled")]
+
+
+async def test_unreleased_run_is_bounded_by_backpressure() -> None:
+    llm = FakeLlm([f" w{i}" for i in range(500)], interval_s=0.0)
+    run = ReplyRun(llm, None, REQUEST, max_buffered=8)
+    run.start()
+    await asyncio.sleep(0.1)
+    assert llm.emitted <= 10  # held at the gate, not generating the whole reply
+    run.release()
+    events = await asyncio.wait_for(_drain(run), 5)
+    assert sum(isinstance(e, ReplyText) for e in events) == 500
+
+
+async def test_stage_failure_ends_the_reply_with_an_error() -> None:
+    class BrokenTts(FakeTts):
+        async def open_stream(self, *, voice: str | None = None,
+                              sample_rate: int = 24000) -> object:  # type: ignore[override]
+            raise ConnectionError("tts service is gone")
+
+    run = ReplyRun(FakeLlm(TOKENS), BrokenTts(), REQUEST)
+    run.start()
+    run.release()
+    events = await asyncio.wait_for(_drain(run), 5)
+    assert isinstance(events[-1], ReplyDone)
+    assert events[-1].error is not None and "tts service is gone" in events[-1].error
+
+
+@pytest.mark.parametrize("tokens", [["Just", " one", " phrase"], ["Two", ".", " Phrases", "!"]])
+async def test_flush_speaks_the_tail_without_a_sentence_end(tokens: list[str]) -> None:
+    run = ReplyRun(FakeLlm(tokens), FakeTts(), REQUEST)
+    run.start()
+    run.release()
+    events = await asyncio.wait_for(_drain(run), 5)
+    spoken = "".join(e.chunk.text for e in events if isinstance(e, ReplyAudio))
+    assert spoken == "".join(tokens)
