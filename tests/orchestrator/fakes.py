@@ -9,8 +9,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import numpy as np
+
+from stages.asr.types import AsrFinal, AsrPartial, AsrWord
 from stages.llm.types import LlmDelta, LlmRequest, LlmUsage
 from stages.tts.types import TtsChunk, TtsWord
+from stages.vad.stream import VadFrame
 
 
 class FakeLlm:
@@ -120,3 +124,108 @@ class FakeTts:
 
     async def aclose(self) -> None:
         return None
+
+
+# ---------------------------------------------------------------- VAD and ASR fakes
+
+FRAME = 512
+
+
+class FakeVad:
+    """Energy VAD: a 512-sample frame is speech (p=1) when any |sample| > 1000."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._pos = 0
+
+    def process(self, audio: bytes) -> list[VadFrame]:
+        data = self._pending + audio
+        frames = []
+        whole = len(data) // (2 * FRAME) * 2 * FRAME
+        samples = np.frombuffer(data[:whole], dtype="<i2").reshape(-1, FRAME)
+        for row in samples:
+            voiced = bool(np.abs(row.astype(np.int32)).max() > 1000)
+            frames.append(VadFrame(self._pos, self._pos + FRAME, 1.0 if voiced else 0.0))
+            self._pos += FRAME
+        self._pending = data[whole:]
+        return frames
+
+
+class FakeAsrStream:
+    """Each voiced burst of the audio it receives is one word: words[0], words[1], ...
+    A partial follows every push that adds audio; finalize returns every word heard
+    (plus ``final_suffix``, to simulate a final that differs from the last partial)."""
+
+    def __init__(self, owner: FakeAsr) -> None:
+        self.owner = owner
+        self._received = 0
+        self._bursts = 0
+        self._in_burst = False
+        self._queue: asyncio.Queue[AsrPartial | None] = asyncio.Queue()
+        self._revision = 0
+
+    def _text(self, n: int) -> str:
+        return " ".join(self.owner.words[:n])
+
+    async def push(self, pcm16: bytes) -> None:
+        samples = np.frombuffer(pcm16, dtype="<i2")
+        for i in range(0, len(samples), 160):
+            voiced = bool(np.abs(samples[i:i + 160].astype(np.int32)).max(initial=0) > 1000)
+            if voiced and not self._in_burst:
+                self._bursts += 1
+            self._in_burst = voiced
+        self._received += len(samples)
+        if samples.size:
+            self._revision += 1
+            n = min(self._bursts, len(self.owner.words))
+            await self._queue.put(AsrPartial(stable=self._text(max(0, n - 1)),
+                                             unstable=(" " if n > 1 else "")
+                                             + (self.owner.words[n - 1] if n else ""),
+                                             audio_ms=self._received * 1000 // 16000,
+                                             revision=self._revision))
+
+    async def partials(self) -> AsyncIterator[AsrPartial]:
+        while (partial := await self._queue.get()) is not None:
+            yield partial
+
+    async def finalize(self) -> AsrFinal:
+        self.owner.finalized += 1
+        text = self._text(self._bursts) + self.owner.final_suffix
+        await self._queue.put(None)
+        return AsrFinal(text=text, words=[AsrWord(word=w, start=0, end=0, probability=1)
+                                          for w in text.split()],
+                        audio_ms=self._received * 1000 // 16000, finalize_ms=0.0)
+
+    async def aclose(self) -> None:
+        await self._queue.put(None)
+
+
+class FakeAsr:
+    def __init__(self, words: list[str], final_suffix: str = "") -> None:
+        self.words = words
+        self.final_suffix = final_suffix
+        self.finalized = 0
+        self.streams: list[FakeAsrStream] = []
+
+    async def open_stream(self, *, language: str | None = None,
+                          prompt: str | None = None) -> FakeAsrStream:
+        stream = FakeAsrStream(self)
+        self.streams.append(stream)
+        return stream
+
+    async def transcribe(self, pcm16: bytes, sample_rate: int = 16000) -> AsrFinal:
+        stream = await self.open_stream()
+        await stream.push(pcm16)
+        return await stream.finalize()
+
+    async def aclose(self) -> None:
+        return None
+
+
+def tone(ms: int, rate: int = 16000) -> bytes:
+    t = np.arange(rate * ms // 1000) / rate
+    return (np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes()
+
+
+def silence(ms: int, rate: int = 16000) -> bytes:
+    return bytes(2 * (rate * ms // 1000))
