@@ -10,6 +10,9 @@ a speculation the user invalidated by speaking on).
 Events, in production order: ``ReplyText`` (LLM text as it streams, for transcripts),
 ``ReplyToolCall`` (function-call deltas), ``ReplyAudio`` (one synthesized phrase with its
 exact text span and word timings), and one final ``ReplyDone``.
+
+With ``serial=True`` the run is the benchmark's baseline instead: the whole LLM reply is
+generated, then synthesized as a whole, and only then is anything emitted.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class ReplyTimings:
 class ReplyRun:
     def __init__(self, llm: LlmBackend, tts: TtsBackend | None, request: LlmRequest, *,
                  sample_rate: int = 24_000, voice: str | None = None,
-                 max_buffered: int = 256) -> None:
+                 max_buffered: int = 256, serial: bool = False) -> None:
         self._llm = llm
         self._tts = tts
         self.request = request
@@ -74,6 +77,7 @@ class ReplyRun:
         self._task: asyncio.Task[None] | None = None
         self.timings = ReplyTimings()
         self.text = ""  # everything the LLM said so far
+        self.serial = serial
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -118,6 +122,9 @@ class ReplyRun:
 
     # ------------------------------------------------------------------ work
     async def _run(self) -> None:
+        if self.serial:
+            await self._run_serial()
+            return
         tts: TtsStream | None = None
         pump: asyncio.Task[None] | None = None
         finish: str | None = None
@@ -161,6 +168,38 @@ class ReplyRun:
             if tts is not None:
                 with contextlib.suppress(Exception):
                     await tts.aclose()
+
+    async def _run_serial(self) -> None:
+        """Baseline: full reply, then full synthesis, then everything at once."""
+        held: list[ReplyEvent] = []
+        finish: str | None = None
+        usage: LlmUsage | None = None
+        try:
+            async for delta in self._llm.stream(self.request):
+                if delta.text:
+                    if self.timings.first_token is None:
+                        self.timings.first_token = time.monotonic()
+                    self.text += delta.text
+                    held.append(ReplyText(delta.text))
+                if delta.tool_calls:
+                    held.append(ReplyToolCall(list(delta.tool_calls)))
+                finish = delta.finish_reason or finish
+                usage = delta.usage or usage
+            if self._tts is not None and self.text.strip():
+                chunks = await self._tts.synthesize(self.text, voice=self._voice,
+                                                    sample_rate=self._sample_rate)
+                self.timings.first_audio = time.monotonic()
+                held.extend(ReplyAudio(chunk) for chunk in chunks)
+            self.timings.done = time.monotonic()
+            held.append(ReplyDone(finish_reason=finish, usage=usage))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.timings.done = time.monotonic()
+            held.append(ReplyDone(finish_reason="error", usage=usage,
+                                  error=f"{type(exc).__name__}: {exc}"))
+        for event in held:
+            await self._out.put(event)
 
     async def _pump_audio(self, tts: TtsStream) -> None:
         async for chunk in tts.chunks():

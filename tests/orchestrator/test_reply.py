@@ -96,3 +96,21 @@ async def test_flush_speaks_the_tail_without_a_sentence_end(tokens: list[str]) -
     events = await asyncio.wait_for(_drain(run), 5)
     spoken = "".join(e.chunk.text for e in events if isinstance(e, ReplyAudio))
     assert spoken == "".join(tokens)
+
+
+async def test_serial_run_emits_nothing_until_the_whole_reply_is_synthesized() -> None:
+    llm, tts = FakeLlm(TOKENS), FakeTts()
+    run = ReplyRun(llm, tts, REQUEST, serial=True)
+    run.start()
+    run.release()
+    events = []
+    state_at_first_event: tuple[int, bool] | None = None
+    async for event in run.events():
+        if state_at_first_event is None:
+            state_at_first_event = (llm.emitted, run.timings.first_audio is not None)
+        events.append(event)
+    # When the first event came out, the LLM had finished and the audio existed: no overlap.
+    assert state_at_first_event == (len(TOKENS), True)
+    spoken = "".join(e.chunk.text for e in events if isinstance(e, ReplyAudio))
+    assert spoken == "".join(TOKENS)
+    assert isinstance(events[-1], ReplyDone) and events[-1].finish_reason == "stop"
