@@ -14,7 +14,7 @@ import json
 import re
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -76,6 +76,10 @@ def as_dict(value: JsonObject, what: str) -> dict[str, Any]:
 def encode(value: Mapping[str, Any], what: str, max_bytes: int) -> str:
     """Compact JSON of ``value``; ``InvalidItem`` if not JSON-able, ``StoreLimitError``
     if its UTF-8 size exceeds ``max_bytes``."""
+    return _encode_sized(value, what, max_bytes)[0]
+
+
+def _encode_sized(value: Mapping[str, Any], what: str, max_bytes: int) -> tuple[str, int]:
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -83,7 +87,7 @@ def encode(value: Mapping[str, Any], what: str, max_bytes: int) -> str:
     size = len(text.encode("utf-8"))
     if size > max_bytes:
         raise StoreLimitError(f"{what} is {size} bytes, over the limit of {max_bytes}")
-    return text
+    return text, size
 
 
 def decode(text: str) -> dict[str, Any]:
@@ -102,12 +106,19 @@ def check_item_id(item_id: object) -> str:
     return item_id
 
 
-def encode_item(item: JsonObject, max_bytes: int, item_id: str | None = None) -> tuple[str, str]:
-    """(id, JSON) of a conversation item. With ``item_id`` (an update) the body's ``id``
+class EncodedItem(NamedTuple):
+    id: str
+    text: str
+    size: int  # UTF-8 bytes of text, what counts against the session's byte bound
+
+
+def encode_item(item: JsonObject, max_bytes: int, item_id: str | None = None) -> EncodedItem:
+    """A conversation item ready to store. With ``item_id`` (an update) the body's ``id``
     must match it or be absent (then it is filled in)."""
     body = as_dict(item, "item")
     if item_id is not None:
         check_item_id(item_id)
         if body.setdefault("id", item_id) != item_id:
             raise InvalidItem(f"item body id {body['id']!r} differs from {item_id!r}")
-    return check_item_id(body.get("id")), encode(body, "item", max_bytes)
+    checked = check_item_id(body.get("id"))
+    return EncodedItem(checked, *_encode_sized(body, "item", max_bytes))

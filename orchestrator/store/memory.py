@@ -56,6 +56,8 @@ class _Session:
     expires_at: float
     order: list[str] = field(default_factory=list)
     items: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    item_bytes: int = 0
     turn_state: str | None = None
     lease: _Lease | None = None
 
@@ -100,6 +102,11 @@ class MemoryStore:
         if lease is not None and lease.owner != owner and not takeover:
             raise SessionBusy("the session is held by another live connection")
         session.lease = _Lease(owner, self._clock() + self.settings.lease_ttl_s)
+
+    def _check_bytes(self, session: _Session, total: int) -> None:
+        if total > self.settings.max_session_bytes:
+            raise StoreLimitError(f"the session's items would take {total} bytes, over the "
+                                  f"limit of {self.settings.max_session_bytes}")
 
     def _sweep(self) -> None:
         now = self._clock()
@@ -175,7 +182,7 @@ class MemoryStore:
 
     async def append_item(self, session_id: str, item: JsonObject,
                           previous_item_id: str | None = None) -> int:
-        item_id, text = encode_item(item, self.settings.max_item_bytes)
+        item_id, text, size = encode_item(item, self.settings.max_item_bytes)
         async with self._lock:
             session = self._get(session_id)
             if item_id in session.items:
@@ -183,6 +190,7 @@ class MemoryStore:
             if len(session.order) >= self.settings.max_items:
                 raise StoreLimitError(
                     f"the session has {len(session.order)} items, the limit")
+            self._check_bytes(session, session.item_bytes + size)
             if previous_item_id is None:
                 position = len(session.order)
             elif previous_item_id == ROOT:
@@ -193,16 +201,22 @@ class MemoryStore:
                 raise ItemNotFound(f"previous item {previous_item_id!r} not found")
             session.order.insert(position, item_id)
             session.items[item_id] = text
+            session.sizes[item_id] = size
+            session.item_bytes += size
             self._refresh(session)
             return position
 
     async def update_item(self, session_id: str, item_id: str, item: JsonObject) -> None:
-        item_id, text = encode_item(item, self.settings.max_item_bytes, item_id)
+        item_id, text, size = encode_item(item, self.settings.max_item_bytes, item_id)
         async with self._lock:
             session = self._get(session_id)
             if item_id not in session.items:
                 raise ItemNotFound(f"item {item_id!r} not found")
+            total = session.item_bytes - session.sizes[item_id] + size
+            self._check_bytes(session, total)
             session.items[item_id] = text
+            session.sizes[item_id] = size
+            session.item_bytes = total
             self._refresh(session)
 
     async def delete_item(self, session_id: str, item_id: str) -> None:
@@ -211,6 +225,7 @@ class MemoryStore:
             if not isinstance(item_id, str) or session.items.pop(item_id, None) is None:
                 raise ItemNotFound(f"item {item_id!r} not found")
             session.order.remove(item_id)
+            session.item_bytes -= session.sizes.pop(item_id)
             self._refresh(session)
 
     async def get_item(self, session_id: str, item_id: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Every script gets the same five keys of one session, which share the hash tag
 ``{session_id}`` (one cluster slot):
 
-    KEYS[1] meta   hash   token (SHA-256 of the resume token), config (JSON)
+    KEYS[1] meta   hash   token (SHA-256 of the resume token), config (JSON),
+                          bytes (total size of the item bodies)
     KEYS[2] order  list   item ids in conversation order
     KEYS[3] items  hash   item id -> item JSON
     KEYS[4] turn   string turn state JSON
@@ -66,13 +67,15 @@ if not alive() then return {'notfound'} end
 return snapshot({'ok'})
 """
 
-# ARGV: item id, item JSON, mode ('end'/'root'/'after'), previous id, ttl ms, max items
-# -> {'ok', position}
+# ARGV: item id, item JSON, mode ('end'/'root'/'after'), previous id, ttl ms, max items,
+# max session bytes -> {'ok', position}
 APPEND = _PRELUDE + """
 if not alive() then return {'notfound'} end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {'exists'} end
 local n = redis.call('LLEN', KEYS[2])
 if n >= tonumber(ARGV[6]) then return {'limit', n} end
+local total = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0') + string.len(ARGV[2])
+if total > tonumber(ARGV[7]) then return {'toobig', total} end
 local pos
 if ARGV[3] == 'end' then
   pos = redis.call('RPUSH', KEYS[2], ARGV[1]) - 1
@@ -86,15 +89,20 @@ else
   pos = p + 1
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[1], 'bytes', total)
 refresh(ARGV[5])
 return {'ok', pos}
 """
 
-# ARGV: item id, item JSON, ttl ms
+# ARGV: item id, item JSON, ttl ms, max session bytes
 UPDATE_ITEM = _PRELUDE + """
 if not alive() then return {'notfound'} end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then return {'noitem'} end
+local total = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
+  - redis.call('HSTRLEN', KEYS[3], ARGV[1]) + string.len(ARGV[2])
+if total > tonumber(ARGV[4]) then return {'toobig', total} end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[1], 'bytes', total)
 refresh(ARGV[3])
 return {'ok'}
 """
@@ -102,7 +110,9 @@ return {'ok'}
 # ARGV: item id, ttl ms
 DELETE_ITEM = _PRELUDE + """
 if not alive() then return {'notfound'} end
+local size = redis.call('HSTRLEN', KEYS[3], ARGV[1])
 if redis.call('HDEL', KEYS[3], ARGV[1]) == 0 then return {'noitem'} end
+redis.call('HINCRBY', KEYS[1], 'bytes', -size)
 redis.call('LREM', KEYS[2], 1, ARGV[1])
 refresh(ARGV[2])
 return {'ok'}

@@ -106,7 +106,8 @@ class RedisStore:
         error = _ERRORS.get(status)
         if error is None:
             raise StoreError(f"redis script {name}: unexpected status {status!r}")
-        raise error(_MESSAGES[status].format(session_id=session_id))
+        value = reply[1] if len(reply) > 1 else ""
+        raise error(_MESSAGES[status].format(session_id=session_id, value=value))
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class RedisStore:
 
     async def append_item(self, session_id: str, item: JsonObject,
                           previous_item_id: str | None = None) -> int:
-        item_id, text = encode_item(item, self.settings.max_item_bytes)
+        item_id, text, _ = encode_item(item, self.settings.max_item_bytes)
         if previous_item_id is None:
             mode, prev = "end", ""
         elif previous_item_id == ROOT:
@@ -175,20 +176,19 @@ class RedisStore:
             raise ItemNotFound(f"previous item {previous_item_id!r} not found")
         try:
             reply = await self._run("APPEND", session_id, item_id, text, mode, prev,
-                                    self._ttl_ms, str(self.settings.max_items))
+                                    self._ttl_ms, str(self.settings.max_items),
+                                    str(self.settings.max_session_bytes))
         except ItemExists as exc:
             raise ItemExists(f"item {item_id!r} already exists") from exc
         except ItemNotFound as exc:
             raise ItemNotFound(f"previous item {previous_item_id!r} not found") from exc
-        except StoreLimitError as exc:
-            raise StoreLimitError(f"the session has {self.settings.max_items} items, "
-                                  f"the limit") from exc
         return int(reply[1])
 
     async def update_item(self, session_id: str, item_id: str, item: JsonObject) -> None:
-        item_id, text = encode_item(item, self.settings.max_item_bytes, item_id)
+        item_id, text, _ = encode_item(item, self.settings.max_item_bytes, item_id)
         try:
-            await self._run("UPDATE_ITEM", session_id, item_id, text, self._ttl_ms)
+            await self._run("UPDATE_ITEM", session_id, item_id, text, self._ttl_ms,
+                            str(self.settings.max_session_bytes))
         except ItemNotFound as exc:
             raise ItemNotFound(f"item {item_id!r} not found") from exc
 
@@ -255,6 +255,7 @@ _ERRORS: dict[str, type[StoreError]] = {
     "busy": SessionBusy,
     "lost": LeaseLost,
     "limit": StoreLimitError,
+    "toobig": StoreLimitError,
     "exists": ItemExists,
     "noprev": ItemNotFound,
     "noitem": ItemNotFound,
@@ -264,7 +265,8 @@ _MESSAGES = {
     "badtoken": "the resume token does not match this session",
     "busy": "the session is held by another live connection",
     "lost": "the lease expired or was taken over",
-    "limit": "the session has reached its item limit",
+    "limit": "the session has {value} items, the limit",
+    "toobig": "the session's items would take {value} bytes, over the limit",
     "exists": "the id already exists",
     "noprev": "previous item not found",
     "noitem": "item not found",

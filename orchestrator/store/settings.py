@@ -25,6 +25,8 @@ class StoreSettings(BaseSettings):
     lease_ttl_s: float = Field(default=15.0, gt=0)
     max_items: int = Field(default=1000, ge=1)
     max_item_bytes: int = Field(default=256 * 1024, ge=64)
+    # All items of one session together (config and turn state have their own bounds).
+    max_session_bytes: int = Field(default=32 * 1024 * 1024, ge=64)
     max_config_bytes: int = Field(default=256 * 1024, ge=64)
     max_turn_state_bytes: int = Field(default=64 * 1024, ge=64)
     # Memory backend only: live sessions held by this process.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -327,3 +328,25 @@ async def test_closed_store_refuses_calls(make_store: StoreFactory) -> None:
         await store.append_item(sid, msg("a"))
     with pytest.raises(StoreClosed):
         await store.create_session(CONFIG)
+
+
+async def test_session_byte_bound_counts_updates_and_deletes(make_store: StoreFactory) -> None:
+    def size(item: dict[str, Any]) -> int:
+        return len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
+
+    big = [msg(f"i{n}", "é" * 60) for n in range(4)]  # multi-byte text: bytes, not chars
+    store = await make_store(max_session_bytes=3 * size(big[0]) + 10)
+    sid, _ = await store.create_session(CONFIG)
+    for item in big[:3]:
+        await store.append_item(sid, item)
+    with pytest.raises(StoreLimitError, match="bytes"):
+        await store.append_item(sid, big[3])
+    with pytest.raises(StoreLimitError, match="bytes"):  # growing an item counts too
+        await store.update_item(sid, "i0", msg("i0", "é" * 70))
+    await store.update_item(sid, "i0", msg("i0", "short"))  # shrinking frees room
+    await store.append_item(sid, msg("small", "é" * 10))
+    with pytest.raises(StoreLimitError):
+        await store.append_item(sid, big[3])
+    await store.delete_item(sid, "i1")
+    await store.append_item(sid, big[3])
+    assert ids(await store.list_items(sid)) == ["i0", "i2", "small", "i3"]
