@@ -59,9 +59,13 @@ class RedisStore:
             if not self.settings.redis_url:
                 raise ValueError("RedisStore needs settings.redis_url or a client")
             timeout = self.settings.redis_timeout_s
-            client = aioredis.Redis.from_url(
-                self.settings.redis_url, decode_responses=True, socket_timeout=timeout,
+            # Bounded pool: past max_connections a call waits (up to the timeout) for a
+            # free connection instead of opening more.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.settings.redis_url, max_connections=self.settings.redis_max_connections,
+                timeout=timeout, decode_responses=True, socket_timeout=timeout,
                 socket_connect_timeout=timeout)
+            client = aioredis.Redis.from_pool(pool)
         self._redis = client
         self._closed = False
         self._ttl_ms = str(max(1, round(self.settings.session_ttl_s * 1000)))

@@ -33,3 +33,5 @@ class StoreSettings(BaseSettings):
     max_sessions: int = Field(default=10_000, ge=1)
     # Redis: socket timeout for connect and each command.
     redis_timeout_s: float = Field(default=5.0, gt=0)
+    # Redis: connections per orchestrator process (calls beyond wait for one).
+    redis_max_connections: int = Field(default=32, ge=1)

@@ -62,7 +62,9 @@ async def test_another_process_resumes_the_conversation(redis_url: str) -> None:
 
 
 async def test_two_processes_append_concurrently(redis_url: str) -> None:
-    async with stores(redis_url, 2) as (a, b):
+    # 60 concurrent appends per process through a pool of 4 connections: calls wait for a
+    # connection rather than fail or open more
+    async with stores(redis_url, 2, redis_max_connections=4) as (a, b):
         sid, _ = await a.create_session({})
 
         async def writer(store: RedisStore, name: str) -> None:
@@ -71,6 +73,11 @@ async def test_two_processes_append_concurrently(redis_url: str) -> None:
 
         await asyncio.gather(writer(a, "a"), writer(b, "b"))
         got = [i["id"] for i in await b.list_items(sid)]
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            assert len(await raw.client_list()) <= 2 * 4 + 1
+        finally:
+            await raw.aclose()
         assert sorted(got) == sorted([f"a{i:03d}" for i in range(60)]
                                      + [f"b{i:03d}" for i in range(60)])
 
