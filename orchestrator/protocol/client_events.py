@@ -19,6 +19,7 @@ from orchestrator.protocol.session import SessionConfig
 
 
 class ClientEventBase(WireModel):
+    type: str
     event_id: str | None = None
 
 

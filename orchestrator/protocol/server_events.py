@@ -24,6 +24,7 @@ from orchestrator.protocol.session import Session
 
 
 class ServerEventBase(WireModel):
+    type: str
     event_id: str = Field(default_factory=new_event_id)
 
     def to_json(self) -> str:
