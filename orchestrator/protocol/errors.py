@@ -4,7 +4,9 @@ Codes follow the OpenAI API's invalid-request vocabulary: ``invalid_json`` (not 
 ``invalid_type`` (JSON that is not an object, or a field of the wrong type),
 ``missing_required_parameter``, ``unknown_parameter`` and ``invalid_value`` (including an
 unknown event ``type``, as OpenAI reports it: ``param: "type"``). ``param`` is the dotted
-path of the offending field as the client wrote it (``item.content[0].type``).
+path of the offending field as the client wrote it (``item.content[0].type``): pydantic's
+location is followed through the client's own JSON, skipping union tags; validators that
+judge one field of their object name it in the error context (``ctx["field"]``).
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ def from_validation_error(exc: ValidationError, data: Any, event_id: str | None)
     err: ErrorDetails = exc.errors(include_url=False)[0]
     kind = err["type"]
     param = _param(tuple(err["loc"]), data, missing=kind == "missing") or None
+    field = (err.get("ctx") or {}).get("field")
+    if isinstance(field, str):  # raised by a validator about one field of its object
+        param = f"{param}.{field}" if param else field
     shown = param or "event"
     msg = err["msg"].removeprefix("Value error, ")
     if kind == "missing":

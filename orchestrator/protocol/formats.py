@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import Field
+from pydantic_core import PydanticCustomError
 
 from orchestrator.protocol.base import CompactModel
 
@@ -45,12 +46,16 @@ _TO_BETA: dict[str, BetaAudioFormat] = {
 }
 
 
-def format_from_beta(name: object) -> object:
-    """The GA format object for a beta format string; anything else is returned unchanged
-    (so validation reports it against the GA schema)."""
+def format_from_beta(name: object, field: str) -> dict[str, object]:
+    """The GA format object for a beta format string (``field`` names the beta field in
+    the error for anything else)."""
     if isinstance(name, str) and name in _FROM_BETA:
         return dict(_FROM_BETA[name])
-    return name
+    raise PydanticCustomError(
+        "beta_audio_format",
+        "Invalid value {value}; supported values are 'pcm16', 'g711_ulaw', 'g711_alaw'",
+        {"value": repr(name)[:60], "field": field},
+    )
 
 
 def format_to_beta(format_type: str) -> BetaAudioFormat:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from orchestrator.protocol.base import CompactModel
 
@@ -58,9 +59,15 @@ class MessageItem(CompactModel):
         allowed = _ALLOWED[self.role]
         for part in self.content:
             if part.type not in allowed:
-                raise ValueError(
-                    f"content type {part.type!r} is not allowed in a {self.role} message "
-                    f"(allowed: {', '.join(sorted(allowed))})"
+                raise PydanticCustomError(
+                    "content_for_role",
+                    "content type {part} is not allowed in a {role} message (allowed: {allowed})",
+                    {
+                        "part": repr(part.type),
+                        "role": self.role,
+                        "allowed": ", ".join(sorted(allowed)),
+                        "field": "content",
+                    },
                 )
         return self
 

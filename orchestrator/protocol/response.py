@@ -55,7 +55,9 @@ def _beta_response_to_ga(data: Any) -> Any:
     if "voice" in data:
         output.setdefault("voice", data["voice"])
     if "output_audio_format" in data:
-        output.setdefault("format", format_from_beta(data["output_audio_format"]))
+        output.setdefault(
+            "format", format_from_beta(data["output_audio_format"], "output_audio_format")
+        )
     if output:
         audio["output"] = output
         out["audio"] = audio

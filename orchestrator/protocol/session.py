@@ -162,9 +162,11 @@ def _beta_session_to_ga(data: Any) -> Any:
     inp = dict(audio.get("input") or {})
     outp = dict(audio.get("output") or {})
     if "input_audio_format" in data:
-        inp.setdefault("format", format_from_beta(data["input_audio_format"]))
+        inp.setdefault("format", format_from_beta(data["input_audio_format"], "input_audio_format"))
     if "output_audio_format" in data:
-        outp.setdefault("format", format_from_beta(data["output_audio_format"]))
+        outp.setdefault(
+            "format", format_from_beta(data["output_audio_format"], "output_audio_format")
+        )
     if "input_audio_transcription" in data:
         inp.setdefault("transcription", data["input_audio_transcription"])
     if "input_audio_noise_reduction" in data:

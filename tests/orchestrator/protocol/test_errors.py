@@ -147,7 +147,7 @@ def test_content_part_must_suit_the_role() -> None:
             }
         )
     )
-    assert e.code == "invalid_value" and e.param == "item"
+    assert e.code == "invalid_value" and e.param == "item.content"
     assert "'output_audio' is not allowed in a user message" in e.message
     bad_part = _err(
         _ev(
@@ -175,3 +175,11 @@ def test_error_event_round_trips_through_the_sdk() -> None:
     assert sdk.error.event_id == "evt_c"
     assert sdk.error.message == e.message
     assert sdk.event_id.startswith("event_") and sdk.event_id != "evt_c"
+
+
+def test_bad_beta_format_names_the_beta_field() -> None:
+    e = _err(_ev({"type": "session.update", "session": {"input_audio_format": "mp3"}}))
+    assert (e.code, e.param) == ("invalid_value", "session.input_audio_format")
+    assert "'mp3'" in e.message and "g711_ulaw" in e.message
+    r = _err(_ev({"type": "response.create", "response": {"output_audio_format": 7}}))
+    assert (r.code, r.param) == ("invalid_value", "response.output_audio_format")
