@@ -98,11 +98,16 @@ def from_validation_error(exc: ValidationError, data: Any, event_id: str | None)
     err: ErrorDetails = exc.errors(include_url=False)[0]
     kind = err["type"]
     param = _param(tuple(err["loc"]), data, missing=kind == "missing") or None
-    field = (err.get("ctx") or {}).get("field")
+    ctx = err.get("ctx") or {}
+    field = ctx.get("field")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # the tag field itself
+        field = str(ctx.get("discriminator", "type")).strip("'")
     if isinstance(field, str):  # raised by a validator about one field of its object
         param = f"{param}.{field}" if param else field
     shown = param or "event"
     msg = err["msg"].removeprefix("Value error, ")
+    if kind == "union_tag_not_found":
+        kind = "missing"
     if kind == "missing":
         return ProtocolError(
             "missing_required_parameter",

@@ -118,7 +118,7 @@ def test_invalid_values_name_the_field() -> None:
             }
         )
     )
-    assert (td.code, td.param) == ("invalid_value", "session.audio.input.turn_detection")
+    assert (td.code, td.param) == ("invalid_value", "session.audio.input.turn_detection.type")
     neg = _err(
         _ev(
             {
@@ -183,3 +183,13 @@ def test_bad_beta_format_names_the_beta_field() -> None:
     assert "'mp3'" in e.message and "g711_ulaw" in e.message
     r = _err(_ev({"type": "response.create", "response": {"output_audio_format": 7}}))
     assert (r.code, r.param) == ("invalid_value", "response.output_audio_format")
+
+
+def test_bad_or_missing_union_tag_names_the_tag_field() -> None:
+    bad = _err(_ev({"type": "conversation.item.create", "item": {"type": "thing"}}))
+    assert (bad.code, bad.param) == ("invalid_value", "item.type")
+    assert "'thing'" in bad.message
+    missing = _err(
+        _ev({"type": "conversation.item.create", "item": {"role": "user", "content": []}})
+    )
+    assert (missing.code, missing.param) == ("missing_required_parameter", "item.type")
