@@ -270,14 +270,14 @@ async def test_lease_busy_takeover_release(make_store: StoreFactory) -> None:
 
 
 async def test_lease_expires_when_the_owner_stops_renewing(make_store: StoreFactory) -> None:
-    store = await make_store(lease_ttl_s=0.6)
+    store = await make_store(lease_ttl_s=1.0)
     sid, token = await store.create_session(CONFIG, owner="conn-1")
     for _ in range(5):  # renewing keeps it for well past one lease TTL
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
         await store.renew_lease(sid, "conn-1")
     with pytest.raises(SessionBusy):
         await store.resume(sid, token, owner="conn-2")
-    await asyncio.sleep(1.0)  # the owner "died": no renewals
+    await asyncio.sleep(1.3)  # the owner "died": no renewals
     assert await store.lease_owner(sid) is None
     await store.resume(sid, token, owner="conn-2")
     assert await store.lease_owner(sid) == "conn-2"
@@ -286,15 +286,15 @@ async def test_lease_expires_when_the_owner_stops_renewing(make_store: StoreFact
 
 
 async def test_lease_keeper_renews_then_releases(make_store: StoreFactory) -> None:
-    store = await make_store(lease_ttl_s=0.6)
+    store = await make_store(lease_ttl_s=1.0)
     sid, token = await store.create_session(CONFIG, owner="conn-1")
-    async with LeaseKeeper(store, sid, "conn-1", 0.6) as keeper:
-        await asyncio.sleep(1.3)
+    async with LeaseKeeper(store, sid, "conn-1", 1.0) as keeper:
+        await asyncio.sleep(2.0)
         with pytest.raises(SessionBusy):
             await store.resume(sid, token, owner="conn-2")
         assert not keeper.lost.is_set()
     assert await store.lease_owner(sid) is None
-    keeper = LeaseKeeper(store, sid, "conn-2", 0.6)
+    keeper = LeaseKeeper(store, sid, "conn-2", 1.0)
     await store.resume(sid, token, owner="conn-2")
     async with keeper:
         await store.resume(sid, token, owner="conn-3", takeover=True)
