@@ -137,6 +137,9 @@ class CascadeOptions(WireModel):
     baseline (full transcript, then full reply, then full synthesis)."""
 
     pipeline: Literal["streaming", "serial"] = "streaming"
+    # Server -> client only: present with session_id to reconnect to this conversation
+    # (query parameters of /v1/realtime). Ignored when a client sends it.
+    resume_token: str | None = None
 
 
 def _beta_session_to_ga(data: Any) -> Any:

@@ -1,0 +1,522 @@
+"""One Realtime API session: client events in, server events out.
+
+Transport-agnostic (the server hands frames to :meth:`RealtimeSession.handle` and gives a
+``send`` callable). The session owns the conversation (mirrored to the store, so another
+process can resume it), the input audio path (decode -> resample once to 16 kHz -> turn
+controller) and the active response. Turn timing lives in ``turn.py`` and ``policy.py``;
+streaming a reply to the client in ``responder.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from orchestrator import audio_codecs
+from orchestrator.backends import Backends
+from orchestrator.policy import OverlapPolicy
+from orchestrator.protocol import (
+    ConversationItem,
+    ConversationItemAddedEvent,
+    ConversationItemCreateEvent,
+    ConversationItemDeletedEvent,
+    ConversationItemDeleteEvent,
+    ConversationItemDoneEvent,
+    ConversationItemRetrievedEvent,
+    ConversationItemRetrieveEvent,
+    ConversationItemTruncatedEvent,
+    ConversationItemTruncateEvent,
+    ErrorDetail,
+    ErrorEvent,
+    EventEncoder,
+    FunctionCallOutputItem,
+    InputAudioBufferAppendEvent,
+    InputAudioBufferClearedEvent,
+    InputAudioBufferClearEvent,
+    InputAudioBufferCommitEvent,
+    InputAudioBufferCommittedEvent,
+    InputAudioBufferSpeechStartedEvent,
+    InputAudioBufferSpeechStoppedEvent,
+    InputAudioTranscriptionCompletedEvent,
+    InputAudioTranscriptionDeltaEvent,
+    MessageItem,
+    OutputAudioBufferClearEvent,
+    ProtocolError,
+    ResponseCancelEvent,
+    ResponseCreateEvent,
+    SessionCreatedEvent,
+    SessionUpdatedEvent,
+    SessionUpdateEvent,
+    error_event,
+    new_item_id,
+    parse_client_event,
+)
+from orchestrator.protocol.server_events import ServerEventBase, TranscriptionDurationUsage
+from orchestrator.protocol.session import ServerVad, Session, apply_update
+from orchestrator.reply import ReplyRun
+from orchestrator.responder import Responder
+from orchestrator.settings import ServeSettings
+from orchestrator.store import SessionStore, StoreError
+from orchestrator.turn import (
+    BargeIn,
+    ReplyReleased,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptDelta,
+    TranscriptDone,
+    TurnController,
+    TurnEvent,
+    VadLike,
+)
+from stages.common.audio import (
+    ASR_RATE,
+    AudioFormatError,
+    StreamResampler,
+    float_to_pcm16,
+    pcm16_to_float,
+)
+from stages.llm.types import ChatMessage, LlmRequest
+from stages.vad.model import SileroVadModel
+from stages.vad.stream import VadStream
+
+log = logging.getLogger(__name__)
+_ITEM = TypeAdapter(ConversationItem)
+DEFAULT_MAX_TOKENS = 256
+
+
+class RealtimeSession:
+    def __init__(self, *, backends: Backends, vad: SileroVadModel, store: SessionStore,
+                 settings: ServeSettings, send: Callable[[str], Awaitable[None]],
+                 beta: bool = False, make_vad: Callable[[], VadLike] | None = None) -> None:
+        self._backends = backends
+        self._make_vad: Callable[[], VadLike] = make_vad or (lambda: VadStream(vad))
+        self._store = store
+        self._settings = settings
+        self._send_text = send
+        self._encoder = EventEncoder(beta)
+        self.session = Session()
+        self.session_id = ""
+        self.items: list[ConversationItem] = []
+        self._controller: TurnController | None = None
+        self._resampler: StreamResampler | None = None
+        self._input_format = ""
+        self._responder: Responder | None = None
+        self._turn_item_id: str | None = None
+        self._buffered_ms = 0.0  # uncommitted input audio
+        self._audio_clock_start: float | None = None
+        self._audio_received_ms = 0.0
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, *, resume_id: str | None = None,
+                    resume_token: str | None = None) -> None:
+        if resume_id:
+            snapshot = await self._store.resume(resume_id, resume_token or "")
+            self.session_id = resume_id
+            self.session = Session.model_validate(snapshot.config)
+            self.items = [_ITEM.validate_python(item) for item in snapshot.items]
+            token = resume_token or ""
+        else:
+            pipeline = self._settings.pipeline
+            self.session = self.session.model_copy(update={
+                "cascade": self.session.cascade.model_copy(update={"pipeline": pipeline})})
+            created = await self._store.create_session(self._stored_config())
+            self.session_id, token = created.session_id, created.resume_token
+            self.session = self.session.model_copy(update={"id": self.session_id})
+            await self._store.update_config(self.session_id, self._stored_config())
+        self._configure_audio()
+        shown = self.session.model_copy(update={
+            "cascade": self.session.cascade.model_copy(update={"resume_token": token})})
+        await self._send(SessionCreatedEvent(session=shown))
+
+    async def aclose(self) -> None:
+        """Connection gone: stop work now; the conversation stays in the store."""
+        self._closed = True
+        if self._responder is not None:
+            await self._responder.cancel("client_cancelled")
+        if self._controller is not None:
+            await self._controller.aclose()
+
+    # ------------------------------------------------------------------ input
+    async def handle(self, raw: str | bytes) -> None:
+        """One client frame. Bad input is answered with an ``error`` event, never raised."""
+        event_id: str | None = None
+        try:
+            event = parse_client_event(raw, self._settings.max_event_bytes)
+            event_id = event.event_id
+            await self._dispatch(event)
+        except ProtocolError as err:
+            await self._send(error_event(err))
+        except StoreError as err:
+            await self._error(getattr(err, "code", "store_error"), str(err), event_id)
+        except AudioFormatError as err:
+            await self._error("invalid_audio", str(err), event_id, "audio")
+
+    async def _dispatch(self, event: Any) -> None:
+        if isinstance(event, InputAudioBufferAppendEvent):
+            await self._append(event)
+        elif isinstance(event, SessionUpdateEvent):
+            await self._session_update(event)
+        elif isinstance(event, InputAudioBufferCommitEvent):
+            await self._commit(event.event_id)
+        elif isinstance(event, InputAudioBufferClearEvent):
+            await self._clear_input()
+        elif isinstance(event, ConversationItemCreateEvent):
+            await self._create_item(event)
+        elif isinstance(event, ConversationItemDeleteEvent):
+            await self._delete_item(event)
+        elif isinstance(event, ConversationItemRetrieveEvent):
+            item = self._find(event.item_id, event.event_id)
+            if item is not None:
+                await self._send(ConversationItemRetrievedEvent(item=item))
+        elif isinstance(event, ConversationItemTruncateEvent):
+            await self._truncate(event)
+        elif isinstance(event, ResponseCreateEvent):
+            await self._response_create(event)
+        elif isinstance(event, ResponseCancelEvent):
+            await self._response_cancel(event.event_id)
+        elif isinstance(event, OutputAudioBufferClearEvent):
+            if self._responder is not None and not self._responder.done:
+                await self._responder.cancel("client_cancelled")
+
+    async def _session_update(self, event: SessionUpdateEvent) -> None:
+        try:
+            updated = apply_update(self.session, event.session)
+        except ValidationError as exc:
+            raise ProtocolError("invalid_value", str(exc), event.event_id, "session") from exc
+        if (self._responder is not None and not self._responder.done
+                and updated.output_format != self.session.output_format):
+            await self._error("conversation_already_has_active_response",
+                              "the output audio format cannot change during a response",
+                              event.event_id, "session.audio.output.format")
+            return
+        self.session = updated
+        await self._store.update_config(self.session_id, self._stored_config())
+        self._configure_audio()
+        await self._send(SessionUpdatedEvent(session=self.session))
+
+    def _configure_audio(self) -> None:
+        """(Re)build the input path and the turn controller from the session config."""
+        fmt = self.session.input_format.type
+        if fmt != self._input_format:
+            self._input_format = fmt
+            self._resampler = StreamResampler(audio_codecs.sample_rate(fmt), ASR_RATE)
+        policy = self._policy()
+        auto = self.session.turn_detection is not None
+        if self._controller is None:
+            self._controller = TurnController(
+                vad=self._make_vad(), asr=self._backends.asr,
+                make_reply=self._make_reply, emit=self._on_turn_event, policy=policy,
+                auto_turns=auto)
+        else:
+            self._controller.policy = policy
+            self._controller.auto_turns = auto
+
+    def _policy(self) -> OverlapPolicy:
+        td = self.session.turn_detection
+        serial = self.session.cascade.pipeline == "serial"
+        if isinstance(td, ServerVad):
+            return OverlapPolicy(
+                threshold=td.threshold or 0.5,
+                prefix_padding_ms=td.prefix_padding_ms or 0,
+                silence_duration_ms=td.silence_duration_ms or 500,
+                create_response=bool(td.create_response),
+                interrupt_response=bool(td.interrupt_response), serial=serial)
+        if td is not None:  # semantic_vad: plain VAD with its flags, for now
+            return OverlapPolicy(create_response=bool(td.create_response),
+                                 interrupt_response=bool(td.interrupt_response), serial=serial)
+        return OverlapPolicy(serial=serial, create_response=False)
+
+    async def _append(self, event: InputAudioBufferAppendEvent) -> None:
+        fmt = self._input_format
+        samples = audio_codecs.decode_base64(event.audio, fmt)
+        ms = samples.size * 1000.0 / audio_codecs.sample_rate(fmt)
+        limits = self._settings
+        if ms > limits.max_append_ms:
+            await self._error("audio_too_large", f"one append carries {ms:.0f} ms of audio; "
+                              f"the limit is {limits.max_append_ms} ms", event.event_id, "audio")
+            return
+        if self._buffered_ms + ms > limits.max_buffer_ms:
+            await self._error("input_audio_buffer_full",
+                              f"the uncommitted input audio would exceed {limits.max_buffer_ms}"
+                              " ms; commit or clear it", event.event_id, "audio")
+            return
+        now = time.monotonic()
+        if self._audio_clock_start is None:
+            self._audio_clock_start = now
+        allowed_ms = (now - self._audio_clock_start) * 1000.0 * limits.max_audio_rate + 5000.0
+        if self._audio_received_ms + ms > allowed_ms:
+            await self._error("audio_rate_exceeded",
+                              f"audio is arriving more than {limits.max_audio_rate:g}x faster "
+                              "than real time", event.event_id, "audio")
+            return
+        self._audio_received_ms += ms
+        self._buffered_ms += ms
+        assert self._resampler is not None and self._controller is not None
+        pcm16 = float_to_pcm16(self._resampler.process(pcm16_to_float(samples))).tobytes()
+        await self._controller.push_audio(pcm16)
+
+    async def _commit(self, event_id: str | None) -> None:
+        if self._buffered_ms < 100:
+            await self._error("input_audio_buffer_commit_empty",
+                              f"buffer too small: expected at least 100 ms of audio, got "
+                              f"{self._buffered_ms:.0f} ms", event_id)
+            return
+        assert self._controller is not None
+        await self._ensure_turn_item()
+        await self._user_turn_committed()
+        text = await self._controller.commit()
+        await self._user_transcript_done(text)
+
+    async def _clear_input(self) -> None:
+        if self._controller is not None:
+            await self._controller.aclose()
+            self._controller = None
+            self._configure_audio()
+        self._buffered_ms = 0.0
+        self._turn_item_id = None
+        await self._send(InputAudioBufferClearedEvent())
+
+    # ------------------------------------------------------------------ turn events
+    async def _on_turn_event(self, event: TurnEvent) -> None:
+        if isinstance(event, SpeechStarted):
+            item_id = await self._ensure_turn_item()
+            await self._send(InputAudioBufferSpeechStartedEvent(
+                audio_start_ms=event.audio_start_ms, item_id=item_id))
+        elif isinstance(event, BargeIn):
+            if self._responder is not None and not self._responder.done:
+                await self._responder.cancel("turn_detected")
+                await self._send(ConversationItemTruncatedEvent(
+                    item_id=self._responder.item_id, content_index=0,
+                    audio_end_ms=int(self._responder.playout.played_ms())))
+        elif isinstance(event, TranscriptDelta):
+            if self._turn_item_id is not None and event.text:
+                await self._send(InputAudioTranscriptionDeltaEvent(
+                    item_id=self._turn_item_id, delta=event.text))
+        elif isinstance(event, SpeechStopped):
+            item_id = await self._ensure_turn_item()
+            await self._send(InputAudioBufferSpeechStoppedEvent(
+                audio_end_ms=event.audio_end_ms, item_id=item_id))
+            await self._user_turn_committed()
+        elif isinstance(event, TranscriptDone):
+            if self._turn_item_id is not None and not self._committed_turn_announced:
+                await self._user_turn_committed()
+            await self._user_transcript_done(event.text)
+        elif isinstance(event, ReplyReleased):
+            await self._start_response(event.run)
+
+    async def _ensure_turn_item(self) -> str:
+        if self._turn_item_id is None:
+            self._turn_item_id = new_item_id()
+            self._committed_turn_announced = False
+        return self._turn_item_id
+
+    _committed_turn_announced = False
+
+    async def _user_turn_committed(self) -> None:
+        """speech_stopped / commit: the user's audio becomes a conversation item."""
+        item_id = await self._ensure_turn_item()
+        if self._committed_turn_announced:
+            return
+        self._committed_turn_announced = True
+        previous = self._last_item_id()
+        await self._send(InputAudioBufferCommittedEvent(previous_item_id=previous,
+                                                        item_id=item_id))
+        item = MessageItem(id=item_id, role="user", status="completed", object="realtime.item",
+                           content=[{"type": "input_audio", "transcript": None}])  # type: ignore[list-item]
+        await self._add_item(item, previous)
+        self._buffered_ms = 0.0
+
+    async def _user_transcript_done(self, text: str) -> None:
+        item_id = self._turn_item_id
+        self._turn_item_id = None
+        self._committed_turn_announced = False
+        if item_id is None:
+            return
+        await self._send(InputAudioTranscriptionCompletedEvent(
+            item_id=item_id, transcript=text,
+            usage=TranscriptionDurationUsage(seconds=0.0)))
+        item = MessageItem(id=item_id, role="user", status="completed", object="realtime.item",
+                           content=[{"type": "input_audio", "transcript": text}])  # type: ignore[list-item]
+        await self._replace_item(item)
+        await self._send(ConversationItemDoneEvent(previous_item_id=self._previous_of(item_id),
+                                                   item=item))
+
+    # ------------------------------------------------------------------ responses
+    def _make_reply(self, transcript: str | None) -> ReplyRun:
+        """A reply to the conversation so far (+ ``transcript`` as the user's last words,
+        when the turn's item is not in the conversation yet: a speculative start)."""
+        messages = [ChatMessage(role="system", content=self.session.instructions
+                                or "You are a helpful voice assistant. Answer briefly.")]
+        for item in self.items:
+            if isinstance(item, MessageItem):
+                if item.id == self._turn_item_id and transcript is not None:
+                    continue
+                text = item.text()
+                if text:
+                    messages.append(ChatMessage(role=item.role, content=text))
+            elif isinstance(item, FunctionCallOutputItem):
+                messages.append(ChatMessage(role="tool", content=item.output,
+                                            tool_call_id=item.call_id))
+        if transcript is not None:
+            messages.append(ChatMessage(role="user", content=transcript))
+        max_tokens = self.session.max_output_tokens
+        request = LlmRequest(
+            messages=messages, temperature=self.session.temperature,
+            max_tokens=DEFAULT_MAX_TOKENS if max_tokens == "inf" else int(max_tokens))
+        audio = self.session.output_modalities != ["text"]
+        rate = audio_codecs.sample_rate(self.session.output_format.type)
+        return ReplyRun(self._backends.llm, self._backends.tts if audio else None, request,
+                        sample_rate=rate, serial=self.session.cascade.pipeline == "serial")
+
+    async def _start_response(self, run: ReplyRun) -> None:
+        if self._responder is not None and not self._responder.done:
+            await self._responder.cancel("turn_detected")
+        audio = self.session.output_modalities != ["text"]
+        responder = Responder(run, send=self._send, on_item_added=self._assistant_item_added,
+                              on_item_done=self._replace_item,
+                              audio_format=self.session.output_format.type, audio=audio)
+        self._responder = responder
+        if self._controller is not None:
+            self._controller.set_reply_playing(run)
+        responder.start()
+
+    async def _assistant_item_added(self, item: MessageItem) -> None:
+        await self._add_item(item, self._last_item_id())
+
+    async def _response_create(self, event: ResponseCreateEvent) -> None:
+        if self._responder is not None and not self._responder.done:
+            await self._error("conversation_already_has_active_response",
+                              "a response is already in progress; cancel it first",
+                              event.event_id)
+            return
+        run = self._make_reply(None)
+        run.start()
+        run.release()
+        await self._start_response(run)
+
+    async def _response_cancel(self, event_id: str | None) -> None:
+        if self._responder is None or self._responder.done:
+            await self._error("response_cancel_not_active", "there is no active response",
+                              event_id)
+            return
+        await self._responder.cancel("client_cancelled")
+
+    # ------------------------------------------------------------------ conversation
+    async def _create_item(self, event: ConversationItemCreateEvent) -> None:
+        item = event.item
+        if item.id is not None and any(i.id == item.id for i in self.items):
+            await self._error("item_already_exists", f"item {item.id} already exists",
+                              event.event_id, "item.id")
+            return
+        previous = event.previous_item_id
+        if previous is not None and previous != "root" and not any(
+                i.id == previous for i in self.items):
+            await self._error("item_not_found", f"previous_item_id {previous} does not exist",
+                              event.event_id, "previous_item_id")
+            return
+        item = item.model_copy(update={"id": item.id or new_item_id(),
+                                       "object": "realtime.item",
+                                       "status": item.status or "completed"})
+        if previous is None:
+            previous = self._last_item_id()
+        await self._add_item(item, previous)
+        await self._send(ConversationItemDoneEvent(previous_item_id=previous, item=item))
+
+    async def _delete_item(self, event: ConversationItemDeleteEvent) -> None:
+        if self._find(event.item_id, event.event_id) is None:
+            return
+        await self._store.delete_item(self.session_id, event.item_id)
+        self.items = [i for i in self.items if i.id != event.item_id]
+        await self._send(ConversationItemDeletedEvent(item_id=event.item_id))
+
+    async def _truncate(self, event: ConversationItemTruncateEvent) -> None:
+        item = self._find(event.item_id, event.event_id)
+        if item is None:
+            return
+        responder = self._responder
+        if (not isinstance(item, MessageItem) or item.role != "assistant"
+                or responder is None or responder.item_id != item.id):
+            await self._error("invalid_value", "only the latest assistant audio item can be "
+                              "truncated", event.event_id, "item_id")
+            return
+        sent = responder.playout.sent_ms
+        if event.audio_end_ms > sent + 1:
+            await self._error("invalid_value", f"audio_end_ms {event.audio_end_ms} is beyond "
+                              f"the {sent:.0f} ms of audio sent", event.event_id, "audio_end_ms")
+            return
+        if not responder.done:
+            await responder.cancel("client_cancelled")
+        heard = responder.playout.heard_text(event.audio_end_ms)
+        truncated = item.model_copy(update={
+            "content": [part.model_copy(update={"transcript": heard}) for part in item.content]})
+        await self._replace_item(truncated)
+        await self._send(ConversationItemTruncatedEvent(
+            item_id=event.item_id, content_index=event.content_index,
+            audio_end_ms=event.audio_end_ms))
+
+    def _find(self, item_id: str, event_id: str | None) -> ConversationItem | None:
+        for item in self.items:
+            if item.id == item_id:
+                return item
+        asyncio.get_running_loop().create_task(self._error(
+            "item_not_found", f"item {item_id} does not exist", event_id, "item_id"))
+        return None
+
+    def _last_item_id(self) -> str | None:
+        return self.items[-1].id if self.items else None
+
+    def _previous_of(self, item_id: str) -> str | None:
+        for i, item in enumerate(self.items):
+            if item.id == item_id:
+                return self.items[i - 1].id if i else None
+        return None
+
+    async def _add_item(self, item: ConversationItem, previous: str | None) -> None:
+        if len(self.items) >= self._settings.max_items:
+            raise ProtocolError("conversation_too_long", f"the conversation holds "
+                                f"{len(self.items)} items (limit {self._settings.max_items})",
+                                None, "item")
+        await self._store.append_item(self.session_id, item.model_dump(mode="json"),
+                                      previous_item_id=previous)
+        if previous == "root":
+            self.items.insert(0, item)
+            previous = None
+        else:
+            index = next((i + 1 for i, it in enumerate(self.items) if it.id == previous),
+                         len(self.items))
+            self.items.insert(index, item)
+        await self._send(ConversationItemAddedEvent(previous_item_id=previous, item=item))
+
+    async def _replace_item(self, item: ConversationItem) -> None:
+        for i, existing in enumerate(self.items):
+            if existing.id == item.id:
+                self.items[i] = item
+                await self._store.update_item(self.session_id, item.id or "",
+                                              item.model_dump(mode="json"))
+                return
+
+    # ------------------------------------------------------------------ output
+    def _stored_config(self) -> dict[str, Any]:
+        return self.session.model_dump(mode="json")
+
+    async def _send(self, event: ServerEventBase) -> None:
+        if self._closed:
+            return
+        text = self._encoder.encode(event)
+        if text is not None:
+            with contextlib.suppress(Exception):
+                await self._send_text(text)
+
+    async def _error(self, code: str, message: str, event_id: str | None,
+                     param: str | None = None) -> None:
+        await self._send(ErrorEvent(error=ErrorDetail(
+            type="invalid_request_error", code=code, message=message, param=param,
+            event_id=event_id)))
+

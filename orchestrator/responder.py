@@ -1,0 +1,190 @@
+"""Streams one released ``ReplyRun`` to the client as Realtime response events.
+
+Event order follows OpenAI's: response.created -> output_item.added -> (conversation item
+added) -> content_part.added -> per phrase: output_audio_transcript.delta with the phrase's
+text, then its audio as paced output_audio.delta slices -> the *.done events ->
+output_item.done -> response.done. Text-only sessions get output_text.delta instead.
+
+Cancellation (barge-in, response.cancel) keeps the words the listener heard: the item's
+transcript is cut to ``Playout.heard_text()`` and the response ends ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypedDict
+
+import numpy as np
+
+from orchestrator import audio_codecs
+from orchestrator.playout import Playout
+from orchestrator.protocol import (
+    ContentPart,
+    MessageItem,
+    Part,
+    Response,
+    ResponseContentPartAddedEvent,
+    ResponseContentPartDoneEvent,
+    ResponseCreatedEvent,
+    ResponseDoneEvent,
+    ResponseOutputAudioDeltaEvent,
+    ResponseOutputAudioDoneEvent,
+    ResponseOutputAudioTranscriptDeltaEvent,
+    ResponseOutputAudioTranscriptDoneEvent,
+    ResponseOutputItemAddedEvent,
+    ResponseOutputItemDoneEvent,
+    ResponseOutputTextDeltaEvent,
+    ResponseOutputTextDoneEvent,
+    StatusDetails,
+    Usage,
+    new_item_id,
+)
+from orchestrator.protocol.response import StatusError
+from orchestrator.protocol.server_events import ServerEventBase
+from orchestrator.reply import ReplyAudio, ReplyDone, ReplyRun, ReplyText
+
+
+class _Ids(TypedDict):
+    response_id: str
+    item_id: str
+    output_index: int
+    content_index: int
+
+
+Status = Literal["completed", "cancelled", "incomplete", "failed"]
+CancelReason = Literal["turn_detected", "client_cancelled"]
+Send = Callable[[ServerEventBase], Awaitable[None]]
+ItemHook = Callable[[MessageItem], Awaitable[None]]
+
+
+class Responder:
+    """One response: owns the assistant item and the playout of its audio."""
+
+    def __init__(self, run: ReplyRun, *, send: Send, on_item_added: ItemHook,
+                 on_item_done: ItemHook, audio_format: str, audio: bool = True,
+                 lead_ms: float = 300.0) -> None:
+        self.run = run
+        self._send = send
+        self._on_item_added = on_item_added
+        self._on_item_done = on_item_done
+        self._format = audio_format
+        self._audio = audio
+        self.rate = audio_codecs.sample_rate(audio_format)
+        self.playout = Playout(self.rate, lead_ms=lead_ms)
+        self.response = Response(output_modalities=["audio" if audio else "text"])
+        self.item = MessageItem(id=new_item_id(), role="assistant", status="in_progress",
+                                content=[], object="realtime.item")
+        self.spoken = ""  # transcript of the audio sent so far
+        self.text = ""
+        self._task: asyncio.Task[None] | None = None
+        self.first_audio_at: float | None = None
+        self.cancel_reason: CancelReason = "client_cancelled"
+
+    @property
+    def item_id(self) -> str:
+        return self.item.id or ""
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self._stream(), name=f"respond-{self.response.id}")
+        return self._task
+
+    @property
+    def done(self) -> bool:
+        return self._task is None or self._task.done()
+
+    async def cancel(self, reason: CancelReason) -> None:
+        """Stop now (``turn_detected`` or ``client_cancelled``); keeps what was heard."""
+        self.cancel_reason = reason
+        await self.run.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # ------------------------------------------------------------------ streaming
+    def _ids(self) -> _Ids:
+        return {"response_id": self.response.id, "item_id": self.item_id,
+                "output_index": 0, "content_index": 0}
+
+    async def _stream(self) -> None:
+        await self._send(ResponseCreatedEvent(response=self.response))
+        await self._send(ResponseOutputItemAddedEvent(response_id=self.response.id,
+                                                      output_index=0, item=self.item))
+        await self._on_item_added(self.item)
+        part_type: Literal["audio", "text"] = "audio" if self._audio else "text"
+        await self._send(ResponseContentPartAddedEvent(
+            **self._ids(), part=Part(type=part_type, transcript="" if self._audio else None,
+                                     text=None if self._audio else "")))
+        usage: Usage | None = None
+        status: Status = "completed"
+        details: StatusDetails | None = None
+        try:
+            async for event in self.run.events():
+                if isinstance(event, ReplyText):
+                    self.text += event.text
+                    if not self._audio:
+                        await self._send(ResponseOutputTextDeltaEvent(**self._ids(),
+                                                                      delta=event.text))
+                elif isinstance(event, ReplyAudio) and self._audio:
+                    await self._send(ResponseOutputAudioTranscriptDeltaEvent(
+                        **self._ids(), delta=event.chunk.text))
+                    self.spoken += event.chunk.text
+                    await self.playout.send(event.chunk, self._send_audio)
+                elif isinstance(event, ReplyDone):
+                    if event.usage is not None:
+                        usage = Usage(input_tokens=event.usage.prompt_tokens,
+                                      output_tokens=event.usage.completion_tokens,
+                                      total_tokens=event.usage.total_tokens)
+                    if event.error is not None:
+                        status = "failed"
+                        details = StatusDetails(type="failed", error=StatusError(
+                            type="server_error", message=event.error))
+                    elif event.finish_reason == "length":
+                        status = "incomplete"
+                        details = StatusDetails(type="incomplete", reason="max_output_tokens")
+        except asyncio.CancelledError:
+            status = "cancelled"
+            details = StatusDetails(type="cancelled", reason=self.cancel_reason)
+            await asyncio.shield(self._finish(status, details, usage))
+            raise
+        await self._finish(status, details, usage)
+
+    async def _send_audio(self, pcm16: bytes) -> None:
+        if self.first_audio_at is None:
+            self.first_audio_at = asyncio.get_running_loop().time()
+        samples = np.frombuffer(pcm16, dtype="<i2")
+        await self._send(ResponseOutputAudioDeltaEvent(
+            **self._ids(), delta=audio_codecs.encode_base64(samples, self._format)))
+
+    async def _finish(self, status: Status, details: StatusDetails | None,
+                      usage: Usage | None) -> None:
+        cancelled = status == "cancelled"
+        transcript = self.playout.heard_text() if cancelled else self.spoken
+        if self._audio:
+            await self._send(ResponseOutputAudioDoneEvent(**self._ids()))
+            await self._send(ResponseOutputAudioTranscriptDoneEvent(
+                **self._ids(), transcript=transcript))
+            content = ContentPart(type="output_audio", transcript=transcript)
+            part = Part(type="audio", transcript=transcript)
+        else:
+            text = self.text
+            await self._send(ResponseOutputTextDoneEvent(**self._ids(), text=text))
+            content = ContentPart(type="output_text", text=text)
+            part = Part(type="text", text=text)
+        await self._send(ResponseContentPartDoneEvent(**self._ids(), part=part))
+        self.item = self.item.model_copy(update={
+            "content": [content], "status": "incomplete" if cancelled else "completed"})
+        await self._send(ResponseOutputItemDoneEvent(response_id=self.response.id,
+                                                     output_index=0, item=self.item))
+        await self._on_item_done(self.item)
+        self.response = self.response.model_copy(update={
+            "status": status, "status_details": details, "output": [self.item],
+            "usage": usage})
+        await self._send(ResponseDoneEvent(response=self.response))
