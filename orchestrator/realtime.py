@@ -91,11 +91,16 @@ DEFAULT_MAX_TOKENS = 256
 
 
 class RealtimeSession:
-    def __init__(self, *, backends: Backends, vad: SileroVadModel, store: SessionStore,
+    def __init__(self, *, backends: Backends, vad: SileroVadModel | None, store: SessionStore,
                  settings: ServeSettings, send: Callable[[str], Awaitable[None]],
                  beta: bool = False, make_vad: Callable[[], VadLike] | None = None) -> None:
         self._backends = backends
-        self._make_vad: Callable[[], VadLike] = make_vad or (lambda: VadStream(vad))
+        if make_vad is None:
+            if vad is None:
+                raise ValueError("RealtimeSession needs a VAD model (or make_vad)")
+            model = vad
+            make_vad = lambda: VadStream(model)  # noqa: E731
+        self._make_vad = make_vad
         self._store = store
         self._settings = settings
         self._send_text = send

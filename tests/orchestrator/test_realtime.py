@@ -1,0 +1,248 @@
+"""RealtimeSession with deterministic fake stages: the event flow of a turn, manual
+turns, conversation items, barge-in truncation and the bad-input table."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from orchestrator.backends import Backends
+from orchestrator.realtime import RealtimeSession
+from orchestrator.settings import ServeSettings
+from orchestrator.store import MemoryStore
+from tests.orchestrator.fakes import FakeAsr, FakeLlm, FakeTts, FakeVad, silence, tone
+
+REPLY = ["Sure", ",", " the", " lights", " are", " on", " now", "."]
+
+
+class Client:
+    def __init__(self, session_kwargs: dict[str, Any] | None = None,
+                 settings: ServeSettings | None = None, tts_ms_per_char: float = 5.0,
+                 llm_interval_s: float = 0.001) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.llm = FakeLlm(REPLY, interval_s=llm_interval_s)
+        backends = Backends(asr=FakeAsr(["turn", "on", "the", "lights"]), llm=self.llm,
+                            tts=FakeTts(ms_per_char=tts_ms_per_char))
+        self.session = RealtimeSession(
+            backends=backends, vad=None, store=MemoryStore(),
+            settings=settings or ServeSettings(max_audio_rate=1000.0), send=self._recv,
+            make_vad=FakeVad, **(session_kwargs or {}))
+
+    async def _recv(self, text: str) -> None:
+        self.events.append(json.loads(text))
+
+    async def send(self, event: dict[str, Any]) -> None:
+        await self.session.handle(json.dumps(event))
+
+    async def audio(self, pcm16: bytes, frame_bytes: int = 960) -> None:
+        for i in range(0, len(pcm16), frame_bytes):
+            await self.send({"type": "input_audio_buffer.append",
+                             "audio": base64.b64encode(pcm16[i:i + frame_bytes]).decode()})
+            await asyncio.sleep(0)
+
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+    async def wait_for(self, kind: str, count: int = 1, limit_s: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + limit_s
+        while len(self.of(kind)) < count:
+            assert asyncio.get_running_loop().time() < deadline, (kind, self.types())
+            await asyncio.sleep(0.005)
+
+
+def speech_24k() -> bytes:
+    """Four 'words' (tone bursts) at 24 kHz, then 800 ms of silence."""
+    words = b"".join(tone(240, 24000) + silence(100, 24000) for _ in range(4))
+    return silence(300, 24000) + words + silence(800, 24000)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Client]:
+    c = Client()
+    await c.session.start()
+    yield c
+    await c.session.aclose()
+
+
+async def test_session_created_carries_id_and_resume_token(client: Client) -> None:
+    created = client.of("session.created")[0]["session"]
+    assert created["id"] == client.session.session_id
+    assert created["cascade"]["resume_token"]
+    assert created["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+
+
+async def test_a_spoken_turn_produces_the_openai_event_sequence(client: Client) -> None:
+    await client.audio(speech_24k())
+    await client.wait_for("response.done")
+    t = client.types()
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+             "input_audio_buffer.committed",
+             "conversation.item.input_audio_transcription.completed", "response.created",
+             "response.output_item.added", "response.content_part.added",
+             "response.output_audio.delta", "response.output_audio.done",
+             "response.output_audio_transcript.done", "response.content_part.done",
+             "response.output_item.done", "response.done"]
+    positions = [t.index(kind) for kind in order]
+    assert positions == sorted(positions), t
+    assert client.of("conversation.item.input_audio_transcription.completed")[0][
+        "transcript"] == "turn on the lights"
+    deltas = client.of("conversation.item.input_audio_transcription.delta")
+    assert deltas and t.index(deltas[0]["type"]) < t.index("input_audio_buffer.speech_stopped")
+    done = client.of("response.done")[0]["response"]
+    assert done["status"] == "completed"
+    assert done["output"][0]["content"][0]["transcript"] == "".join(REPLY)
+    assert done["usage"]["output_tokens"] == len(REPLY)
+    spoken = "".join(e["delta"] for e in client.of("response.output_audio_transcript.delta"))
+    assert spoken == "".join(REPLY)
+    audio = b"".join(base64.b64decode(e["delta"])
+                     for e in client.of("response.output_audio.delta"))
+    assert len(audio) == 2 * int(len("".join(REPLY)) * 5 * 24)  # FakeTts: 5 ms per char
+    # user item then assistant item, in the conversation and in the store
+    items = client.session.items
+    assert [i.role for i in items] == ["user", "assistant"]  # type: ignore[union-attr]
+
+
+async def test_manual_turns_commit_then_response_create() -> None:
+    c = Client()
+    await c.session.start()
+    await c.send({"type": "session.update",
+                  "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}}})
+    assert c.of("session.updated")[0]["session"]["audio"]["input"]["turn_detection"] is None
+    await c.audio(speech_24k())
+    assert "input_audio_buffer.speech_started" not in c.types()
+    await c.send({"type": "input_audio_buffer.commit", "event_id": "c1"})
+    assert c.of("conversation.item.input_audio_transcription.completed")[0][
+        "transcript"] == "turn on the lights"
+    assert "response.created" not in c.types()
+    await c.send({"type": "response.create"})
+    await c.wait_for("response.done")
+    assert c.of("response.done")[0]["response"]["status"] == "completed"
+    await c.session.aclose()
+
+
+async def test_g711_in_and_out() -> None:
+    from orchestrator import audio_codecs
+
+    c = Client()
+    await c.session.start()
+    await c.send({"type": "session.update", "session": {"type": "realtime", "audio": {
+        "input": {"format": {"type": "audio/pcmu"}},
+        "output": {"format": {"type": "audio/pcmu"}}}}})
+    import numpy as np
+
+    pcm = np.frombuffer(speech_24k(), dtype="<i2")[::3].copy()  # 8 kHz
+    ulaw = audio_codecs.encode(pcm, "audio/pcmu").tobytes()
+    await c.audio(ulaw, frame_bytes=160)
+    await c.wait_for("response.done")
+    assert c.of("conversation.item.input_audio_transcription.completed")[0][
+        "transcript"] == "turn on the lights"
+    audio = b"".join(base64.b64decode(e["delta"]) for e in c.of("response.output_audio.delta"))
+    assert len(audio) == int(len("".join(REPLY)) * 5 * 8)  # one byte per 8 kHz sample
+    await c.session.aclose()
+
+
+async def test_barge_in_truncates_the_reply_to_the_words_heard() -> None:
+    c = Client(tts_ms_per_char=60.0)  # 2 s of reply audio, paced in real time
+    await c.session.start()
+    await c.audio(speech_24k())
+    await c.wait_for("response.output_audio.delta", count=5)
+    await c.audio(tone(400, 24000))  # the user talks over the reply
+    await c.wait_for("response.done")
+    done = c.of("response.done")[0]["response"]
+    assert done["status"] == "cancelled"
+    assert done["status_details"]["reason"] == "turn_detected"
+    truncated = c.of("conversation.item.truncated")
+    assert len(truncated) == 1
+    heard = done["output"][0]["content"][0]["transcript"]
+    assert heard != "".join(REPLY) and "".join(REPLY).startswith(heard)
+    sent_ms = sum(len(base64.b64decode(e["delta"])) for e in c.of(
+        "response.output_audio.delta")) / 2 / 24
+    assert truncated[0]["audio_end_ms"] <= sent_ms + 1
+    assert c.llm.closed_early == 1 or c.llm.emitted == len(REPLY)
+    await c.session.aclose()
+
+
+async def test_conversation_items_create_retrieve_delete(client: Client) -> None:
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user",
+        "content": [{"type": "input_text", "text": "hello"}]}})
+    item = client.of("conversation.item.added")[0]["item"]
+    assert item["id"] and client.of("conversation.item.done")
+    await client.send({"type": "conversation.item.retrieve", "item_id": item["id"]})
+    assert client.of("conversation.item.retrieved")[0]["item"]["content"][0]["text"] == "hello"
+    await client.send({"type": "conversation.item.delete", "item_id": item["id"]})
+    assert client.of("conversation.item.deleted")[0]["item_id"] == item["id"]
+    assert client.session.items == []
+
+
+BAD: list[tuple[str, Callable[[], Any], str]] = [
+    ("malformed", lambda: "{not json", "invalid_json"),
+    ("unknown", lambda: {"type": "nope.never", "event_id": "e1"}, "invalid_value"),
+    ("bad_base64", lambda: {"type": "input_audio_buffer.append", "audio": "@@@",
+                            "event_id": "e1"}, "invalid_audio"),
+    ("odd_bytes", lambda: {"type": "input_audio_buffer.append",
+                           "audio": base64.b64encode(b"abc").decode(), "event_id": "e1"},
+     "invalid_audio"),
+    ("oversized_append", lambda: {"type": "input_audio_buffer.append", "event_id": "e1",
+                                  "audio": base64.b64encode(bytes(48000 * 11)).decode()},
+     "audio_too_large"),
+    ("commit_empty", lambda: {"type": "input_audio_buffer.commit", "event_id": "e1"},
+     "input_audio_buffer_commit_empty"),
+    ("truncate_unknown", lambda: {"type": "conversation.item.truncate", "event_id": "e1",
+                                  "item_id": "item_nope", "content_index": 0,
+                                  "audio_end_ms": 10}, "item_not_found"),
+    ("delete_unknown", lambda: {"type": "conversation.item.delete", "event_id": "e1",
+                                "item_id": "item_nope"}, "item_not_found"),
+    ("cancel_nothing", lambda: {"type": "response.cancel", "event_id": "e1"},
+     "response_cancel_not_active"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "code"), BAD, ids=[b[0] for b in BAD])
+async def test_bad_input_gets_an_error_event_and_the_session_goes_on(
+        client: Client, name: str, make: Callable[[], Any], code: str) -> None:
+    payload = make()
+    await client.session.handle(payload if isinstance(payload, str) else json.dumps(payload))
+    await client.wait_for("error")
+    error = client.of("error")[0]["error"]
+    assert error["code"] == code, error
+    if name != "malformed":
+        assert error["event_id"] == "e1"
+    # The session still works: a normal turn afterwards gets its reply.
+    await client.audio(speech_24k())
+    await client.wait_for("response.done")
+
+
+async def test_audio_faster_than_real_time_is_refused() -> None:
+    c = Client(settings=ServeSettings(max_audio_rate=2.0))
+    await c.session.start()
+    await c.audio(silence(20_000, 24000), frame_bytes=48_000 * 2)  # 20 s pushed at once
+    assert any(e["error"]["code"] == "audio_rate_exceeded" for e in c.of("error"))
+    await c.session.aclose()
+
+
+async def test_truncate_beyond_the_audio_sent_is_refused() -> None:
+    c = Client(tts_ms_per_char=60.0)
+    await c.session.start()
+    await c.audio(speech_24k())
+    await c.wait_for("response.output_audio.delta", count=3)
+    item_id = c.of("response.output_item.added")[0]["item"]["id"]
+    await c.send({"type": "conversation.item.truncate", "item_id": item_id,
+                  "content_index": 0, "audio_end_ms": 60_000, "event_id": "t1"})
+    error = c.of("error")[0]["error"]
+    assert error["event_id"] == "t1" and error["param"] == "audio_end_ms"
+    await c.send({"type": "conversation.item.truncate", "item_id": item_id,
+                  "content_index": 0, "audio_end_ms": 100})
+    truncated = c.of("conversation.item.truncated")
+    assert truncated and truncated[0]["audio_end_ms"] == 100
+    await c.wait_for("response.done")
+    assert c.of("response.done")[0]["response"]["status"] == "cancelled"
+    await c.session.aclose()
