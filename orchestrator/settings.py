@@ -1,0 +1,92 @@
+"""Settings of the Realtime server process (``cascade serve``), env prefix ``CASCADE_``.
+
+Every knob of the server is declared and documented here, once; the session, the
+transport and the store read them from this object. ``CASCADE_LLM_API_KEY`` is shared on
+purpose with the LLM stage's settings: both name the key of the upstream LLM server.
+
+Stage placement follows the three URLs: none set runs the bundled engines in-process (the
+one-machine CPU default), all three set talks to stage services (the distributed shape).
+A mix is refused when the settings are built, before anything is loaded, because half a
+distributed deployment is almost always a typo in one variable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orchestrator.store.settings import StoreSettings
+
+Pipeline = Literal["streaming", "serial"]
+
+MIB = 1024 * 1024
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore")
+
+    # --- network and auth --------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # When set, clients must present it: "Authorization: Bearer <key>" or the browser
+    # subprotocol "openai-insecure-api-key.<key>". Empty: no authentication.
+    api_key: str = ""
+
+    # --- session store -------------------------------------------------------------------
+    # redis://host:port/db; empty: the in-process memory store (no resume across processes).
+    redis_url: str = ""
+
+    # --- pipeline ------------------------------------------------------------------------
+    # Server default; a session may pick the other one in its config.
+    pipeline: Pipeline = "streaming"
+    # Stage services; all empty = embedded engines, all set = distributed.
+    asr_url: str = ""
+    llm_url: str = ""
+    tts_url: str = ""
+    # Model name sent to a remote OpenAI-compatible LLM ("" = the client's default).
+    llm_model: str = ""
+    llm_api_key: str = ""
+
+    # --- limits (each bounds what one client can make the server hold or do) --------------
+    # Concurrent Realtime connections of this process; more are refused with close 1013.
+    max_sessions: int = Field(default=64, ge=1)
+    # Wall-clock life of one connection; then an error event and close.
+    max_session_s: float = Field(default=3600.0, gt=0)
+    # Largest client frame (OpenAI's limit); a bigger one is answered with an error event.
+    max_event_bytes: int = Field(default=15 * MIB, ge=1024)
+    # Audio carried by one input_audio_buffer.append (or one binary frame).
+    max_append_ms: int = Field(default=10_000, ge=20)
+    # Uncommitted input audio held for one session.
+    max_buffer_ms: int = Field(default=60_000, ge=20)
+    # Input audio may arrive at most this many times faster than real time, averaged
+    # over a few seconds (a client replaying a file must pace it).
+    max_audio_rate: float = Field(default=4.0, gt=0)
+    # Conversation items of one session (mapped into the store's bound).
+    max_items: int = Field(default=1000, ge=1)
+    # Server events queued for one client; a client that reads slower than the session
+    # produces fills it and is disconnected (close 1008) rather than buffered without bound.
+    send_queue_events: int = Field(default=512, ge=1)
+    # How long a closing handshake (or the final flush before it) may wait on the client.
+    close_timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _stage_urls_all_or_none(self) -> ServeSettings:
+        urls = {"asr_url": self.asr_url, "llm_url": self.llm_url, "tts_url": self.tts_url}
+        missing = [name for name, url in urls.items() if not url]
+        if missing and len(missing) < len(urls):
+            raise ValueError(
+                "stage URLs must be all set (distributed) or all empty (embedded engines); "
+                f"missing: {', '.join(missing)}"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        """True when the stages are remote services."""
+        return bool(self.asr_url)
+
+    def store_settings(self) -> StoreSettings:
+        """The store's settings: its own ``CASCADE_STORE_*`` env plus the fields set here."""
+        return StoreSettings(redis_url=self.redis_url or None, max_items=self.max_items)
