@@ -26,16 +26,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-class StageProcess:
-    """One ``cascade stage NAME`` child process; ``url`` once :meth:`wait_ready` returned."""
+class CascadeProcess:
+    """One ``cascade <command...> --host H --port P`` child process on a free port."""
 
-    def __init__(self, name: str, *extra: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, name: str, command: list[str], *extra: str,
+                 host: str = "127.0.0.1") -> None:
         self.name = name
         self.port = free_port(host)
         self.url = f"http://{host}:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix=f"cascade-{name}-", suffix=".log",
                                                 delete=False)
-        cmd = [sys.executable, "-m", "orchestrator.cli", "stage", name,
+        cmd = [sys.executable, "-m", "orchestrator.cli", *command,
                "--host", host, "--port", str(self.port), *extra]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -69,6 +70,23 @@ class StageProcess:
         self._log.flush()
         with open(self._log.name, errors="replace") as f:
             return "".join(f.readlines()[-n:])
+
+
+class StageProcess(CascadeProcess):
+    """``cascade stage NAME`` as a child process."""
+
+    def __init__(self, name: str, *extra: str, host: str = "127.0.0.1") -> None:
+        super().__init__(name, ["stage", name], *extra, host=host)
+
+
+@contextlib.contextmanager
+def serve_process(*extra: str, ready_timeout: float = 180.0) -> Iterator[str]:
+    """``cascade serve`` (the Realtime server) on a free loopback port; yields its URL."""
+    proc = CascadeProcess("serve", ["serve"], *extra)
+    try:
+        yield proc.wait_ready(ready_timeout)
+    finally:
+        proc.stop()
 
 
 @contextlib.contextmanager
