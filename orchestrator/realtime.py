@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from orchestrator import audio_codecs
+from orchestrator import audio_codecs, metrics
 from orchestrator.backends import Backends
 from orchestrator.policy import OverlapPolicy
 from orchestrator.protocol import (
@@ -65,6 +67,7 @@ from orchestrator.settings import ServeSettings
 from orchestrator.store import SessionStore, StoreError
 from orchestrator.turn import (
     BargeIn,
+    ReplyCancelled,
     ReplyReleased,
     SpeechStarted,
     SpeechStopped,
@@ -86,6 +89,17 @@ from stages.vad.model import SileroVadModel
 from stages.vad.stream import VadStream
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TurnTiming:
+    """Wall-clock (time.monotonic) milestones of one user turn, for metrics and the log."""
+
+    eos: float | None = None  # the last voiced sample arrived
+    endpoint: float | None = None
+    first_delta: float | None = None
+    final: float | None = None
+    speculative_hit: bool | None = None
 _ITEM = TypeAdapter(ConversationItem)
 DEFAULT_MAX_TOKENS = 256
 
@@ -117,6 +131,7 @@ class RealtimeSession:
         self._audio_clock_start: float | None = None
         self._audio_received_ms = 0.0
         self._closed = False
+        self._timing = TurnTiming()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, *, resume_id: str | None = None,
@@ -157,6 +172,7 @@ class RealtimeSession:
             event_id = event.event_id
             await self._dispatch(event)
         except ProtocolError as err:
+            metrics.ERROR_EVENTS.labels(err.code).inc()
             await self._send(error_event(err))
         except StoreError as err:
             await self._error(getattr(err, "code", "store_error"), str(err), event_id)
@@ -291,10 +307,16 @@ class RealtimeSession:
     # ------------------------------------------------------------------ turn events
     async def _on_turn_event(self, event: TurnEvent) -> None:
         if isinstance(event, SpeechStarted):
+            if self._turn_item_id is None:
+                self._timing = TurnTiming()
             item_id = await self._ensure_turn_item()
             await self._send(InputAudioBufferSpeechStartedEvent(
                 audio_start_ms=event.audio_start_ms, item_id=item_id))
+        elif isinstance(event, ReplyCancelled):
+            if event.reason in ("user_resumed", "transcript_changed"):
+                metrics.SPECULATIVE_MISSES.inc()
         elif isinstance(event, BargeIn):
+            metrics.BARGE_INS.inc()
             if self._responder is not None and not self._responder.done:
                 await self._responder.cancel("turn_detected")
                 await self._send(ConversationItemTruncatedEvent(
@@ -302,19 +324,29 @@ class RealtimeSession:
                     audio_end_ms=int(self._responder.playout.played_ms())))
         elif isinstance(event, TranscriptDelta):
             if self._turn_item_id is not None and event.text:
+                if self._timing.first_delta is None:
+                    self._timing.first_delta = time.monotonic()
                 await self._send(InputAudioTranscriptionDeltaEvent(
                     item_id=self._turn_item_id, delta=event.text))
         elif isinstance(event, SpeechStopped):
+            now = time.monotonic()
+            assert self._controller is not None
+            behind_ms = self._controller.samples * 1000 / ASR_RATE - event.audio_end_ms
+            self._timing.eos, self._timing.endpoint = now - behind_ms / 1000.0, now
             item_id = await self._ensure_turn_item()
             await self._send(InputAudioBufferSpeechStoppedEvent(
                 audio_end_ms=event.audio_end_ms, item_id=item_id))
             await self._user_turn_committed()
         elif isinstance(event, TranscriptDone):
+            self._timing.final = time.monotonic()
             if self._turn_item_id is not None and not self._committed_turn_announced:
                 await self._user_turn_committed()
             await self._user_transcript_done(event.text)
         elif isinstance(event, ReplyReleased):
-            await self._start_response(event.run)
+            self._timing.speculative_hit = event.speculative_hit
+            if event.speculative_hit:
+                metrics.SPECULATIVE_HITS.inc()
+            await self._start_response(event.run, self._timing)
 
     async def _ensure_turn_item(self) -> str:
         if self._turn_item_id is None:
@@ -380,7 +412,7 @@ class RealtimeSession:
         return ReplyRun(self._backends.llm, self._backends.tts if audio else None, request,
                         sample_rate=rate, serial=self.session.cascade.pipeline == "serial")
 
-    async def _start_response(self, run: ReplyRun) -> None:
+    async def _start_response(self, run: ReplyRun, timing: TurnTiming | None = None) -> None:
         if self._responder is not None and not self._responder.done:
             await self._responder.cancel("turn_detected")
         audio = self.session.output_modalities != ["text"]
@@ -390,7 +422,35 @@ class RealtimeSession:
         self._responder = responder
         if self._controller is not None:
             self._controller.set_reply_playing(run)
-        responder.start()
+        task = responder.start()
+        if timing is not None and timing.eos is not None:
+            task.add_done_callback(lambda _t: self._record_turn(timing, responder))
+
+    def _record_turn(self, timing: TurnTiming, responder: Responder) -> None:
+        """Per-turn histograms (all from the end of speech) and one structured log line."""
+        eos = timing.eos
+        assert eos is not None
+        pipeline = self.session.cascade.pipeline
+        run = responder.run
+        marks = {
+            "endpoint": (metrics.TURN_ENDPOINT_DELAY, timing.endpoint),
+            "first_transcript_delta": (metrics.TURN_FIRST_TRANSCRIPT_DELTA, timing.first_delta),
+            "final_transcript": (metrics.TURN_FINAL_TRANSCRIPT, timing.final),
+            "llm_first_token": (metrics.TURN_LLM_FIRST_TOKEN, run.timings.first_token),
+            "first_audio": (metrics.TURN_FIRST_AUDIO, responder.first_audio_at),
+        }
+        record: dict[str, object] = {"event": "turn", "session": self.session_id,
+                                     "pipeline": pipeline,
+                                     "speculative_hit": timing.speculative_hit,
+                                     "status": responder.response.status}
+        for name, (histogram, at) in marks.items():
+            if at is None:
+                record[f"{name}_ms"] = None
+                continue
+            seconds = max(0.0, at - eos)
+            histogram.labels(pipeline).observe(seconds)
+            record[f"{name}_ms"] = round(seconds * 1000.0, 1)
+        log.info(json.dumps(record))
 
     async def _assistant_item_added(self, item: MessageItem) -> None:
         await self._add_item(item, self._last_item_id())
@@ -521,6 +581,7 @@ class RealtimeSession:
 
     async def _error(self, code: str, message: str, event_id: str | None,
                      param: str | None = None) -> None:
+        metrics.ERROR_EVENTS.labels(code).inc()
         await self._send(ErrorEvent(error=ErrorDetail(
             type="invalid_request_error", code=code, message=message, param=param,
             event_id=event_id)))
