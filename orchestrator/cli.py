@@ -1,5 +1,8 @@
 """The ``cascade`` command line.
 
+    cascade serve [--host H] [--port P] [--api-key K] [--redis-url URL]
+                  [--pipeline streaming|serial] [--asr-url U --llm-url U --tts-url U]
+                  [--llm-model NAME]
     cascade stage asr|llm|tts [--host H] [--port P] [--device cpu|cuda] [--set key=value ...]
     cascade demo [--out reply.wav] [--question TEXT]
     cascade bench-stages [--out DIR]
@@ -41,11 +44,46 @@ def run_stage(name: str, host: str | None, port: int | None, device: str | None,
     serve(app, settings.host, settings.port)
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    """The Realtime server; flags override ``CASCADE_*`` environment variables."""
+    from pydantic import ValidationError
+
+    from orchestrator.server import create_app
+    from orchestrator.settings import ServeSettings
+    from stages.common.service import serve
+
+    fields = ("host", "port", "api_key", "redis_url", "pipeline", "asr_url", "llm_url",
+              "tts_url", "llm_model")
+    overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    try:
+        settings = ServeSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise SystemExit(f"cascade serve: invalid settings: {problems}") from None
+    serve(create_app(settings), settings.host, settings.port)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cascade", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p_serve = sub.add_parser("serve", help="the OpenAI-Realtime-compatible server")
+    p_serve.add_argument("--host")
+    p_serve.add_argument("--port", type=int)
+    p_serve.add_argument("--api-key", help="clients must present it (also CASCADE_API_KEY)")
+    p_serve.add_argument("--redis-url", help="session store (default: in-memory)")
+    p_serve.add_argument("--pipeline", choices=("streaming", "serial"))
+    p_serve.add_argument("--asr-url", help="stage services: all three URLs or none "
+                         "(none = embedded engines)")
+    p_serve.add_argument("--llm-url")
+    p_serve.add_argument("--tts-url")
+    p_serve.add_argument("--llm-model", help="model name for a remote LLM server")
 
     p_stage = sub.add_parser("stage", help="run one stage (asr, llm, tts) as its own service")
     p_stage.add_argument("name", choices=STAGES)
@@ -70,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per HTTP request to a stage would drown the output; errors still show.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.command == "stage":
+    if args.command == "serve":
+        run_serve(args)
+    elif args.command == "stage":
         run_stage(args.name, args.host, args.port, args.device, _parse_sets(args.set))
     elif args.command == "demo":
         from orchestrator.demo import run_demo

@@ -390,3 +390,30 @@ async def test_openai_sdk_realtime_clients_connect() -> None:
             async with wrong.realtime.connect(model="gpt-realtime") as conn:
                 await conn.recv()
     assert [s.beta for s in FakeSession.instances] == [False, True]
+
+
+# --- cascade serve ----------------------------------------------------------------------------
+
+
+def test_cli_serve_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.common.service
+    from orchestrator import cli
+
+    calls: list[tuple[FastAPI, str, int]] = []
+    monkeypatch.setattr(stages.common.service, "serve",
+                        lambda app, host, port: calls.append((app, host, port)))
+    monkeypatch.setenv("CASCADE_PORT", "9100")
+    monkeypatch.setenv("CASCADE_PIPELINE", "serial")
+    cli.main(["serve", "--port", "9200", "--api-key", KEY])
+    (app, host, port), = calls
+    settings = app.state.server.settings
+    assert (host, port) == ("127.0.0.1", 9200)
+    assert settings.api_key == KEY and settings.pipeline == "serial"
+
+
+def test_cli_serve_refuses_a_mix_of_stage_urls() -> None:
+    from orchestrator import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--asr-url", "http://127.0.0.1:8001"])
+    assert "missing: llm_url, tts_url" in str(info.value.code)
