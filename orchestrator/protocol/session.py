@@ -132,7 +132,7 @@ class ToolChoiceFunction(WireModel):
 ToolChoice = ToolChoiceMode | ToolChoiceFunction
 
 
-class CascadeOptions(WireModel):
+class CascadeOptions(CompactModel):
     """cascade's extension: ``streaming`` overlaps ASR, LLM and TTS; ``serial`` is the
     baseline (full transcript, then full reply, then full synthesis)."""
 

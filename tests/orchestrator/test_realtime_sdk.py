@@ -1,0 +1,110 @@
+"""The real ``openai`` SDK realtime client against ``cascade serve`` with real models.
+
+One server process per module (embedded CPU models, API key required). Speech is piper
+(deterministic) at 24 kHz, streamed in 20 ms frames at twice real time, followed by
+silence, exactly like a client microphone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from openai import AsyncOpenAI
+
+from orchestrator import audio_codecs
+from orchestrator.launcher import serve_process
+from tests.support.speech import piper_clip
+from tests.support.text import wer
+
+API_KEY = "test-key-123"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with serve_process("--api-key", API_KEY) as url:
+        yield url.replace("http://", "ws://") + "/v1"
+
+
+def client(ws_url: str, key: str = API_KEY) -> AsyncOpenAI:
+    return AsyncOpenAI(api_key=key, websocket_base_url=ws_url, base_url="http://127.0.0.1:9/v1")
+
+
+async def speak(conn: Any, pcm: np.ndarray, rate: int, fmt: str, speedup: float = 2.0) -> None:
+    """Stream pcm (int16 at rate) as 20 ms appends, then 1.5 s of silence."""
+    audio = np.concatenate([np.zeros(rate // 5, np.int16), pcm,
+                            np.zeros(rate * 3 // 2, np.int16)])
+    frame = rate // 50
+    for i in range(0, audio.size, frame):
+        payload = audio_codecs.encode_base64(audio[i:i + frame], fmt)
+        await conn.input_audio_buffer.append(audio=payload)
+        await asyncio.sleep(0.02 / speedup)
+
+
+async def collect_until(conn: Any, kind: str, limit_s: float = 60.0) -> list[Any]:
+    events: list[Any] = []
+
+    async def read() -> None:
+        async for event in conn:
+            events.append(event)
+            if event.type == kind:
+                return
+
+    await asyncio.wait_for(read(), limit_s)
+    return events
+
+
+async def test_sdk_spoken_turn_gets_transcript_audio_and_done(server: str) -> None:
+    async with client(server).realtime.connect(model="cascade") as conn:
+        created = await conn.recv()
+        assert created.type == "session.created"
+        reader = asyncio.create_task(collect_until(conn, "response.done"))
+        await speak(conn, piper_clip(QUESTION, 24_000), 24_000, "audio/pcm", speedup=1.0)
+        events = await reader
+    types = [e.type for e in events]
+    assert "input_audio_buffer.speech_started" in types
+    assert "input_audio_buffer.speech_stopped" in types
+    completed = [e for e in events
+                 if e.type == "conversation.item.input_audio_transcription.completed"]
+    # Streaming tiny.en on a shared CPU: at most one word of six may differ.
+    assert wer(QUESTION, completed[0].transcript) <= 0.2, completed[0].transcript
+    audio = b"".join(base64.b64decode(e.delta) for e in events
+                     if e.type == "response.output_audio.delta")
+    assert len(audio) > 24_000  # more than half a second of reply
+    done = events[-1]
+    assert done.response.status == "completed"
+    assert done.response.output[0].content[0].transcript
+
+
+async def test_sdk_manual_turn_and_g711(server: str) -> None:
+    async with client(server).realtime.connect(model="cascade") as conn:
+        await conn.recv()  # session.created
+        await conn.session.update(session={
+            "type": "realtime",
+            "audio": {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": None},
+                      "output": {"format": {"type": "audio/pcmu"}}}})
+        updated = await conn.recv()
+        assert updated.type == "session.updated"
+        await speak(conn, piper_clip(QUESTION, 8_000), 8_000, "audio/pcmu", speedup=3.0)
+        await conn.input_audio_buffer.commit()
+        events = await collect_until(conn, "conversation.item.input_audio_transcription.completed")
+        assert not any(e.type == "input_audio_buffer.speech_started" for e in events)
+        assert wer(QUESTION, events[-1].transcript) <= 0.2, events[-1].transcript
+        await conn.response.create()
+        events = await collect_until(conn, "response.done")
+    audio = b"".join(base64.b64decode(e.delta) for e in events
+                     if e.type == "response.output_audio.delta")
+    assert len(audio) > 4_000  # mu-law: one byte per 8 kHz sample
+    assert events[-1].response.status == "completed"
+
+
+async def test_sdk_with_a_wrong_key_is_refused(server: str) -> None:
+    with pytest.raises(Exception) as info:
+        async with client(server, key="wrong").realtime.connect(model="cascade") as conn:
+            await conn.recv()
+    assert "403" in str(info.value) or "401" in str(info.value)
