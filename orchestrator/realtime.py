@@ -318,10 +318,7 @@ class RealtimeSession:
         elif isinstance(event, BargeIn):
             metrics.BARGE_INS.inc()
             if self._responder is not None and not self._responder.done:
-                await self._responder.cancel("turn_detected")
-                await self._send(ConversationItemTruncatedEvent(
-                    item_id=self._responder.item_id, content_index=0,
-                    audio_end_ms=int(self._responder.playout.played_ms())))
+                await self._responder.cancel("turn_detected")  # announces the truncation
         elif isinstance(event, TranscriptDelta):
             if self._turn_item_id is not None and event.text:
                 if self._timing.first_delta is None:
@@ -517,7 +514,7 @@ class RealtimeSession:
                               f"the {sent:.0f} ms of audio sent", event.event_id, "audio_end_ms")
             return
         if not responder.done:
-            await responder.cancel("client_cancelled")
+            await responder.cancel("client_cancelled", audio_end_ms=event.audio_end_ms)
         heard = responder.playout.heard_text(event.audio_end_ms)
         truncated = item.model_copy(update={
             "content": [part.model_copy(update={"transcript": heard}) for part in item.content]})

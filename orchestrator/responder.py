@@ -22,6 +22,7 @@ from orchestrator import audio_codecs
 from orchestrator.playout import Playout
 from orchestrator.protocol import (
     ContentPart,
+    ConversationItemTruncatedEvent,
     MessageItem,
     Part,
     Response,
@@ -81,6 +82,7 @@ class Responder:
         self._task: asyncio.Task[None] | None = None
         self.first_audio_at: float | None = None
         self.cancel_reason: CancelReason = "client_cancelled"
+        self._cut_ms: float | None = None
 
     @property
     def item_id(self) -> str:
@@ -94,9 +96,12 @@ class Responder:
     def done(self) -> bool:
         return self._task is None or self._task.done()
 
-    async def cancel(self, reason: CancelReason) -> None:
-        """Stop now (``turn_detected`` or ``client_cancelled``); keeps what was heard."""
+    async def cancel(self, reason: CancelReason, audio_end_ms: float | None = None) -> None:
+        """Stop now (``turn_detected`` or ``client_cancelled``); keeps what was heard up to
+        ``audio_end_ms`` (default: the estimated playback position now). A barge-in
+        (``turn_detected``) also announces the truncation, before ``response.done``."""
         self.cancel_reason = reason
+        self._cut_ms = audio_end_ms
         await self.run.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -166,7 +171,13 @@ class Responder:
     async def _finish(self, status: Status, details: StatusDetails | None,
                       usage: Usage | None) -> None:
         cancelled = status == "cancelled"
-        transcript = self.playout.heard_text() if cancelled else self.spoken
+        transcript = self.spoken
+        if cancelled:
+            cut_ms = self.playout.played_ms() if self._cut_ms is None else self._cut_ms
+            transcript = self.playout.heard_text(cut_ms)
+            if self.cancel_reason == "turn_detected" and self._audio:
+                await self._send(ConversationItemTruncatedEvent(
+                    item_id=self.item_id, content_index=0, audio_end_ms=int(cut_ms)))
         if self._audio:
             await self._send(ResponseOutputAudioDoneEvent(**self._ids()))
             await self._send(ResponseOutputAudioTranscriptDoneEvent(

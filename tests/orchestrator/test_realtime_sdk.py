@@ -108,3 +108,42 @@ async def test_sdk_with_a_wrong_key_is_refused(server: str) -> None:
         async with client(server, key="wrong").realtime.connect(model="cascade") as conn:
             await conn.recv()
     assert "403" in str(info.value) or "401" in str(info.value)
+
+
+async def test_sdk_barge_in_truncates_to_the_audio_sent(server: str) -> None:
+    async with client(server).realtime.connect(model="cascade") as conn:
+        await conn.recv()  # session.created
+        await conn.session.update(session={"type": "realtime",
+                                           "instructions": "Answer with a long story."})
+        await conn.recv()  # session.updated
+        question = piper_clip("Tell me a long story about a dragon.", 24_000)
+        events: list[Any] = []
+        got_audio = asyncio.Event()
+
+        async def read() -> None:
+            async for event in conn:
+                events.append(event)
+                if event.type == "response.output_audio.delta":
+                    got_audio.set()
+                if event.type == "response.done":
+                    return
+
+        reader = asyncio.create_task(read())
+        await speak(conn, question, 24_000, "audio/pcm", speedup=1.0)
+        await asyncio.wait_for(got_audio.wait(), 60)
+        await asyncio.sleep(0.5)  # let some reply audio play out
+        # The user talks over the reply (speech, then silence, like a microphone).
+        await speak(conn, piper_clip("Stop, wait a second.", 24_000), 24_000, "audio/pcm",
+                    speedup=1.0)
+        await asyncio.wait_for(reader, 60)
+    done = events[-1]
+    assert done.response.status == "cancelled"
+    truncated = [e for e in events if e.type == "conversation.item.truncated"]
+    assert len(truncated) == 1
+    sent_ms = sum(len(base64.b64decode(e.delta)) for e in events
+                  if e.type == "response.output_audio.delta") / 2 / 24
+    assert 0 < truncated[0].audio_end_ms <= sent_ms + 1
+    # The kept text is what was voiced up to the cut: a prefix of the phrases sent.
+    spoken = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
+    heard = done.response.output[0].content[0].transcript
+    assert spoken.startswith(heard) and len(heard) < len(spoken) + 1
