@@ -37,6 +37,7 @@ from orchestrator.protocol import (
     ErrorDetail,
     ErrorEvent,
     EventEncoder,
+    FunctionCallItem,
     FunctionCallOutputItem,
     InputAudioBufferAppendEvent,
     InputAudioBufferClearedEvent,
@@ -84,7 +85,14 @@ from stages.common.audio import (
     float_to_pcm16,
     pcm16_to_float,
 )
-from stages.llm.types import ChatMessage, LlmRequest
+from stages.llm.types import (
+    ChatMessage,
+    FunctionCall,
+    FunctionSpec,
+    LlmRequest,
+    ToolCall,
+    ToolSpec,
+)
 from stages.vad.model import SileroVadModel
 from stages.vad.stream import VadStream
 
@@ -395,15 +403,27 @@ class RealtimeSession:
                 text = item.text()
                 if text:
                     messages.append(ChatMessage(role=item.role, content=text))
+            elif isinstance(item, FunctionCallItem):
+                messages.append(ChatMessage(role="assistant", tool_calls=[ToolCall(
+                    id=item.call_id or item.id or "",
+                    function=FunctionCall(name=item.name, arguments=item.arguments))]))
             elif isinstance(item, FunctionCallOutputItem):
                 messages.append(ChatMessage(role="tool", content=item.output,
                                             tool_call_id=item.call_id))
         if transcript is not None:
             messages.append(ChatMessage(role="user", content=transcript))
         max_tokens = self.session.max_output_tokens
+        tools = [ToolSpec(function=FunctionSpec(name=t.name, description=t.description,
+                                                parameters=t.parameters))
+                 for t in self.session.tools] or None
+        choice = self.session.tool_choice
         request = LlmRequest(
             messages=messages, temperature=self.session.temperature,
-            max_tokens=DEFAULT_MAX_TOKENS if max_tokens == "inf" else int(max_tokens))
+            max_tokens=DEFAULT_MAX_TOKENS if max_tokens == "inf" else int(max_tokens),
+            tools=tools,
+            tool_choice=None if tools is None else (
+                choice if isinstance(choice, str)
+                else {"type": "function", "function": {"name": choice.name}}))
         audio = self.session.output_modalities != ["text"]
         rate = audio_codecs.sample_rate(self.session.output_format.type)
         return ReplyRun(self._backends.llm, self._backends.tts if audio else None, request,
@@ -449,7 +469,7 @@ class RealtimeSession:
             record[f"{name}_ms"] = round(seconds * 1000.0, 1)
         log.info(json.dumps(record))
 
-    async def _assistant_item_added(self, item: MessageItem) -> None:
+    async def _assistant_item_added(self, item: MessageItem | FunctionCallItem) -> None:
         await self._add_item(item, self._last_item_id())
 
     async def _response_create(self, event: ResponseCreateEvent) -> None:

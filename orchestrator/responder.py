@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal, TypedDict
 
 import numpy as np
@@ -22,7 +24,9 @@ from orchestrator import audio_codecs
 from orchestrator.playout import Playout
 from orchestrator.protocol import (
     ContentPart,
+    ConversationItem,
     ConversationItemTruncatedEvent,
+    FunctionCallItem,
     MessageItem,
     Part,
     Response,
@@ -30,6 +34,8 @@ from orchestrator.protocol import (
     ResponseContentPartDoneEvent,
     ResponseCreatedEvent,
     ResponseDoneEvent,
+    ResponseFunctionCallArgumentsDeltaEvent,
+    ResponseFunctionCallArgumentsDoneEvent,
     ResponseOutputAudioDeltaEvent,
     ResponseOutputAudioDoneEvent,
     ResponseOutputAudioTranscriptDeltaEvent,
@@ -44,7 +50,19 @@ from orchestrator.protocol import (
 )
 from orchestrator.protocol.response import StatusError
 from orchestrator.protocol.server_events import ServerEventBase
-from orchestrator.reply import ReplyAudio, ReplyDone, ReplyRun, ReplyText
+from orchestrator.reply import ReplyAudio, ReplyDone, ReplyRun, ReplyText, ReplyToolCall
+from stages.llm.types import ToolCallDelta
+
+
+@dataclass
+class _Call:
+    item: FunctionCallItem
+    index: int
+    arguments: str = ""
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(8)
 
 
 class _Ids(TypedDict):
@@ -57,7 +75,7 @@ class _Ids(TypedDict):
 Status = Literal["completed", "cancelled", "incomplete", "failed"]
 CancelReason = Literal["turn_detected", "client_cancelled"]
 Send = Callable[[ServerEventBase], Awaitable[None]]
-ItemHook = Callable[[MessageItem], Awaitable[None]]
+ItemHook = Callable[[MessageItem | FunctionCallItem], Awaitable[None]]
 
 
 class Responder:
@@ -77,6 +95,10 @@ class Responder:
         self.response = Response(output_modalities=["audio" if audio else "text"])
         self.item = MessageItem(id=new_item_id(), role="assistant", status="in_progress",
                                 content=[], object="realtime.item")
+        self._message_open = False  # the message item is announced with its first content
+        self._calls: dict[int, _Call] = {}  # function calls by the LLM's tool-call index
+        self._next_output = 0
+        self._message_index = 0
         self.spoken = ""  # transcript of the audio sent so far
         self.text = ""
         self._task: asyncio.Task[None] | None = None
@@ -116,28 +138,73 @@ class Responder:
     # ------------------------------------------------------------------ streaming
     def _ids(self) -> _Ids:
         return {"response_id": self.response.id, "item_id": self.item_id,
-                "output_index": 0, "content_index": 0}
+                "output_index": self._message_index, "content_index": 0}
 
-    async def _stream(self) -> None:
-        await self._send(ResponseCreatedEvent(response=self.response))
+    async def _open_message(self) -> None:
+        if self._message_open:
+            return
+        self._message_open = True
+        self._message_index = self._next_output
+        self._next_output += 1
         await self._send(ResponseOutputItemAddedEvent(response_id=self.response.id,
-                                                      output_index=0, item=self.item))
+                                                      output_index=self._message_index,
+                                                      item=self.item))
         await self._on_item_added(self.item)
         part_type: Literal["audio", "text"] = "audio" if self._audio else "text"
         await self._send(ResponseContentPartAddedEvent(
             **self._ids(), part=Part(type=part_type, transcript="" if self._audio else None,
                                      text=None if self._audio else "")))
+
+    async def _tool_call(self, deltas: list[ToolCallDelta]) -> None:
+        for delta in deltas:
+            call = self._calls.get(delta.index)
+            if call is None:
+                name = delta.function.name if delta.function and delta.function.name else ""
+                call = _Call(FunctionCallItem(
+                    id=new_item_id(), call_id=delta.id or new_call_id(), name=name,
+                    arguments="", status="in_progress", object="realtime.item"),
+                    self._next_output)
+                self._next_output += 1
+                self._calls[delta.index] = call
+                await self._send(ResponseOutputItemAddedEvent(
+                    response_id=self.response.id, output_index=call.index, item=call.item))
+                await self._on_item_added(call.item)
+            piece = delta.function.arguments if delta.function else None
+            if piece:
+                call.arguments += piece
+                await self._send(ResponseFunctionCallArgumentsDeltaEvent(
+                    response_id=self.response.id, item_id=call.item.id or "",
+                    output_index=call.index, call_id=call.item.call_id or "", delta=piece))
+
+    async def _finish_calls(self) -> None:
+        for call in self._calls.values():
+            item = call.item.model_copy(update={"arguments": call.arguments,
+                                                "status": "completed"})
+            call.item = item
+            await self._send(ResponseFunctionCallArgumentsDoneEvent(
+                response_id=self.response.id, item_id=item.id or "", output_index=call.index,
+                call_id=item.call_id or "", name=item.name, arguments=call.arguments))
+            await self._send(ResponseOutputItemDoneEvent(response_id=self.response.id,
+                                                         output_index=call.index, item=item))
+            await self._on_item_done(item)
+
+    async def _stream(self) -> None:
+        await self._send(ResponseCreatedEvent(response=self.response))
         usage: Usage | None = None
         status: Status = "completed"
         details: StatusDetails | None = None
         try:
             async for event in self.run.events():
-                if isinstance(event, ReplyText):
+                if isinstance(event, ReplyToolCall):
+                    await self._tool_call(event.deltas)
+                elif isinstance(event, ReplyText):
                     self.text += event.text
                     if not self._audio:
+                        await self._open_message()
                         await self._send(ResponseOutputTextDeltaEvent(**self._ids(),
                                                                       delta=event.text))
                 elif isinstance(event, ReplyAudio) and self._audio:
+                    await self._open_message()
                     await self._send(ResponseOutputAudioTranscriptDeltaEvent(
                         **self._ids(), delta=event.chunk.text))
                     self.spoken += event.chunk.text
@@ -171,6 +238,17 @@ class Responder:
     async def _finish(self, status: Status, details: StatusDetails | None,
                       usage: Usage | None) -> None:
         cancelled = status == "cancelled"
+        await self._finish_calls()
+        if self._message_open:
+            await self._finish_message(cancelled)
+        outputs: list[ConversationItem] = [c.item for c in self._calls.values()]
+        if self._message_open:
+            outputs.insert(0, self.item)
+        self.response = self.response.model_copy(update={
+            "status": status, "status_details": details, "output": outputs, "usage": usage})
+        await self._send(ResponseDoneEvent(response=self.response))
+
+    async def _finish_message(self, cancelled: bool) -> None:
         transcript = self.spoken
         if cancelled:
             cut_ms = self.playout.played_ms() if self._cut_ms is None else self._cut_ms
@@ -193,9 +271,6 @@ class Responder:
         self.item = self.item.model_copy(update={
             "content": [content], "status": "incomplete" if cancelled else "completed"})
         await self._send(ResponseOutputItemDoneEvent(response_id=self.response.id,
-                                                     output_index=0, item=self.item))
+                                                     output_index=self._message_index,
+                                                     item=self.item))
         await self._on_item_done(self.item)
-        self.response = self.response.model_copy(update={
-            "status": status, "status_details": details, "output": [self.item],
-            "usage": usage})
-        await self._send(ResponseDoneEvent(response=self.response))

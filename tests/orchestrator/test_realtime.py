@@ -246,3 +246,61 @@ async def test_truncate_beyond_the_audio_sent_is_refused() -> None:
     await c.wait_for("response.done")
     assert c.of("response.done")[0]["response"]["status"] == "cancelled"
     await c.session.aclose()
+
+
+class ToolLlm(FakeLlm):
+    """Calls get_weather when the conversation has no tool result yet, else answers."""
+
+    async def stream(self, request: Any) -> Any:  # type: ignore[override]
+        from stages.llm.types import FunctionCallDelta, LlmDelta, ToolCallDelta
+
+        self.requests.append(request)
+        if not any(m.role == "tool" for m in request.messages):
+            yield LlmDelta(tool_calls=[ToolCallDelta(index=0, id="call_1", type="function",
+                                                     function=FunctionCallDelta(
+                                                         name="get_weather", arguments=""))])
+            for piece in ('{"city":', ' "Paris"}'):
+                yield LlmDelta(tool_calls=[ToolCallDelta(
+                    index=0, function=FunctionCallDelta(arguments=piece))])
+            yield LlmDelta(finish_reason="tool_calls")
+            return
+        for token in ["It", " is", " sunny", "."]:
+            yield LlmDelta(text=token)
+        yield LlmDelta(finish_reason="stop")
+
+
+async def test_function_calling_round_trip() -> None:
+    c = Client()
+    c.llm = ToolLlm([])
+    c.session._backends.llm = c.llm
+    await c.session.start()
+    await c.send({"type": "session.update", "session": {"type": "realtime", "tools": [{
+        "type": "function", "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        "tool_choice": "auto"}})
+    await c.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user",
+        "content": [{"type": "input_text", "text": "Weather in Paris?"}]}})
+    await c.send({"type": "response.create"})
+    await c.wait_for("response.done")
+    request = c.llm.requests[0]
+    assert request.tools and request.tools[0].function.name == "get_weather"
+    args = c.of("response.function_call_arguments.done")[0]
+    assert args["name"] == "get_weather" and json.loads(args["arguments"]) == {"city": "Paris"}
+    deltas = "".join(e["delta"] for e in c.of("response.function_call_arguments.delta"))
+    assert deltas == args["arguments"]
+    done = c.of("response.done")[0]["response"]
+    assert [o["type"] for o in done["output"]] == ["function_call"]
+    assert done["output"][0]["call_id"] == "call_1"
+    # The client runs the tool and sends its output; the next response uses it.
+    await c.send({"type": "conversation.item.create", "item": {
+        "type": "function_call_output", "call_id": "call_1", "output": '{"sky": "sunny"}'}})
+    await c.send({"type": "response.create"})
+    await c.wait_for("response.done", count=2)
+    second = c.llm.requests[1]
+    roles = [m.role for m in second.messages]
+    assert roles[-2:] == ["assistant", "tool"]
+    assert second.messages[-2].tool_calls[0].function.name == "get_weather"  # type: ignore[index]
+    final = c.of("response.done")[1]["response"]
+    assert final["output"][0]["content"][0]["transcript"] == "It is sunny."
+    await c.session.aclose()
