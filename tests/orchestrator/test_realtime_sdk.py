@@ -147,3 +147,23 @@ async def test_sdk_barge_in_truncates_to_the_audio_sent(server: str) -> None:
     spoken = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
     heard = done.response.output[0].content[0].transcript
     assert spoken.startswith(heard) and len(heard) < len(spoken) + 1
+
+
+async def test_distributed_shape_stage_services_behind_serve() -> None:
+    """cascade serve with --asr-url/--llm-url/--tts-url: the same turn over three services."""
+    from orchestrator.launcher import stage_processes
+
+    with stage_processes(("asr", "llm", "tts")) as urls, serve_process(
+            "--api-key", API_KEY, "--asr-url", urls["asr"], "--llm-url", urls["llm"],
+            "--tts-url", urls["tts"]) as base:
+        ws_url = base.replace("http://", "ws://") + "/v1"
+        async with client(ws_url).realtime.connect(model="cascade") as conn:
+            await conn.recv()  # session.created
+            reader = asyncio.create_task(collect_until(conn, "response.done"))
+            await speak(conn, piper_clip(QUESTION, 24_000), 24_000, "audio/pcm", speedup=1.0)
+            events = await reader
+    completed = [e for e in events
+                 if e.type == "conversation.item.input_audio_transcription.completed"]
+    assert wer(QUESTION, completed[0].transcript) <= 0.2
+    assert events[-1].response.status == "completed"
+    assert any(e.type == "response.output_audio.delta" for e in events)
