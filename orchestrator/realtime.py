@@ -13,6 +13,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -65,7 +68,7 @@ from orchestrator.protocol.session import ServerVad, Session, apply_update
 from orchestrator.reply import ReplyRun
 from orchestrator.responder import Responder
 from orchestrator.settings import ServeSettings
-from orchestrator.store import SessionStore, StoreError
+from orchestrator.store import LeaseKeeper, SessionStore, StoreError
 from orchestrator.turn import (
     BargeIn,
     ReplyCancelled,
@@ -140,12 +143,17 @@ class RealtimeSession:
         self._audio_received_ms = 0.0
         self._closed = False
         self._timing = TurnTiming()
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+        self._lease: LeaseKeeper | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, *, resume_id: str | None = None,
                     resume_token: str | None = None) -> None:
+        # The connection holds the session's lease while it lives; a reconnect with the
+        # token takes it over (the old connection may be dead without having released it).
         if resume_id:
-            snapshot = await self._store.resume(resume_id, resume_token or "")
+            snapshot = await self._store.resume(resume_id, resume_token or "",
+                                                owner=self._owner, takeover=True)
             self.session_id = resume_id
             self.session = Session.model_validate(snapshot.config)
             self.items = [_ITEM.validate_python(item) for item in snapshot.items]
@@ -154,10 +162,13 @@ class RealtimeSession:
             pipeline = self._settings.pipeline
             self.session = self.session.model_copy(update={
                 "cascade": self.session.cascade.model_copy(update={"pipeline": pipeline})})
-            created = await self._store.create_session(self._stored_config())
+            created = await self._store.create_session(self._stored_config(), owner=self._owner)
             self.session_id, token = created.session_id, created.resume_token
             self.session = self.session.model_copy(update={"id": self.session_id})
             await self._store.update_config(self.session_id, self._stored_config())
+        self._lease = LeaseKeeper(self._store, self.session_id, self._owner,
+                                  self._settings.store_settings().lease_ttl_s)
+        await self._lease.__aenter__()
         self._configure_audio()
         shown = self.session.model_copy(update={
             "cascade": self.session.cascade.model_copy(update={"resume_token": token})})
@@ -166,6 +177,8 @@ class RealtimeSession:
     async def aclose(self) -> None:
         """Connection gone: stop work now; the conversation stays in the store."""
         self._closed = True
+        if self._lease is not None:
+            await self._lease.stop(release=True)
         if self._responder is not None:
             await self._responder.cancel("client_cancelled")
         if self._controller is not None:
@@ -175,6 +188,10 @@ class RealtimeSession:
     async def handle(self, raw: str | bytes) -> None:
         """One client frame. Bad input is answered with an ``error`` event, never raised."""
         event_id: str | None = None
+        if self._lease is not None and self._lease.lost.is_set():
+            await self._error("session_taken_over", "another connection resumed this session; "
+                              "this one no longer owns it", None)
+            return
         try:
             event = parse_client_event(raw, self._settings.max_event_bytes)
             event_id = event.event_id

@@ -139,6 +139,7 @@ class TurnController:
         if self._speculative is not None:
             revision, _text, run = self._speculative
             self._speculative = None
+            log.debug("speculation r%d cancelled: %s", revision, reason)
             await run.cancel()
             await self._emit(ReplyCancelled(revision, reason))
 
@@ -203,6 +204,7 @@ class TurnController:
         run = self._make_reply(text)
         run.start()
         self._speculative = (self.revision, text, run)
+        log.debug("speculative reply r%d on %r", self.revision, text)
 
     async def _endpoint(self) -> None:
         self._in_speech = False
@@ -229,6 +231,7 @@ class TurnController:
             await self._emit(ReplyReleased(spec[2], spec[0], speculative_hit=True))
             return text
         if spec is not None:
+            log.debug("speculation r%d missed: %r != final %r", spec[0], spec[1], text)
             self.speculative_misses += 1
             await spec[2].cancel()
             await self._emit(ReplyCancelled(spec[0], "transcript_changed"))

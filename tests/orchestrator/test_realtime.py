@@ -304,3 +304,26 @@ async def test_function_calling_round_trip() -> None:
     final = c.of("response.done")[1]["response"]
     assert final["output"][0]["content"][0]["transcript"] == "It is sunny."
     await c.session.aclose()
+
+
+async def test_a_resumed_session_takes_over_from_the_old_connection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_STORE_LEASE_TTL_S", "0.3")  # renewals every 0.1 s
+    first = Client()
+    await first.session.start()
+    created = first.of("session.created")[0]["session"]
+    second = Client()
+    second.session._store = first.session._store  # one store, two connections
+    await second.session.start(resume_id=created["id"],
+                               resume_token=created["cascade"]["resume_token"])
+    assert second.of("session.created")[0]["session"]["id"] == created["id"]
+    await asyncio.sleep(0.5)  # the old connection's next renewal finds the lease taken
+    await first.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+    assert first.of("error")[0]["error"]["code"] == "session_taken_over"
+    assert first.of("conversation.item.added") == []
+    await second.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+    assert second.of("conversation.item.added")
+    await first.session.aclose()
+    await second.session.aclose()
