@@ -167,3 +167,25 @@ async def test_distributed_shape_stage_services_behind_serve() -> None:
     assert wer(QUESTION, completed[0].transcript) <= 0.2
     assert events[-1].response.status == "completed"
     assert any(e.type == "response.output_audio.delta" for e in events)
+
+
+async def test_a_misbehaving_client_does_not_disturb_another_session(server: str) -> None:
+    async with client(server).realtime.connect(model="cascade") as good, \
+            client(server).realtime.connect(model="cascade") as bad:
+        await good.recv()
+        await bad.recv()
+        reader = asyncio.create_task(collect_until(good, "response.done"))
+        bad_ws = bad._connection  # raw frames the SDK would never send
+        for frame in ("{not json", '{"type": "nope"}', '{"type": "input_audio_buffer.append", '
+                      '"audio": "%%%"}', '{"type": "input_audio_buffer.commit"}'):
+            await bad_ws.send(frame)
+        await speak(good, piper_clip(QUESTION, 24_000), 24_000, "audio/pcm", speedup=1.0)
+        events = await reader
+        errors = []
+        while len(errors) < 4:
+            event = await asyncio.wait_for(bad.recv(), 10)
+            if event.type == "error":
+                errors.append(event.error.code)
+    assert errors == ["invalid_json", "invalid_value", "invalid_audio",
+                      "input_audio_buffer_commit_empty"]
+    assert events[-1].type == "response.done" and events[-1].response.status == "completed"
