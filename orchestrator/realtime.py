@@ -55,6 +55,7 @@ from orchestrator.protocol import (
     OutputAudioBufferClearEvent,
     ProtocolError,
     ResponseCancelEvent,
+    ResponseConfig,
     ResponseCreateEvent,
     SessionCreatedEvent,
     SessionUpdatedEvent,
@@ -113,6 +114,10 @@ class TurnTiming:
     speculative_hit: bool | None = None
 _ITEM = TypeAdapter(ConversationItem)
 DEFAULT_MAX_TOKENS = 256
+
+
+async def _ignore(_item: MessageItem | FunctionCallItem) -> None:
+    """Out-of-band responses (``conversation: "none"``) stay out of the conversation."""
 
 
 class RealtimeSession:
@@ -408,12 +413,21 @@ class RealtimeSession:
                                                    item=item))
 
     # ------------------------------------------------------------------ responses
-    def _make_reply(self, transcript: str | None) -> ReplyRun:
+    def _make_reply(self, transcript: str | None,
+                    config: ResponseConfig | None = None) -> ReplyRun:
         """A reply to the conversation so far (+ ``transcript`` as the user's last words,
-        when the turn's item is not in the conversation yet: a speculative start)."""
-        messages = [ChatMessage(role="system", content=self.session.instructions
+        when the turn's item is not in the conversation yet: a speculative start).
+        ``config`` (from ``response.create``) overrides the session for this reply; its
+        ``input`` replaces the conversation as context, ``conversation: "none"`` too."""
+        cfg = config or ResponseConfig()
+        instructions = cfg.instructions if cfg.instructions is not None else (
+            self.session.instructions)
+        messages = [ChatMessage(role="system", content=instructions
                                 or "You are a helpful voice assistant. Answer briefly.")]
-        for item in self.items:
+        context: list[ConversationItem] = (
+            list(cfg.input) if cfg.input is not None
+            else [] if cfg.conversation == "none" else self.items)
+        for item in context:
             if isinstance(item, MessageItem):
                 if item.id == self._turn_item_id and transcript is not None:
                     continue
@@ -429,30 +443,45 @@ class RealtimeSession:
                                             tool_call_id=item.call_id))
         if transcript is not None:
             messages.append(ChatMessage(role="user", content=transcript))
-        max_tokens = self.session.max_output_tokens
+        max_tokens = (cfg.max_output_tokens if cfg.max_output_tokens is not None
+                      else self.session.max_output_tokens)
+        session_tools = cfg.tools if cfg.tools is not None else self.session.tools
         tools = [ToolSpec(function=FunctionSpec(name=t.name, description=t.description,
                                                 parameters=t.parameters))
-                 for t in self.session.tools] or None
-        choice = self.session.tool_choice
+                 for t in session_tools] or None
+        choice = cfg.tool_choice if cfg.tool_choice is not None else self.session.tool_choice
         request = LlmRequest(
-            messages=messages, temperature=self.session.temperature,
+            messages=messages,
+            temperature=cfg.temperature if cfg.temperature is not None
+            else self.session.temperature,
             max_tokens=DEFAULT_MAX_TOKENS if max_tokens == "inf" else int(max_tokens),
             tools=tools,
             tool_choice=None if tools is None else (
                 choice if isinstance(choice, str)
                 else {"type": "function", "function": {"name": choice.name}}))
-        audio = self.session.output_modalities != ["text"]
+        audio = self._wants_audio(cfg)
         rate = audio_codecs.sample_rate(self.session.output_format.type)
         return ReplyRun(self._backends.llm, self._backends.tts if audio else None, request,
                         sample_rate=rate, serial=self.session.cascade.pipeline == "serial")
 
-    async def _start_response(self, run: ReplyRun, timing: TurnTiming | None = None) -> None:
+    def _wants_audio(self, cfg: ResponseConfig | None) -> bool:
+        modalities = (cfg.output_modalities if cfg is not None and cfg.output_modalities
+                      else self.session.output_modalities)
+        return modalities != ["text"]
+
+    async def _start_response(self, run: ReplyRun, timing: TurnTiming | None = None,
+                              config: ResponseConfig | None = None) -> None:
         if self._responder is not None and not self._responder.done:
             await self._responder.cancel("turn_detected")
-        audio = self.session.output_modalities != ["text"]
-        responder = Responder(run, send=self._send, on_item_added=self._assistant_item_added,
-                              on_item_done=self._replace_item,
-                              audio_format=self.session.output_format.type, audio=audio)
+        out_of_band = config is not None and config.conversation == "none"
+        responder = Responder(run, send=self._send,
+                              on_item_added=_ignore if out_of_band else self._assistant_item_added,
+                              on_item_done=_ignore if out_of_band else self._replace_item,
+                              audio_format=self.session.output_format.type,
+                              audio=self._wants_audio(config))
+        if config is not None and config.metadata is not None:
+            responder.response = responder.response.model_copy(
+                update={"metadata": config.metadata})
         self._responder = responder
         if self._controller is not None:
             self._controller.set_reply_playing(run)
@@ -495,10 +524,10 @@ class RealtimeSession:
                               "a response is already in progress; cancel it first",
                               event.event_id)
             return
-        run = self._make_reply(None)
+        run = self._make_reply(None, event.response)
         run.start()
         run.release()
-        await self._start_response(run)
+        await self._start_response(run, config=event.response)
 
     async def _response_cancel(self, event_id: str | None) -> None:
         if self._responder is None or self._responder.done:

@@ -327,3 +327,25 @@ async def test_a_resumed_session_takes_over_from_the_old_connection(
     assert second.of("conversation.item.added")
     await first.session.aclose()
     await second.session.aclose()
+
+
+async def test_response_create_overrides_and_out_of_band_responses(client: Client) -> None:
+    await client.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user",
+        "content": [{"type": "input_text", "text": "in the conversation"}]}})
+    await client.send({"type": "response.create", "response": {
+        "conversation": "none", "instructions": "Summarize.", "output_modalities": ["text"],
+        "metadata": {"purpose": "summary"}, "max_output_tokens": 20,
+        "input": [{"type": "message", "role": "user",
+                   "content": [{"type": "input_text", "text": "only this"}]}]}})
+    await client.wait_for("response.done")
+    request = client.llm.requests[-1]
+    assert request.messages[0].content == "Summarize."
+    assert [m.content for m in request.messages[1:]] == ["only this"]
+    assert request.max_tokens == 20
+    text = "".join(e["delta"] for e in client.of("response.output_text.delta"))
+    assert text == "".join(REPLY)
+    assert client.of("response.output_audio.delta") == []
+    done = client.of("response.done")[0]["response"]
+    assert done["metadata"] == {"purpose": "summary"}
+    assert len(client.session.items) == 1  # out of band: the conversation is unchanged
