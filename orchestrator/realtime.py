@@ -223,7 +223,7 @@ class RealtimeSession:
         elif isinstance(event, ConversationItemDeleteEvent):
             await self._delete_item(event)
         elif isinstance(event, ConversationItemRetrieveEvent):
-            item = self._find(event.item_id, event.event_id)
+            item = await self._find(event.item_id, event.event_id)
             if item is not None:
                 await self._send(ConversationItemRetrievedEvent(item=item))
         elif isinstance(event, ConversationItemTruncateEvent):
@@ -558,14 +558,14 @@ class RealtimeSession:
         await self._send(ConversationItemDoneEvent(previous_item_id=previous, item=item))
 
     async def _delete_item(self, event: ConversationItemDeleteEvent) -> None:
-        if self._find(event.item_id, event.event_id) is None:
+        if await self._find(event.item_id, event.event_id) is None:
             return
         await self._store.delete_item(self.session_id, event.item_id)
         self.items = [i for i in self.items if i.id != event.item_id]
         await self._send(ConversationItemDeletedEvent(item_id=event.item_id))
 
     async def _truncate(self, event: ConversationItemTruncateEvent) -> None:
-        item = self._find(event.item_id, event.event_id)
+        item = await self._find(event.item_id, event.event_id)
         if item is None:
             return
         responder = self._responder
@@ -589,12 +589,13 @@ class RealtimeSession:
             item_id=event.item_id, content_index=event.content_index,
             audio_end_ms=event.audio_end_ms))
 
-    def _find(self, item_id: str, event_id: str | None) -> ConversationItem | None:
+    async def _find(self, item_id: str, event_id: str | None) -> ConversationItem | None:
+        """The item, or None after sending an ``item_not_found`` error."""
         for item in self.items:
             if item.id == item_id:
                 return item
-        asyncio.get_running_loop().create_task(self._error(
-            "item_not_found", f"item {item_id} does not exist", event_id, "item_id"))
+        await self._error("item_not_found", f"item {item_id} does not exist", event_id,
+                          "item_id")
         return None
 
     def _last_item_id(self) -> str | None:
