@@ -9,7 +9,6 @@ streaming a reply to the client in ``responder.py``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
