@@ -1,6 +1,6 @@
 """``cascade demo``: one spoken round trip through the three stages.
 
-Until the Realtime orchestrator exists this is the main job: it starts the three stage
+A stage-level smoke run (the product itself is ``cascade serve``): it starts the three stage
 services as separate processes (or, with ``--in-process``, uses the engines directly),
 speaks a question with TTS, streams that audio into ASR in real-time 20 ms frames (showing
 partial transcripts), streams the LLM's answer phrase by phrase into TTS, and writes the
