@@ -1,0 +1,289 @@
+"""Write a ``cascade bench`` report: report.json, a Markdown summary, PNG plots, and a
+compact rich table for the terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from benchmarks.v2v import plots
+from benchmarks.v2v.records import (
+    LATENCY_METRICS,
+    REPLY_METRICS,
+    GroupSummary,
+    MetricStats,
+    Report,
+)
+from benchmarks.v2v.stats import REALTIME_MAX_GAP_SHARE
+
+REPORT_JSON = "report.json"
+SUMMARY_MD = "summary.md"
+MISSING = "–"  # noqa: RUF001 - an en dash marks a missing number
+TIMES = "×"  # noqa: RUF001 - a multiplication sign after ratios
+
+LABELS: dict[str, str] = {
+    "speech_stopped_ms": "speech_stopped",
+    "final_transcript_ms": "final transcript",
+    "first_text_ms": "first reply text",
+    "first_audio_ms": "voice-to-voice (first audio)",
+    "done_ms": "response.done",
+    "reply_audio_ms": "reply audio",
+    "gap_total_ms": "gap total",
+    "gap_max_ms": "longest gap",
+    "gap_count": "gaps per turn",
+}
+# The rows of the compact terminal table.
+TERMINAL_METRICS: tuple[str, ...] = (
+    "speech_stopped_ms", "final_transcript_ms", "first_text_ms", "first_audio_ms", "done_ms",
+    "gap_total_ms",
+)
+PLOT_TITLES: dict[str, str] = {
+    plots.LATENCY_CDF: "Voice-to-voice latency CDF",
+    plots.CONCURRENCY: "Concurrency sweep",
+    plots.WATERFALL: "Per-turn stage waterfall",
+}
+
+
+# --- formatting --------------------------------------------------------------------------
+
+def fmt_ms(value: float | None) -> str:
+    """Milliseconds with no decimals; ``MISSING`` when missing."""
+    return MISSING if value is None else str(round(value))
+
+
+def fmt_value(metric: str, value: float | None) -> str:
+    if value is None:
+        return MISSING
+    if metric == "gap_count":
+        return f"{value:.1f}".removesuffix(".0")
+    return fmt_ms(value)
+
+
+def fmt_ratio(ratio: dict[str, float] | None) -> str:
+    if not ratio:
+        return MISSING
+    return " / ".join(f"{ratio[q]:.2f}{TIMES}" if q in ratio else MISSING for q in ("p50", "p90"))
+
+
+def _stat(g: GroupSummary, metric: str, q: str) -> float | None:
+    stats: MetricStats | None = g.metrics.get(metric)
+    return None if stats is None else float(getattr(stats, q))
+
+
+def _share(g: GroupSummary) -> str:
+    return MISSING if not g.turns else f"{100 * g.gap_turns / g.turns:.0f} %"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)]
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _ratio_header(report: Report) -> str | None:
+    return "serial / streaming (p50 / p90)" if report.ratio else None
+
+
+def limit_sentence(report: Report, mode: str) -> str:
+    levels = sorted({g.concurrency for g in report.sweep if g.mode == mode})
+    limit = report.realtime_limit.get(mode)
+    if limit is None:
+        first = f" ({plural(levels[0], 'simultaneous session')})" if levels else ""
+        return f"{mode}: not real-time even at the first level{first}."
+    top = " (the highest level tried)" if levels and limit == levels[-1] else ""
+    return (f"{mode}: replies stay real-time up to {plural(limit, 'simultaneous session')}"
+            f"{top}.")
+
+
+# --- Markdown ----------------------------------------------------------------------------
+
+def _machine(report: Report) -> list[str]:
+    m = report.machine
+    return ["## Machine", "",
+            f"- date: {m.date}",
+            f"- CPU: {m.cpu} ({m.cores} cores)",
+            f"- memory: {m.memory_gib:.1f} GiB",
+            f"- platform: {m.platform}, Python {m.python}",
+            f"- commit: {m.commit or MISSING}", ""]
+
+
+def _config(report: Report) -> list[str]:
+    c = report.config
+    server = "`cascade serve` started by the bench" if c.embedded else "external server"
+    sweep = ", ".join(map(str, c.concurrency)) or "none"
+    lines = ["## Configuration", "",
+             f"- target: `{c.target}` ({server})",
+             f"- modes: {', '.join(c.modes) or MISSING}",
+             f"- rounds: {c.rounds} per mode and clip",
+             f"- concurrency sweep: {sweep}"
+             + (f" ({plural(c.sweep_rounds, 'round')} per session)" if c.concurrency else ""),
+             f"- gap threshold: {fmt_ms(c.gap_threshold_ms)} ms",
+             f"- silence before each clip: {fmt_ms(c.lead_ms)} ms (then silence until the "
+             "reply is done, like an open microphone)"]
+    if report.wall_s:
+        lines.append(f"- wall time: {report.wall_s:.0f} s")
+    lines.append("")
+    if c.clips:
+        rows = [(clip.name, clip.text or MISSING, f"{fmt_ms(clip.speech_end_ms)} ms",
+                 f"{fmt_ms(clip.duration_ms)} ms") for clip in c.clips]
+        lines += ["Clips:", "", *_table(("clip", "text", "speech (to last voiced sample)",
+                                         "file length"), rows), ""]
+    return lines
+
+
+def _compare_section(report: Report) -> list[str]:
+    groups = report.compare
+    modes = [g.mode for g in groups]
+    title = "Streaming vs serial" if {"streaming", "serial"} <= set(modes) else "Latency"
+    lines = [f"## {title}", ""]
+    if not groups:
+        return [*lines, "No compare-phase turns were recorded.", ""]
+    lines += ["Milliseconds after end of speech (reply metrics: ms, gaps: count per turn).", ""]
+    ratio_header = _ratio_header(report)
+    header = ["metric"] + [f"{m} {q}" for m in modes for q in ("p50", "p90", "p99")]
+    if ratio_header:
+        header.append(ratio_header)
+    rows: list[list[str]] = []
+    for metric in LATENCY_METRICS + REPLY_METRICS:
+        if not any(metric in g.metrics for g in groups):
+            continue
+        row = [LABELS[metric]] + [fmt_value(metric, _stat(g, metric, q))
+                                  for g in groups for q in ("p50", "p90", "p99")]
+        if ratio_header:
+            row.append(fmt_ratio(report.ratio.get(metric)))
+        rows.append(row)
+    lines += [*_table(header, rows), ""]
+    if len(groups) < 2:
+        lines += ["Only one mode was measured, so there is no comparison.", ""]
+    counts = [(g.mode, str(g.turns), str(g.replied), str(g.errors), str(g.gap_turns))
+              for g in groups]
+    lines += [*_table(("mode", "turns", "replied", "errors", "turns with gaps"), counts), ""]
+    return lines
+
+
+def _sweep_section(report: Report) -> list[str]:
+    if not report.sweep:
+        return []
+    rows = [(g.mode, str(g.concurrency), str(g.turns), str(g.replied),
+             fmt_ms(_stat(g, "first_audio_ms", "p50")), fmt_ms(_stat(g, "first_audio_ms", "p90")),
+             _share(g), fmt_ms(_stat(g, "gap_total_ms", "p90")), "yes" if g.realtime else "no")
+            for g in report.sweep]
+    header = ("mode", "sessions", "turns", "replied", "v2v p50", "v2v p90", "turns with gaps",
+              "gap total p90", "real-time")
+    modes = list(dict.fromkeys(g.mode for g in report.sweep))
+    return ["## Concurrency sweep", "", *_table(header, rows), "",
+            *[f"- {limit_sentence(report, m)}" for m in modes], ""]
+
+
+def _how_to_read() -> list[str]:
+    share = f"{REALTIME_MAX_GAP_SHARE:.0%}".replace("%", " %")
+    return [
+        "## How to read this", "",
+        "- **EoS** (end of speech) is the moment the client sent the 20 ms audio frame that "
+        "holds the clip's last voiced sample. Every latency is measured from it.",
+        "- **voice-to-voice (v2v)** = first reply audio received - EoS.",
+        "- **speech_stopped** delay is the server's endpointing: how long it took to decide "
+        "the user had finished (negative: it cut in before the real end of speech).",
+        "- **gaps**: moments playback would run dry. The simulated client starts playing on "
+        "the first audio chunk and plays in real time; whenever the next chunk is late, the "
+        "listener hears silence.",
+        f"- **real-time**: every turn got a reply and at most {share} of turns had a gap.",
+        "",
+    ]
+
+
+def _plots_section(images: Sequence[str]) -> list[str]:
+    if not images:
+        return []
+    lines = ["## Plots", ""]
+    for name in images:
+        lines += [f"![{PLOT_TITLES.get(name, name)}]({name})", ""]
+    return lines
+
+
+def markdown(report: Report, images: Sequence[str] | None = None) -> str:
+    """The Markdown summary. ``images``: PNG file names to link (default: every plot that
+    ``plots.write_plots`` writes for this report)."""
+    if images is None:
+        images = plots.planned(report)
+    lines = ["# cascade bench: voice-to-voice latency", "",
+             *_machine(report), *_config(report), *_compare_section(report),
+             *_sweep_section(report), *_how_to_read(), *_plots_section(images)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --- terminal ----------------------------------------------------------------------------
+
+def terminal_table(report: Report) -> list[Table]:
+    """A compact latency table per mode (p50/p90, ratio) and, with a sweep, a sweep table."""
+    tables: list[Table] = []
+    groups = report.compare
+    if groups:
+        latency = Table(title="Latency after end of speech (ms)", title_justify="left")
+        latency.add_column("metric")
+        for g in groups:
+            for q in ("p50", "p90"):
+                latency.add_column(escape(f"{g.mode} {q}"), justify="right")
+        if report.ratio:
+            latency.add_column("serial/streaming", justify="right")
+        for metric in TERMINAL_METRICS:
+            if not any(metric in g.metrics for g in groups):
+                continue
+            cells = [fmt_value(metric, _stat(g, metric, q)) for g in groups for q in ("p50", "p90")]
+            if report.ratio:
+                cells.append(fmt_ratio(report.ratio.get(metric)))
+            label = LABELS[metric]
+            if metric == "first_audio_ms":
+                label, cells = f"[bold]{label}[/bold]", [f"[bold]{c}[/bold]" for c in cells]
+            latency.add_row(label, *cells)
+        replied = [f"{g.replied}/{g.turns}" for g in groups]
+        latency.add_row("replied / turns", *[c for r in replied for c in (r, "")],
+                        *([""] if report.ratio else []))
+        tables.append(latency)
+    if report.sweep:
+        sweep = Table(title="Concurrency sweep", title_justify="left")
+        for name in ("mode", "sessions", "replied", "v2v p50", "v2v p90", "gap turns",
+                     "gap p90", "real-time"):
+            sweep.add_column(name, justify="left" if name == "mode" else "right")
+        for g in report.sweep:
+            sweep.add_row(escape(g.mode), str(g.concurrency), f"{g.replied}/{g.turns}",
+                          fmt_ms(_stat(g, "first_audio_ms", "p50")),
+                          fmt_ms(_stat(g, "first_audio_ms", "p90")), _share(g),
+                          fmt_ms(_stat(g, "gap_total_ms", "p90")),
+                          "[green]yes[/green]" if g.realtime else "[red]no[/red]")
+        tables.append(sweep)
+    return tables
+
+
+def print_summary(report: Report, console: Console | None = None) -> None:
+    """Print the terminal tables (the caller prints the real-time limit and file paths)."""
+    console = console or Console()
+    for table in terminal_table(report):
+        console.print(table)
+
+
+# --- files -------------------------------------------------------------------------------
+
+def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
+    """Write report.json, the PNG plots and summary.md into ``out_dir`` (created).
+
+    Returns file name -> path of every file written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / REPORT_JSON
+    json_path.write_text(report.model_dump_json(indent=2), encoding="utf-8")
+    written = {REPORT_JSON: json_path}
+    images = plots.write_plots(report, out_dir)
+    written.update(images)
+    md_path = out_dir / SUMMARY_MD
+    md_path.write_text(markdown(report, list(images)), encoding="utf-8")
+    written[SUMMARY_MD] = md_path
+    return written

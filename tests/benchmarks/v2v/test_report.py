@@ -1,0 +1,143 @@
+"""The Markdown summary, report.json and the terminal table of ``cascade bench``."""
+# ruff: noqa: RUF001  (the report writes en dashes for missing numbers, times signs for ratios)
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from benchmarks.v2v import report as rep
+from benchmarks.v2v.records import (
+    BenchConfig,
+    ClipInfo,
+    MachineInfo,
+    Phase,
+    Report,
+    TurnRecord,
+)
+from benchmarks.v2v.stats import group, ratios, realtime_limit
+
+
+def turn(mode: str, v2v: float | None, *, phase: Phase = "compare", concurrency: int = 1,
+         session: int = 0, rnd: int = 0, clip: str = "lights", gaps: int = 0,
+         error: str | None = None, server: dict[str, float | None] | None = None
+         ) -> TurnRecord:
+    """A turn whose stage marks lead up to ``v2v`` (None: no reply at all)."""
+    return TurnRecord(
+        phase=phase, mode=mode, concurrency=concurrency, session_index=session,
+        round=rnd, clip=clip, started_s=1.0, eos_s=3.0,
+        speech_stopped_ms=250.0, final_transcript_ms=320.0,
+        first_text_ms=None if v2v is None else v2v - 60,
+        first_audio_ms=v2v, done_ms=None if v2v is None else v2v + 900,
+        reply_audio_ms=0.0 if v2v is None else 2000.0, audio_chunks=0 if v2v is None else 10,
+        gap_count=gaps, gap_total_ms=120.0 * gaps, gap_max_ms=120.0 if gaps else 0.0,
+        error=error, server=server)
+
+
+def make_report(*, modes: tuple[str, ...] = ("streaming", "serial"), sweep: bool = True,
+                records: list[TurnRecord] | None = None) -> Report:
+    """Two modes; streaming v2v 400/500/600 ms, serial 1000/1200/1400 ms; a sweep at 1, 2, 4
+    where streaming is real-time up to 2 and serial not even at 1 (one turn errored)."""
+    if records is None:
+        planted = {"streaming": (400.0, 500.0, 600.0), "serial": (1000.0, 1200.0, 1400.0)}
+        records = []
+        for mode in modes:
+            for rnd, v2v in enumerate(planted[mode]):
+                server = {"llm_first_token_ms": v2v - 150, "tts_ms": None} if rnd == 0 else None
+                records.append(turn(mode, v2v, rnd=rnd, server=server,
+                                    gaps=1 if mode == "serial" and rnd == 2 else 0))
+        if sweep:
+            for mode in modes:
+                for n in (1, 2, 4):
+                    for s in range(n):
+                        base = 500.0 if mode == "streaming" else 1200.0
+                        gaps = 1 if n == 4 and s < 3 else 0
+                        failed = mode == "serial" and n == 1
+                        records.append(turn(
+                            mode, None if failed else base + 100 * n + 10 * s, phase="sweep",
+                            concurrency=n, session=s, gaps=gaps,
+                            error="timeout" if failed else None))
+    compare = group(records, "compare")
+    sweep_groups = group(records, "sweep")
+    clips = [ClipInfo(name="lights", text="Turn on the lights.", source="builtin",
+                      duration_ms=2400.0, speech_end_ms=1830.0)]
+    return Report(
+        machine=MachineInfo(date="2025-01-02T03:04:05Z", cpu="Test CPU 9000", cores=16,
+                            memory_gib=62.5, platform="Linux-test", python="3.11.7",
+                            commit="abc1234"),
+        config=BenchConfig(target="ws://127.0.0.1:8000/v1/realtime", embedded=True,
+                           modes=list(modes), rounds=3, clips=clips,
+                           concurrency=[1, 2, 4] if sweep else [], sweep_rounds=1,
+                           gap_threshold_ms=20.0, lead_ms=500.0),
+        records=records, compare=compare, ratio=ratios(compare), sweep=sweep_groups,
+        realtime_limit=realtime_limit(sweep_groups), wall_s=42.0)
+
+
+def test_markdown_tables_hold_the_planted_numbers() -> None:
+    report = make_report()
+    assert report.ratio["first_audio_ms"] == {"p50": 2.4, "p90": 2.34}
+    md = rep.markdown(report)
+    # streaming 400/500/600 -> p50 500, p90 580, p99 598; serial -> 1200, 1360, 1396.
+    assert ("| voice-to-voice (first audio) | 500 | 580 | 598 | 1200 | 1360 | 1396 "
+            "| 2.40× / 2.34× |") in md
+    assert "| speech_stopped | 250 | 250 | 250 | 250 | 250 | 250 | 1.00× / 1.00× |" in md
+    assert "| gaps per turn | 0 | 0 | 0 | 0 | 0.8 | 1 | – |" in md
+    assert "## Streaming vs serial" in md
+    assert "| streaming | 3 | 3 | 0 | 0 |" in md
+    assert "| serial | 3 | 3 | 0 | 1 |" in md
+    assert "Test CPU 9000 (16 cores)" in md and "abc1234" in md
+    assert "| lights | Turn on the lights. | 1830 ms | 2400 ms |" in md
+
+
+def test_markdown_sweep_table_and_realtime_limit() -> None:
+    md = rep.markdown(make_report())
+    assert "## Concurrency sweep" in md
+    assert "| streaming | 2 | 2 | 2 | 705 | 709 | 0 % | 0 | yes |" in md
+    assert "| streaming | 4 | 4 | 4 | 915 | 927 | 75 % | 120 | no |" in md
+    assert "| serial | 1 | 1 | 0 | – | – | 0 % | – | no |" in md
+    assert "streaming: replies stay real-time up to 2 simultaneous sessions." in md
+    assert "serial: not real-time even at the first level (1 simultaneous session)." in md
+    assert "## How to read this" in md and "10 %" in md
+    for png in ("latency_cdf.png", "concurrency.png", "waterfall.png"):
+        assert f"]({png})" in md
+
+
+def test_markdown_without_sweep_or_second_mode() -> None:
+    md = rep.markdown(make_report(modes=("streaming",), sweep=False))
+    assert "Concurrency sweep" not in md
+    assert "concurrency.png" not in md
+    assert "## Latency" in md and "Streaming vs serial" not in md
+    assert "Only one mode was measured" in md
+    assert "| voice-to-voice (first audio) | 500 | 580 | 598 |" in md
+    assert "serial / streaming" not in md
+
+
+def test_markdown_handles_no_replies() -> None:
+    report = make_report(records=[turn("streaming", None, error="refused")])
+    md = rep.markdown(report)
+    assert "| streaming | 1 | 0 | 1 | 0 |" in md
+    assert "latency_cdf.png" not in md and "waterfall.png" in md
+
+
+def test_write_report_round_trips_and_writes_everything(tmp_path: Path) -> None:
+    report = make_report()
+    out = tmp_path / "run" / "nested"
+    written = rep.write_report(report, out)
+    assert set(written) == {"report.json", "summary.md", "latency_cdf.png",
+                            "concurrency.png", "waterfall.png"}
+    for path in written.values():
+        assert path.parent == out and path.stat().st_size > 0
+    assert Report.model_validate_json(written["report.json"].read_text()) == report
+    assert written["summary.md"].read_text() == rep.markdown(report, list(written)[1:-1])
+
+
+def test_terminal_table_renders() -> None:
+    report = make_report()
+    console = Console(record=True, width=120)
+    rep.print_summary(report, console)
+    text = console.export_text()
+    for needle in ("streaming p50", "serial p90", "voice-to-voice (first audio)", "500", "1200",
+                   "2.40× / 2.34×", "Concurrency sweep", "915", "3/3"):
+        assert needle in text, needle
+    assert len(rep.terminal_table(make_report(sweep=False))) == 1
