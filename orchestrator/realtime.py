@@ -9,6 +9,7 @@ streaming a reply to the client in ``responder.py``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -63,7 +64,11 @@ from orchestrator.protocol import (
     new_item_id,
     parse_client_event,
 )
-from orchestrator.protocol.server_events import ServerEventBase, TranscriptionDurationUsage
+from orchestrator.protocol.server_events import (
+    CascadeTurnTimingsEvent,
+    ServerEventBase,
+    TranscriptionDurationUsage,
+)
 from orchestrator.protocol.session import ServerVad, Session, apply_update
 from orchestrator.reply import ReplyRun
 from orchestrator.responder import Responder
@@ -147,6 +152,7 @@ class RealtimeSession:
         self._audio_received_ms = 0.0
         self._closed = False
         self._timing = TurnTiming()
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
         self._lease: LeaseKeeper | None = None
 
@@ -486,9 +492,22 @@ class RealtimeSession:
             self._controller.set_reply_playing(run)
         task = responder.start()
         if timing is not None and timing.eos is not None:
-            task.add_done_callback(lambda _t: self._record_turn(timing, responder))
+            task.add_done_callback(lambda _t: self._turn_done(timing, responder))
 
-    def _record_turn(self, timing: TurnTiming, responder: Responder) -> None:
+    def _turn_done(self, timing: TurnTiming, responder: Responder) -> None:
+        record = self._record_turn(timing, responder)
+        if not self.session.cascade.timings or self._closed:
+            return
+        fields = {k: v for k, v in record.items() if k.endswith("_ms")}
+        event = CascadeTurnTimingsEvent.model_validate(
+            {"response_id": responder.response.id, "pipeline": record["pipeline"],
+             "speculative_hit": record["speculative_hit"], "status": record["status"],
+             **fields})
+        sending = asyncio.get_running_loop().create_task(self._send(event))
+        self._side_tasks.add(sending)
+        sending.add_done_callback(self._side_tasks.discard)
+
+    def _record_turn(self, timing: TurnTiming, responder: Responder) -> dict[str, object]:
         """Per-turn histograms (all from the end of speech) and one structured log line."""
         eos = timing.eos
         assert eos is not None
@@ -513,6 +532,7 @@ class RealtimeSession:
             histogram.labels(pipeline).observe(seconds)
             record[f"{name}_ms"] = round(seconds * 1000.0, 1)
         log.info(json.dumps(record))
+        return record
 
     async def _assistant_item_added(self, item: MessageItem | FunctionCallItem) -> None:
         await self._add_item(item, self._last_item_id())

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from orchestrator.launcher import serve_process
 from stages.common.audio import read_wav, write_wav
+from stages.common.text import wer
 from tests.support.speech import piper_clip
-from tests.support.text import wer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

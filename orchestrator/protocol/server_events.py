@@ -326,6 +326,26 @@ class ErrorEvent(ServerEventBase):
     error: ErrorDetail
 
 
+# --- cascade's extensions (never sent unless the session asks) ---------------------------
+
+
+class CascadeTurnTimingsEvent(ServerEventBase):
+    """The server's own stage timings for one voice turn, ms from the moment the last
+    voiced sample arrived; sent after ``response.done`` to sessions that set
+    ``session.cascade.timings`` (``cascade bench`` does)."""
+
+    type: Literal["cascade.turn.timings"] = "cascade.turn.timings"
+    response_id: str
+    pipeline: str
+    speculative_hit: bool | None = None
+    status: str
+    endpoint_ms: float | None = None
+    first_transcript_delta_ms: float | None = None
+    final_transcript_ms: float | None = None
+    llm_first_token_ms: float | None = None
+    first_audio_ms: float | None = None
+
+
 SERVER_EVENT_TYPES: tuple[type[ServerEventBase], ...] = (
     SessionCreatedEvent,
     SessionUpdatedEvent,

@@ -137,6 +137,8 @@ class CascadeOptions(CompactModel):
     baseline (full transcript, then full reply, then full synthesis)."""
 
     pipeline: Literal["streaming", "serial"] = "streaming"
+    # Send a cascade.turn.timings event (server-side stage timings) after each voice turn.
+    timings: bool = False
     # Server -> client only: present with session_id to reconnect to this conversation
     # (query parameters of /v1/realtime). Ignored when a client sends it.
     resume_token: str | None = None

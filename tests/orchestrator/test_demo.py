@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from stages.common.audio import REALTIME_RATE, read_wav
-from tests.support.text import normalize
+from stages.common.text import normalize
 
 
 def test_demo_round_trip_writes_spoken_reply(tmp_path: Path) -> None:

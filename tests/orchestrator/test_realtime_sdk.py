@@ -18,8 +18,8 @@ from openai import AsyncOpenAI
 
 from orchestrator import audio_codecs
 from orchestrator.launcher import serve_process
+from stages.common.text import wer
 from tests.support.speech import piper_clip
-from tests.support.text import wer
 
 API_KEY = "test-key-123"
 QUESTION = "What is the capital of France?"

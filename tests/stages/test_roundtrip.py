@@ -8,9 +8,9 @@ import pytest
 
 from stages.asr.engine import WhisperAsr
 from stages.common.audio import ASR_RATE
+from stages.common.text import normalize
 from stages.tts.engine import PiperTts
 from stages.tts.settings import TtsSettings
-from tests.support.text import normalize
 
 SENTENCES = (
     "Please turn on the lights in the kitchen.",

@@ -102,4 +102,6 @@ def test_cascade_pipeline_update_and_sdk_acceptance() -> None:
     wire = json.loads(SessionUpdatedEvent(session=s).to_json())
     sdk = SdkSessionUpdated.model_validate(wire)
     assert sdk.session.type == "realtime"
-    assert wire["session"]["cascade"] == {"pipeline": "serial"}
+    assert wire["session"]["cascade"] == {"pipeline": "serial", "timings": False}
+    s = apply_update(s, _update({"type": "realtime", "cascade": {"timings": True}}))
+    assert s.cascade.timings and s.cascade.pipeline == "serial"

@@ -14,9 +14,9 @@ from stages.asr.settings import AsrSettings
 from stages.asr.types import AsrBackend, AsrStream
 from stages.common.audio import AudioFormatError
 from stages.common.metrics import ASR_DECODE_SECONDS
+from stages.common.text import wer
 from tests.stages.asr.helpers import check_stability, silence, stream_clip
 from tests.support.speech import SENTENCES, espeak_clip, piper_clip, with_silence
-from tests.support.text import wer
 
 
 @pytest.fixture(scope="module")

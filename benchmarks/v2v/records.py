@@ -1,0 +1,136 @@
+"""What ``cascade bench`` records and reports: one pydantic model per level of the report.
+
+Every latency is in milliseconds from the ground-truth end of speech (EoS): the moment the
+client sent the 20 ms frame that holds the clip's last voiced sample. ``None`` means the
+event never arrived during the turn.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+# The per-turn latencies, in waterfall order. v2v is ``first_audio_ms``.
+LATENCY_METRICS: tuple[str, ...] = (
+    "speech_stopped_ms",    # input_audio_buffer.speech_stopped (the server's endpoint)
+    "final_transcript_ms",  # conversation.item.input_audio_transcription.completed
+    "first_text_ms",        # first response.output_audio_transcript.delta / output_text.delta
+    "first_audio_ms",       # first response.output_audio.delta: voice-to-voice latency
+    "done_ms",              # response.done
+)
+# Reply-quality metrics (not latencies from EoS).
+REPLY_METRICS: tuple[str, ...] = ("reply_audio_ms", "gap_total_ms", "gap_max_ms", "gap_count")
+SUMMARY_METRICS: tuple[str, ...] = LATENCY_METRICS + REPLY_METRICS
+
+Phase = Literal["compare", "sweep"]
+
+
+class ClipInfo(BaseModel):
+    """One spoken user turn of the corpus (audio is 24 kHz mono pcm16)."""
+
+    name: str
+    text: str | None = None  # what is said, when known (built-in corpus)
+    source: str  # "builtin" or the WAV path
+    duration_ms: float  # whole clip, including leading/trailing silence in the file
+    speech_end_ms: float  # ground truth: last voiced sample, from the clip start
+    # Start of each planted mid-turn pause, ms from the clip start (built-in corpus).
+    pauses_ms: list[float] = Field(default_factory=list)
+
+
+class TurnRecord(BaseModel):
+    """One user turn and the server's reply, as seen by the client."""
+
+    phase: Phase
+    mode: str  # "streaming" | "serial" (cascade's session option) or "default"
+    concurrency: int  # simultaneous sessions at the time (1 in the compare phase)
+    session_index: int  # which of those sessions
+    round: int
+    clip: str
+    started_s: float  # turn start (connection open), seconds from the run start
+    eos_s: float  # ground-truth end of speech, seconds from the run start
+    speech_stopped_ms: float | None = None
+    final_transcript_ms: float | None = None
+    first_text_ms: float | None = None
+    first_audio_ms: float | None = None
+    done_ms: float | None = None
+    reply_audio_ms: float = 0.0  # duration of the reply audio received
+    audio_chunks: int = 0
+    # Playback simulation: the client starts playing the first chunk on arrival and plays
+    # in real time; a gap is a moment the player runs dry before the reply is complete.
+    gap_count: int = 0
+    gap_total_ms: float = 0.0
+    gap_max_ms: float = 0.0
+    early_endpoint: bool = False  # speech_stopped arrived before the ground-truth EoS
+    responses: int = 0  # responses started during the turn (> 1: the turn was split)
+    transcript: str | None = None  # the server's final transcript of the user
+    reply_text: str = ""  # the reply's transcript
+    wer: float | None = None  # word error rate of ``transcript`` vs the clip's text
+    server: dict[str, float | None] | None = None  # optional cascade.turn.timings extras
+    error: str | None = None
+
+    @property
+    def replied(self) -> bool:
+        return self.error is None and self.first_audio_ms is not None and self.audio_chunks > 0
+
+
+class MetricStats(BaseModel):
+    n: int
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    min: float
+    max: float
+
+
+class GroupSummary(BaseModel):
+    """The turns of one mode (compare phase) or one mode at one concurrency (sweep)."""
+
+    mode: str
+    concurrency: int
+    turns: int
+    replied: int  # turns that got reply audio
+    errors: int
+    gap_turns: int  # turns whose reply audio had at least one gap
+    realtime: bool  # every turn replied and at most 10 % of turns had a gap
+    metrics: dict[str, MetricStats]  # keyed by SUMMARY_METRICS names present
+
+
+class MachineInfo(BaseModel):
+    date: str  # ISO 8601, UTC
+    cpu: str
+    cores: int
+    memory_gib: float
+    platform: str
+    python: str
+    commit: str | None = None  # git commit of the benchmark's checkout, when known
+
+
+class BenchConfig(BaseModel):
+    target: str  # the Realtime URL measured
+    embedded: bool  # True: the bench started `cascade serve` itself
+    modes: list[str]
+    rounds: int
+    clips: list[ClipInfo]
+    concurrency: list[int]  # sweep levels (empty: no sweep)
+    sweep_rounds: int
+    gap_threshold_ms: float  # underruns shorter than this are not counted as gaps
+    # Real-time silence streamed before each clip; silence then follows the clip until the
+    # reply is done, like an open microphone.
+    lead_ms: float
+
+
+class Report(BaseModel):
+    version: Literal[1] = 1
+    machine: MachineInfo
+    config: BenchConfig
+    records: list[TurnRecord]
+    compare: list[GroupSummary]  # one per mode
+    # serial / streaming for each latency metric's p50 and p90 (absent without both modes)
+    ratio: dict[str, dict[str, float]] = Field(default_factory=dict)
+    sweep: list[GroupSummary] = Field(default_factory=list)  # one per (mode, concurrency)
+    # Per mode: the largest swept concurrency at which replies stayed real-time (None:
+    # not even the first level was real-time).
+    realtime_limit: dict[str, int | None] = Field(default_factory=dict)
+    wall_s: float = 0.0

@@ -1,0 +1,95 @@
+"""The benchmark's schedule: modes compared turn by turn, then a concurrency sweep.
+
+Compare phase: one session at a time; every round speaks every clip once per mode, the
+mode order alternating between rounds, so machine noise (another process, a thermal
+dip) hits every mode alike. Sweep phase: N simultaneous sessions (each speaking its own
+sequence of clips, starts staggered across the first second) for each level N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from benchmarks.v2v.client import PreparedClip, TurnOptions, run_turn
+from benchmarks.v2v.records import TurnRecord
+
+STAGGER_S = 1.0  # sweep sessions start spread over this window, not in lockstep
+
+Progress = Callable[[TurnRecord], None]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    modes: tuple[str, ...]
+    rounds: int
+    concurrency: tuple[int, ...] = ()  # sweep levels; empty: no sweep
+    sweep_modes: tuple[str, ...] = ()
+    sweep_turns: int = 2  # turns per session at each level
+
+    def total_turns(self, clips: int) -> int:
+        compare = self.rounds * clips * len(self.modes)
+        sweep = sum(self.concurrency) * self.sweep_turns * len(self.sweep_modes)
+        return compare + sweep
+
+
+async def compare(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedule,
+                  t0: float, progress: Progress) -> list[TurnRecord]:
+    records = []
+    for r in range(schedule.rounds):
+        order = schedule.modes if r % 2 == 0 else tuple(reversed(schedule.modes))
+        for clip in clips:
+            for mode in order:
+                rec = await run_turn(opts, clip, mode, phase="compare", round_=r, t0=t0)
+                records.append(rec)
+                progress(rec)
+    return records
+
+
+async def _sweep_session(opts: TurnOptions, clips: Sequence[PreparedClip], mode: str,
+                         level: int, index: int, turns: int, t0: float,
+                         progress: Progress) -> list[TurnRecord]:
+    await asyncio.sleep(STAGGER_S * index / level)
+    out = []
+    for turn in range(turns):
+        clip = clips[(index + turn) % len(clips)]
+        rec = await run_turn(opts, clip, mode, phase="sweep", concurrency=level,
+                             session_index=index, round_=turn, t0=t0)
+        out.append(rec)
+        progress(rec)
+    return out
+
+
+async def sweep(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedule,
+                t0: float, progress: Progress) -> list[TurnRecord]:
+    records: list[TurnRecord] = []
+    for level in schedule.concurrency:
+        for mode in schedule.sweep_modes:
+            sessions = await asyncio.gather(*(
+                _sweep_session(opts, clips, mode, level, i, schedule.sweep_turns, t0, progress)
+                for i in range(level)))
+            records.extend(r for s in sessions for r in s)
+    return records
+
+
+async def run(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedule,
+              progress: Progress) -> list[TurnRecord]:
+    t0 = time.perf_counter()
+    records = await compare(opts, clips, schedule, t0, progress)
+    records += await sweep(opts, clips, schedule, t0, progress)
+    return records
+
+
+def levels_up_to(limit: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to ``limit`` (which is included even if not a power of two)."""
+    if limit < 1:
+        return ()
+    out = []
+    n = 1
+    while n < limit:
+        out.append(n)
+        n *= 2
+    out.append(limit)
+    return tuple(out)

@@ -1,0 +1,93 @@
+"""Percentiles and per-group summaries of turn records."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from benchmarks.v2v.records import (
+    LATENCY_METRICS,
+    SUMMARY_METRICS,
+    GroupSummary,
+    MetricStats,
+    TurnRecord,
+)
+
+# A group is real-time when every turn replied and at most this share of turns stuttered.
+REALTIME_MAX_GAP_SHARE = 0.10
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of already sorted values."""
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    frac = pos - lo
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+
+
+def metric_stats(values: Iterable[float]) -> MetricStats | None:
+    data = sorted(values)
+    if not data:
+        return None
+    return MetricStats(n=len(data), p50=round(percentile(data, 50), 1),
+                       p90=round(percentile(data, 90), 1), p99=round(percentile(data, 99), 1),
+                       mean=round(sum(data) / len(data), 1), min=round(data[0], 1),
+                       max=round(data[-1], 1))
+
+
+def summarize(mode: str, concurrency: int, records: Sequence[TurnRecord]) -> GroupSummary:
+    metrics: dict[str, MetricStats] = {}
+    for name in SUMMARY_METRICS:
+        values = [float(v) for r in records if r.error is None
+                  if (v := getattr(r, name)) is not None]
+        stats = metric_stats(values)
+        if stats is not None:
+            metrics[name] = stats
+    replied = sum(r.replied for r in records)
+    gap_turns = sum(r.gap_count > 0 for r in records)
+    realtime = bool(records) and replied == len(records) and (
+        gap_turns <= REALTIME_MAX_GAP_SHARE * len(records))
+    return GroupSummary(mode=mode, concurrency=concurrency, turns=len(records),
+                        replied=replied, errors=sum(r.error is not None for r in records),
+                        gap_turns=gap_turns, realtime=realtime, metrics=metrics)
+
+
+def group(records: Sequence[TurnRecord], phase: str) -> list[GroupSummary]:
+    """One summary per (mode, concurrency) of ``phase``, modes in first-seen order."""
+    mine = [r for r in records if r.phase == phase]
+    modes = list(dict.fromkeys(r.mode for r in mine))
+    keys = sorted({(r.mode, r.concurrency) for r in mine},
+                  key=lambda k: (modes.index(k[0]), k[1]))
+    return [summarize(mode, n, [r for r in mine if r.mode == mode and r.concurrency == n])
+            for mode, n in keys]
+
+
+def ratios(compare: Sequence[GroupSummary], slow: str = "serial", fast: str = "streaming"
+           ) -> dict[str, dict[str, float]]:
+    """``slow / fast`` for p50 and p90 of each latency metric both modes have."""
+    by_mode = {g.mode: g for g in compare}
+    if slow not in by_mode or fast not in by_mode:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for name in LATENCY_METRICS:
+        a, b = by_mode[slow].metrics.get(name), by_mode[fast].metrics.get(name)
+        if a is None or b is None:
+            continue
+        out[name] = {q: round(getattr(a, q) / getattr(b, q), 2)
+                     for q in ("p50", "p90") if getattr(b, q) > 0}
+    return out
+
+
+def realtime_limit(sweep: Sequence[GroupSummary]) -> dict[str, int | None]:
+    """Per mode: the largest concurrency below which every level stayed real-time."""
+    out: dict[str, int | None] = {}
+    for mode in dict.fromkeys(g.mode for g in sweep):
+        limit: int | None = None
+        for g in sorted((g for g in sweep if g.mode == mode), key=lambda g: g.concurrency):
+            if not g.realtime:
+                break
+            limit = g.concurrency
+        out[mode] = limit
+    return out

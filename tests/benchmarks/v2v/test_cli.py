@@ -1,0 +1,94 @@
+"""`cascade bench` end to end: real processes, real models, real sockets (structure, not
+speed: speed is what the benchmark reports, not what CI asserts)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.v2v.cli import main as bench_main
+from benchmarks.v2v.records import LATENCY_METRICS, Report
+
+pytestmark = pytest.mark.slow
+
+
+def _check_turns(report: Report) -> None:
+    for rec in report.records:
+        assert rec.error is None, rec
+        assert rec.replied and rec.reply_audio_ms > 0 and rec.reply_text, rec
+        assert rec.first_audio_ms is not None and rec.first_audio_ms > 0
+        assert rec.speech_stopped_ms is not None and rec.speech_stopped_ms > 0
+        assert rec.done_ms is not None and rec.done_ms >= rec.first_audio_ms
+        assert rec.transcript and rec.wer is not None and rec.wer <= 0.25, rec.transcript
+
+
+def test_quick_embedded_run_writes_a_complete_report(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "bench", "--quick",
+                           "--clips", "pause", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = Report.model_validate_json((out / "report.json").read_text())
+
+    assert report.config.embedded and report.config.modes == ["streaming", "serial"]
+    assert report.config.concurrency == [1, 2]
+    assert [c.name for c in report.config.clips] == ["pause"]
+    assert report.config.clips[0].pauses_ms  # the built-in corpus's mid-sentence pause
+    phases = [(r.phase, r.mode, r.concurrency) for r in report.records]
+    assert sorted(phases) == sorted([("compare", "streaming", 1), ("compare", "serial", 1),
+                                     ("sweep", "streaming", 1), ("sweep", "streaming", 2),
+                                     ("sweep", "streaming", 2)])
+    _check_turns(report)
+    # cascade's optional extension: the server's own stage timings for each turn.
+    for rec in report.records:
+        assert rec.server is not None and rec.server.get("llm_first_token_ms") is not None
+        # The 400 ms mid-sentence pause must not end the turn (server VAD waits 500 ms).
+        assert not rec.early_endpoint and rec.responses == 1
+
+    assert [g.mode for g in report.compare] == ["streaming", "serial"]
+    for group in report.compare:
+        assert group.turns == group.replied == 1
+        assert set(LATENCY_METRICS) <= set(group.metrics)
+    assert "first_audio_ms" in report.ratio
+    assert [(g.mode, g.concurrency, g.turns) for g in report.sweep] == [
+        ("streaming", 1, 1), ("streaming", 2, 2)]
+    assert set(report.realtime_limit) == {"streaming"}
+    assert report.machine.cores >= 1 and report.machine.cpu
+
+    summary = (out / "summary.md").read_text()
+    assert "streaming" in summary and "serial" in summary
+    for png in ("latency_cdf.png", "concurrency.png", "waterfall.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), png
+    assert "report:" in proc.stdout
+
+
+def test_any_realtime_url_with_standard_events_only(tmp_path: Path) -> None:
+    """Against a server the bench did not start, sending no cascade extras: the numbers
+    come from standard Realtime events alone."""
+    from orchestrator.launcher import serve_process
+
+    os.environ.setdefault("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with serve_process("--api-key", "sk-url-test") as base:
+        url = base.replace("http://", "ws://") + "/v1/realtime"
+        code = bench_main(["--url", url, "--api-key", "sk-url-test", "--modes", "default",
+                           "--clips", "command", "--rounds", "1", "--max-concurrency", "0",
+                           "--out", str(tmp_path / "r")])
+        assert code == 0
+        bad_key = bench_main(["--url", url, "--api-key", "wrong", "--modes", "default",
+                              "--clips", "command", "--rounds", "1",
+                              "--max-concurrency", "0", "--out", str(tmp_path / "bad")])
+    report = Report.model_validate_json((tmp_path / "r" / "report.json").read_text())
+    assert not report.config.embedded and report.config.target == url
+    assert len(report.records) == 1 and report.sweep == []
+    _check_turns(report)
+    assert report.records[0].server is None  # not asked for
+    # A refused connection is a failed turn with a reason, not a crash.
+    assert bad_key == 2
+    refused = Report.model_validate_json((tmp_path / "bad" / "report.json").read_text())
+    assert refused.records[0].error and "403" in refused.records[0].error
