@@ -52,7 +52,9 @@ def _schedule(args: argparse.Namespace) -> Schedule:
     sweep_modes = tuple(_csv(args.sweep_modes)) if args.sweep_modes else modes[:1]
     if args.rounds < 1 or args.sweep_turns < 1:
         raise SystemExit("cascade bench: --rounds and --sweep-turns must be >= 1")
-    return Schedule(modes=modes, rounds=args.rounds, concurrency=levels,
+    if args.warmup < 0:
+        raise SystemExit("cascade bench: --warmup must be >= 0")
+    return Schedule(modes=modes, rounds=args.rounds, concurrency=levels, warmup=args.warmup,
                     sweep_modes=sweep_modes if levels else (), sweep_turns=args.sweep_turns)
 
 
@@ -79,6 +81,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
+    if not console.is_terminal:  # a log file or CI: do not squeeze tables into 80 columns
+        console = Console(width=120)
     if args.quick:
         args.clips, args.rounds, args.sweep_turns = args.clips or "question", 1, 1
         args.concurrency = args.concurrency or "1,2"
@@ -96,6 +100,7 @@ def run_bench(args: argparse.Namespace) -> int:
     with _target(args.url, api_key, args.serve_arg) as url:
         opts = TurnOptions(url=url, headers={"Authorization": f"Bearer {api_key}"},
                            instructions=args.instructions,
+                           max_output_tokens=args.max_output_tokens or None,
                            transcription_model=args.transcription_model or None,
                            gap_threshold_s=args.gap_threshold_ms / 1000,
                            reply_timeout_s=args.reply_timeout)
@@ -104,7 +109,8 @@ def run_bench(args: argparse.Namespace) -> int:
                       f"{list(schedule.concurrency) or 'off'}")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task("starting", total=schedule.total_turns(len(clips)))
+            task = bar.add_task("warm-up turn" if schedule.warmup else "starting",
+                                total=schedule.total_turns(len(clips)))
 
             def advance(rec: TurnRecord) -> None:
                 bar.update(task, advance=1, description=_progress_label(rec))
@@ -114,6 +120,8 @@ def run_bench(args: argparse.Namespace) -> int:
                           wall_s=time.perf_counter() - started)
     files = report_mod.write_report(report, out)
     report_mod.print_summary(report, console)
+    for mode in report.realtime_limit:
+        console.print(report_mod.limit_sentence(report, mode))
     console.print(f"report: {out}/ ({', '.join(sorted(p.name for p in files.values()))})")
     failed = [r for r in records if r.phase == "compare" and not r.replied]
     if failed:
@@ -128,7 +136,9 @@ def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedul
     config = BenchConfig(target=target, embedded=not args.url, modes=list(schedule.modes),
                          rounds=schedule.rounds, clips=[c.info for c in clips],
                          concurrency=list(schedule.concurrency),
-                         sweep_rounds=schedule.sweep_turns,
+                         sweep_rounds=schedule.sweep_turns, warmup=schedule.warmup,
+                         max_output_tokens=args.max_output_tokens or None,
+                         instructions=args.instructions,
                          gap_threshold_ms=args.gap_threshold_ms, lead_ms=LEAD_S * 1000)
     compare = stats.group(records, "compare")
     sweep = stats.group(records, "sweep")

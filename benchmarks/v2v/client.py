@@ -21,7 +21,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks.v2v.corpus import RATE, Clip
-from benchmarks.v2v.options import DEFAULT_INSTRUCTIONS
+from benchmarks.v2v.options import DEFAULT_INSTRUCTIONS, DEFAULT_MAX_OUTPUT_TOKENS
 from benchmarks.v2v.playback import PlaybackGaps
 from benchmarks.v2v.records import Phase, TurnRecord
 from stages.common.text import wer
@@ -41,6 +41,7 @@ class TurnOptions:
     url: str
     headers: dict[str, str]
     instructions: str = DEFAULT_INSTRUCTIONS
+    max_output_tokens: int | None = DEFAULT_MAX_OUTPUT_TOKENS
     transcription_model: str | None = "whisper-1"
     cascade_extras: bool = True
     gap_threshold_s: float = 0.02
@@ -107,6 +108,8 @@ def _session_update(mode: str, opts: TurnOptions) -> str:
         "output_modalities": ["audio"],
         "audio": {"input": audio_in, "output": {"format": {"type": "audio/pcm", "rate": RATE}}},
     }
+    if opts.max_output_tokens:
+        session["max_output_tokens"] = opts.max_output_tokens
     if opts.cascade_extras and mode in CASCADE_MODES:
         session["cascade"] = {"pipeline": mode, "timings": True}
     return json.dumps({"type": "session.update", "session": session})

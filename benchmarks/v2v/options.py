@@ -18,6 +18,9 @@ Writes report.json (every turn), summary.md and PNG plots to --out and prints a 
 
 BUILTIN_CLIPS = "question,command,long,pause"  # corpus.BUILTIN names
 DEFAULT_INSTRUCTIONS = "You are a helpful voice assistant. Answer in one or two sentences."
+# Spoken replies are short; a cap also keeps a small model from rambling for 30 s, which
+# would make the run long without telling more about latency.
+DEFAULT_MAX_OUTPUT_TOKENS = 60
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reply-timeout", type=float, default=60.0,
                    help="seconds after the end of speech to wait for a reply")
     p.add_argument("--instructions", default=DEFAULT_INSTRUCTIONS)
+    p.add_argument("--max-output-tokens", type=int, default=DEFAULT_MAX_OUTPUT_TOKENS,
+                   help="reply length cap sent in session.update (default: %(default)s; "
+                   "0: no cap)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed turns before measuring (loads caches; default: %(default)s)")
     p.add_argument("--transcription-model", default="whisper-1",
                    help="asked for in session.update so transcripts are sent "
                    "('' to not ask)")

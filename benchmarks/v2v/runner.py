@@ -28,6 +28,7 @@ class Schedule:
     concurrency: tuple[int, ...] = ()  # sweep levels; empty: no sweep
     sweep_modes: tuple[str, ...] = ()
     sweep_turns: int = 2  # turns per session at each level
+    warmup: int = 1  # untimed turns first (model caches, allocator, JIT-ish first calls)
 
     def total_turns(self, clips: int) -> int:
         compare = self.rounds * clips * len(self.modes)
@@ -77,6 +78,9 @@ async def sweep(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Sche
 async def run(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedule,
               progress: Progress) -> list[TurnRecord]:
     t0 = time.perf_counter()
+    for i in range(schedule.warmup):
+        await run_turn(opts, clips[i % len(clips)], schedule.modes[i % len(schedule.modes)],
+                       phase="compare", t0=t0)
     records = await compare(opts, clips, schedule, t0, progress)
     records += await sweep(opts, clips, schedule, t0, progress)
     return records
