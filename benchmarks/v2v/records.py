@@ -94,6 +94,8 @@ class GroupSummary(BaseModel):
     errors: int
     gap_turns: int  # turns whose reply audio had at least one gap
     realtime: bool  # every turn replied and at most 10 % of turns had a gap
+    early_endpoints: int = 0  # turns the server ended before the user did (e.g. in a pause)
+    wer_mean: float | None = None  # mean word error rate of the server's transcripts
     metrics: dict[str, MetricStats]  # keyed by SUMMARY_METRICS names present
 
 

@@ -18,7 +18,7 @@ from benchmarks.v2v.records import (
     MetricStats,
     Report,
 )
-from benchmarks.v2v.stats import REALTIME_MAX_GAP_SHARE
+from benchmarks.v2v.stats import REALTIME_MAX_GAP_SHARE, metric_stats
 
 REPORT_JSON = "report.json"
 SUMMARY_MD = "summary.md"
@@ -164,10 +164,33 @@ def _compare_section(report: Report) -> list[str]:
     lines += [*_table(header, rows), ""]
     if len(groups) < 2:
         lines += ["Only one mode was measured, so there is no comparison.", ""]
-    counts = [(g.mode, str(g.turns), str(g.replied), str(g.errors), str(g.gap_turns))
+    counts = [(g.mode, str(g.turns), str(g.replied), str(g.errors), str(g.gap_turns),
+               str(g.early_endpoints),
+               MISSING if g.wer_mean is None else f"{100 * g.wer_mean:.1f} %")
               for g in groups]
-    lines += [*_table(("mode", "turns", "replied", "errors", "turns with gaps"), counts), ""]
-    return lines
+    lines += [*_table(("mode", "turns", "replied", "errors", "turns with gaps",
+                       "ended early", "transcript WER"), counts), ""]
+    return [*lines, *_per_clip(report)]
+
+
+def _per_clip(report: Report) -> list[str]:
+    """v2v and reply end per clip and mode: short questions and long turns differ."""
+    recs = [r for r in report.records if r.phase == "compare" and r.replied]
+    clips = list(dict.fromkeys(r.clip for r in recs))
+    modes = [g.mode for g in report.compare]
+    if len(clips) < 2:
+        return []
+    rows = []
+    for clip in clips:
+        row = [clip]
+        for mode in modes:
+            mine = [r for r in recs if r.clip == clip and r.mode == mode]
+            v2v = metric_stats(r.first_audio_ms for r in mine if r.first_audio_ms is not None)
+            done = metric_stats(r.done_ms for r in mine if r.done_ms is not None)
+            row += [fmt_ms(v2v.p50 if v2v else None), fmt_ms(done.p50 if done else None)]
+        rows.append(row)
+    header = ["clip"] + [f"{m} {what} p50" for m in modes for what in ("v2v", "done")]
+    return ["Per clip:", "", *_table(header, rows), ""]
 
 
 def _sweep_section(report: Report) -> list[str]:

@@ -49,9 +49,12 @@ def summarize(mode: str, concurrency: int, records: Sequence[TurnRecord]) -> Gro
     gap_turns = sum(r.gap_count > 0 for r in records)
     realtime = bool(records) and replied == len(records) and (
         gap_turns <= REALTIME_MAX_GAP_SHARE * len(records))
+    wers = [r.wer for r in records if r.wer is not None]
     return GroupSummary(mode=mode, concurrency=concurrency, turns=len(records),
                         replied=replied, errors=sum(r.error is not None for r in records),
-                        gap_turns=gap_turns, realtime=realtime, metrics=metrics)
+                        gap_turns=gap_turns, realtime=realtime, metrics=metrics,
+                        early_endpoints=sum(r.early_endpoint for r in records),
+                        wer_mean=round(sum(wers) / len(wers), 3) if wers else None)
 
 
 def group(records: Sequence[TurnRecord], phase: str) -> list[GroupSummary]:

@@ -141,3 +141,17 @@ def test_terminal_table_renders() -> None:
                    "2.40× / 2.34×", "Concurrency sweep", "915", "3/3"):
         assert needle in text, needle
     assert len(rep.terminal_table(make_report(sweep=False))) == 1
+
+
+def test_per_clip_table_early_endpoints_and_transcript_wer() -> None:
+    records = [turn("streaming", 500.0, clip="lights"), turn("serial", 1500.0, clip="lights"),
+               turn("streaming", 700.0, clip="long"), turn("serial", 2500.0, clip="long")]
+    records[0].wer, records[2].wer = 0.0, 0.5
+    records[3].early_endpoint = True
+    md = rep.markdown(make_report(records=records, sweep=False))
+    assert "| streaming | 2 | 2 | 0 | 0 | 0 | 25.0 % |" in md
+    assert "| serial | 2 | 2 | 0 | 0 | 1 | – |" in md
+    assert "| clip | streaming v2v p50 | streaming done p50 | serial v2v p50 | serial done p50 |" in md
+    assert "| long | 700 | 1600 | 2500 | 3400 |" in md
+    # One clip: no per-clip table.
+    assert "Per clip" not in rep.markdown(make_report(sweep=False))
