@@ -107,13 +107,19 @@ def run_bench(args: argparse.Namespace) -> int:
         console.print(f"cascade bench: {url} · modes {', '.join(schedule.modes)} · "
                       f"{len(clips)} clip(s) x {schedule.rounds} round(s) · sweep "
                       f"{list(schedule.concurrency) or 'off'}")
+        total = schedule.total_turns(len(clips))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task("warm-up turn" if schedule.warmup else "starting",
-                                total=schedule.total_turns(len(clips)))
+                      TimeElapsedColumn(), console=console,
+                      disable=not console.is_terminal) as bar:
+            task = bar.add_task("warm-up turn" if schedule.warmup else "starting", total=total)
+            done = 0
 
             def advance(rec: TurnRecord) -> None:
+                nonlocal done
+                done += 1
                 bar.update(task, advance=1, description=_progress_label(rec))
+                if not console.is_terminal:  # a log: one line per turn instead of a bar
+                    console.print(f"[{done}/{total}] {_progress_label(rec)}")
 
             records = asyncio.run(run(opts, prepared, schedule, advance))
     report = build_report(records, clips, schedule, args, target=url,
