@@ -151,10 +151,18 @@ def _on_event(event: dict[str, Any], now: float, marks: _Marks) -> None:
 
 
 async def _read(ws: ClientConnection, marks: _Marks) -> None:
-    async for raw in ws:
-        if isinstance(raw, bytes):
-            continue
-        _on_event(json.loads(raw), time.perf_counter(), marks)
+    try:
+        async for raw in ws:
+            if isinstance(raw, bytes):
+                continue
+            _on_event(json.loads(raw), time.perf_counter(), marks)
+    except Exception as exc:  # a dropped connection or an event we cannot read
+        marks.error = marks.error or f"{type(exc).__name__}: {exc}"
+        marks.finished.set()
+    else:
+        if marks.answer is None:
+            marks.error = marks.error or "the server closed the connection"
+        marks.finished.set()
 
 
 async def _wait_for(ws: ClientConnection, kind: str, timeout_s: float) -> dict[str, Any]:
@@ -186,7 +194,8 @@ async def run_turn(opts: TurnOptions, clip: PreparedClip, mode: str, *, phase: P
             await _wait_for(ws, "session.updated", 30)
             reader = asyncio.create_task(_read(ws, marks))
             try:
-                await _stream(ws, clip, marks, opts)
+                await _stream(ws, clip, marks, opts,
+                              timings=opts.cascade_extras and mode in CASCADE_MODES)
             finally:
                 reader.cancel()
     except (OSError, RuntimeError, TimeoutError) as exc:
@@ -197,7 +206,7 @@ async def run_turn(opts: TurnOptions, clip: PreparedClip, mode: str, *, phase: P
 
 
 async def _stream(ws: ClientConnection, clip: PreparedClip, marks: _Marks,
-                  opts: TurnOptions) -> None:
+                  opts: TurnOptions, *, timings: bool) -> None:
     """Send frames at real time (clip, then silence) until the reply is done."""
     start = time.perf_counter()
     deadline: float | None = None
@@ -219,7 +228,7 @@ async def _stream(ws: ClientConnection, clip: PreparedClip, marks: _Marks,
             marks.error = marks.error or f"no reply within {opts.reply_timeout_s:.0f} s"
             break
         k += 1
-    if marks.answer is not None and opts.cascade_extras and marks.server is None:
+    if marks.answer is not None and timings and marks.server is None:
         # cascade sends its stage timings right after response.done; others never do.
         await _grace(marks, 1.0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
@@ -158,3 +159,50 @@ def test_session_update_is_standard_with_optional_cascade_extras(mode: str,
     assert ("cascade" in session) is extras
     if extras:
         assert session["cascade"] == {"pipeline": mode, "timings": True}
+
+
+async def _scripted_server(after_update: list[str] | None, *, close: bool = False
+                           ) -> tuple[Any, str]:
+    """A loopback WebSocket peer that plays a scripted misbehaving server."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "session.created", "session": {}}))
+        await ws.recv()  # session.update
+        await ws.send(json.dumps({"type": "session.updated", "session": {}}))
+        for _ in range(10):  # some audio first
+            await ws.recv()
+        for text in after_update or []:
+            await ws.send(text)
+        if close:
+            await ws.close()
+            return
+        async for _ in ws:  # keep reading audio, never reply
+            pass
+
+    server = await serve(handler, "127.0.0.1", 0)
+    port = next(iter(server.sockets)).getsockname()[1]
+    return server, f"ws://127.0.0.1:{port}/v1/realtime"
+
+
+@pytest.mark.parametrize("script,close,expect", [
+    (["{not json"], False, "JSONDecodeError"),
+    ([json.dumps({"type": "response.created"})], False, "KeyError"),
+    ([], True, "closed"),
+])
+async def test_a_misbehaving_server_fails_the_turn_promptly(script: list[str], close: bool,
+                                                           expect: str) -> None:
+    from benchmarks.v2v.client import run_turn
+
+    server, url = await _scripted_server(script, close=close)
+    try:
+        opts = TurnOptions(url=url, headers={}, reply_timeout_s=30.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        rec = await run_turn(opts, _clip(), "default", phase="compare")
+        assert loop.time() - started < 5.0  # not the 30 s reply timeout
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert rec.error is not None and expect in rec.error, rec.error
+    assert not rec.replied
