@@ -278,6 +278,8 @@ def _finish(record: TurnRecord, marks: _Marks, clip: PreparedClip, opts: TurnOpt
     record.gap_count = len(player.gaps)
     record.gap_total_ms = round(player.total_s * 1000, 1)
     record.gap_max_ms = round(player.max_s * 1000, 1)
+    record.gaps = [(round((at - eos) * 1000, 1), round(length * 1000, 1))
+                   for at, length in zip(player.gap_starts, player.gaps, strict=True)]
     if marks.server is not None:
         record.server = marks.server
     if record.error is None and answer.first_audio is None:

@@ -20,6 +20,7 @@ class PlaybackGaps:
     audio_s: float = 0.0
     chunks: int = 0
     gaps: list[float] = field(default_factory=list)
+    gap_starts: list[float] = field(default_factory=list)  # when each gap began
 
     def add(self, arrival: float, duration: float) -> None:
         self.chunks += 1
@@ -31,6 +32,7 @@ class PlaybackGaps:
         if dry > 0:
             if dry >= self.threshold_s:
                 self.gaps.append(dry)
+                self.gap_starts.append(self.played_until)
             self.played_until = arrival + duration
         else:
             self.played_until += duration

@@ -33,7 +33,9 @@ STAGES: tuple[tuple[str, str], ...] = (
 )
 STAGE_COLORS = ("#9ecae1", "#4292c6", "#fdae6b", "#e6550d")
 PLAYING_COLOR = "#74c476"
-PLAYING_LABEL = "reply audio playing (incl. gaps)"
+PLAYING_LABEL = "reply audio playing"
+GAP_COLOR = "#d62728"
+GAP_LABEL = "gap: playback ran dry"
 SERVER_MARKERS = ("v", "^", "D", "s", "P", "X", "*")
 DPI = 110
 
@@ -194,6 +196,8 @@ def _draw_turn(ax: Axes, y: int, r: TurnRecord, server_marker: Callable[[str], s
     if r.first_audio_ms is not None and r.reply_audio_ms > 0:
         ax.barh(y, r.reply_audio_ms + r.gap_total_ms, left=r.first_audio_ms, height=0.6,
                 color=PLAYING_COLOR)
+        for at, length in r.gaps:
+            ax.barh(y, length, left=at, height=0.6, color=GAP_COLOR)
     for key, value in (r.server or {}).items():
         if value is not None:
             ax.plot([value], [y], linestyle="none", marker=server_marker(key), color="black",
@@ -224,6 +228,8 @@ def waterfall(report: Report) -> Figure | None:
     handles: list[Patch | Line2D] = [Patch(color=c, label=label) for (label, _), c
                                      in zip(STAGES, STAGE_COLORS, strict=True)]
     handles.append(Patch(color=PLAYING_COLOR, label=PLAYING_LABEL))
+    if any(r.gaps for r in rows):
+        handles.append(Patch(color=GAP_COLOR, label=GAP_LABEL))
     handles += [Line2D([], [], linestyle="none", marker=server_marker(k), color="black",
                        label=f"server: {k}") for k in server_keys]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")

@@ -61,6 +61,7 @@ class TurnRecord(BaseModel):
     gap_count: int = 0
     gap_total_ms: float = 0.0
     gap_max_ms: float = 0.0
+    gaps: list[tuple[float, float]] = Field(default_factory=list)  # (start from EoS, length)
     early_endpoint: bool = False  # speech_stopped arrived before the ground-truth EoS
     responses: int = 0  # responses started during the turn (> 1: the turn was split)
     transcript: str | None = None  # the server's final transcript of the user

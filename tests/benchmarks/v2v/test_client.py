@@ -78,6 +78,7 @@ def test_a_clean_turn_is_timed_from_the_end_of_speech() -> None:
     assert rec.eos_s == 1.0
     assert rec.reply_audio_ms == 1200.0 and rec.audio_chunks == 3
     assert (rec.gap_count, rec.gap_total_ms, rec.gap_max_ms) == (1, 300.0, 300.0)
+    assert rec.gaps == [(2000.0, 300.0)]  # the player ran dry at 12.0 s, EoS was 10.0 s
     assert rec.transcript == "What is the capital of France?" and rec.wer == 0.0
     assert rec.reply_text == "Paris"
     assert rec.server == {"endpoint_ms": 520.0, "llm_first_token_ms": 250.5}

@@ -21,7 +21,7 @@ def test_a_late_chunk_is_a_gap_of_exactly_the_dry_time() -> None:
     p.add(0.1, 0.2)   # queued: plays until 0.4
     p.add(0.7, 0.2)   # the player ran dry at 0.4: 300 ms of silence
     p.add(0.75, 0.1)  # queued again
-    assert p.gaps == [pytest.approx(0.3)]
+    assert p.gaps == [pytest.approx(0.3)] and p.gap_starts == [pytest.approx(0.4)]
     assert p.total_s == pytest.approx(0.3) and p.max_s == pytest.approx(0.3)
     assert p.played_until == pytest.approx(1.0)
 

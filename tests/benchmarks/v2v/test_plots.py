@@ -72,3 +72,17 @@ def test_plots_from_threads(tmp_path: Path) -> None:
         assert len(written) == 3
         for path in written.values():
             assert_png(path)
+
+
+def test_waterfall_shows_where_playback_ran_dry() -> None:
+    smooth, stutter = turn("streaming", 500.0), turn("streaming", 600.0, rnd=1, gaps=1)
+    stutter.gaps = [(1500.0, 120.0)]
+    fig = plots.waterfall(make_report(records=[smooth, stutter], sweep=False))
+    assert fig is not None
+    ax = fig.axes[0]
+    red = [p for p in ax.patches
+           if tuple(round(c, 3) for c in p.get_facecolor()[:3]) == tuple(
+               round(int(plots.GAP_COLOR[i:i + 2], 16) / 255, 3) for i in (1, 3, 5))]
+    assert [(p.get_x(), p.get_width()) for p in red] == [(1500.0, 120.0)]  # type: ignore[attr-defined]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert plots.GAP_LABEL in legend
