@@ -98,7 +98,10 @@ def run_bench(args: argparse.Namespace) -> int:
         "%Y%m%d-%H%M%S")
     started = time.perf_counter()
     with _target(args.url, api_key, args.serve_arg) as url:
-        opts = TurnOptions(url=url, headers={"Authorization": f"Bearer {api_key}"},
+        headers = {"Authorization": f"Bearer {api_key}"}
+        if args.dialect == "beta":
+            headers["OpenAI-Beta"] = "realtime=v1"
+        opts = TurnOptions(url=url, headers=headers, dialect=args.dialect,
                            instructions=args.instructions,
                            max_output_tokens=args.max_output_tokens or None,
                            transcription_model=args.transcription_model or None,
@@ -144,7 +147,7 @@ def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedul
                          concurrency=list(schedule.concurrency),
                          sweep_rounds=schedule.sweep_turns, warmup=schedule.warmup,
                          max_output_tokens=args.max_output_tokens or None,
-                         instructions=args.instructions,
+                         instructions=args.instructions, dialect=args.dialect,
                          gap_threshold_ms=args.gap_threshold_ms, lead_ms=LEAD_S * 1000)
     compare = stats.group(records, "compare")
     sweep = stats.group(records, "sweep")

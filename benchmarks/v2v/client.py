@@ -15,7 +15,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -45,6 +45,7 @@ class TurnOptions:
     transcription_model: str | None = "whisper-1"
     cascade_extras: bool = True
     gap_threshold_s: float = 0.02
+    dialect: Literal["ga", "beta"] = "ga"  # beta: OpenAI-Beta: realtime=v1 servers
     reply_timeout_s: float = 60.0
 
 
@@ -99,6 +100,8 @@ class PreparedClip:
 
 
 def _session_update(mode: str, opts: TurnOptions) -> str:
+    if opts.dialect == "beta":
+        return _beta_session_update(mode, opts)
     audio_in: dict[str, Any] = {"format": {"type": "audio/pcm", "rate": RATE},
                                 "turn_detection": {"type": "server_vad"}}
     if opts.transcription_model:
@@ -110,6 +113,22 @@ def _session_update(mode: str, opts: TurnOptions) -> str:
     }
     if opts.max_output_tokens:
         session["max_output_tokens"] = opts.max_output_tokens
+    if opts.cascade_extras and mode in CASCADE_MODES:
+        session["cascade"] = {"pipeline": mode, "timings": True}
+    return json.dumps({"type": "session.update", "session": session})
+
+
+def _beta_session_update(mode: str, opts: TurnOptions) -> str:
+    """The same session in the beta dialect (flat fields; pcm16 is 24 kHz there)."""
+    session: dict[str, Any] = {
+        "modalities": ["audio", "text"], "instructions": opts.instructions,
+        "input_audio_format": "pcm16", "output_audio_format": "pcm16",
+        "turn_detection": {"type": "server_vad"},
+    }
+    if opts.transcription_model:
+        session["input_audio_transcription"] = {"model": opts.transcription_model}
+    if opts.max_output_tokens:
+        session["max_response_output_tokens"] = opts.max_output_tokens
     if opts.cascade_extras and mode in CASCADE_MODES:
         session["cascade"] = {"pipeline": mode, "timings": True}
     return json.dumps({"type": "session.update", "session": session})

@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="playback underruns shorter than this are not gaps")
     p.add_argument("--reply-timeout", type=float, default=60.0,
                    help="seconds after the end of speech to wait for a reply")
+    p.add_argument("--dialect", choices=("ga", "beta"), default="ga",
+                   help="Realtime API dialect: ga (default) or beta (sends "
+                   "OpenAI-Beta: realtime=v1 and beta session fields)")
     p.add_argument("--instructions", default=DEFAULT_INSTRUCTIONS)
     p.add_argument("--max-output-tokens", type=int, default=DEFAULT_MAX_OUTPUT_TOKENS,
                    help="reply length cap sent in session.update (default: %(default)s; "

@@ -121,6 +121,7 @@ class BenchConfig(BaseModel):
     warmup: int = 0  # untimed turns before the compare phase
     max_output_tokens: int | None = None  # reply cap sent in session.update
     instructions: str = ""
+    dialect: str = "ga"
     gap_threshold_ms: float  # underruns shorter than this are not counted as gaps
     # Real-time silence streamed before each clip; silence then follows the clip until the
     # reply is done, like an open microphone.

@@ -68,23 +68,32 @@ def test_quick_embedded_run_writes_a_complete_report(tmp_path: Path) -> None:
     assert "report:" in proc.stdout
 
 
-def test_any_realtime_url_with_standard_events_only(tmp_path: Path) -> None:
-    """Against a server the bench did not start, sending no cascade extras: the numbers
-    come from standard Realtime events alone."""
+def test_any_realtime_url_beta_dialect_and_user_wavs(tmp_path: Path) -> None:
+    """A server the bench did not start, the beta dialect, no cascade extras, and the
+    user's own recording (16 kHz WAV + transcript): numbers from standard events alone."""
+    from benchmarks.v2v.corpus import builtin_corpus
     from orchestrator.launcher import serve_process
+    from stages.common.audio import float_to_pcm16, resample, wav_bytes
 
-    os.environ.setdefault("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    clip = builtin_corpus(["command"], cache=tmp_path / "cache")[0]
+    wav = tmp_path / "my-turn.wav"
+    wav.write_bytes(wav_bytes(float_to_pcm16(resample(clip.pcm, 24_000, 16_000)), 16_000))
+    wav.with_suffix(".txt").write_text(clip.info.text or "")
+    common = ["--modes", "default", "--dialect", "beta", "--wav", str(wav), "--rounds", "1",
+              "--max-concurrency", "0", "--warmup", "0"]
     with serve_process("--api-key", "sk-url-test") as base:
         url = base.replace("http://", "ws://") + "/v1/realtime"
-        code = bench_main(["--url", url, "--api-key", "sk-url-test", "--modes", "default",
-                           "--clips", "command", "--rounds", "1", "--max-concurrency", "0",
+        code = bench_main(["--url", url, "--api-key", "sk-url-test", *common,
                            "--out", str(tmp_path / "r")])
-        assert code == 0
-        bad_key = bench_main(["--url", url, "--api-key", "wrong", "--modes", "default",
-                              "--clips", "command", "--rounds", "1",
-                              "--max-concurrency", "0", "--out", str(tmp_path / "bad")])
+        bad_key = bench_main(["--url", url, "--api-key", "wrong", *common,
+                              "--out", str(tmp_path / "bad")])
+    assert code == 0
     report = Report.model_validate_json((tmp_path / "r" / "report.json").read_text())
     assert not report.config.embedded and report.config.target == url
+    assert report.config.dialect == "beta"
+    assert [c.name for c in report.config.clips] == ["my-turn"]
+    assert report.config.clips[0].speech_end_ms == pytest.approx(clip.info.speech_end_ms,
+                                                                 abs=30)
     assert len(report.records) == 1 and report.sweep == []
     _check_turns(report)
     assert report.records[0].server is None  # not asked for

@@ -162,6 +162,21 @@ def test_session_update_is_standard_with_optional_cascade_extras(mode: str,
         assert session["cascade"] == {"pipeline": mode, "timings": True}
 
 
+@pytest.mark.parametrize("mode", ["streaming", "default"])
+def test_beta_dialect_session_update(mode: str) -> None:
+    from dataclasses import replace
+
+    from openai.types.beta.realtime import SessionUpdateEvent as BetaSessionUpdate
+
+    wire = json.loads(_session_update(mode, replace(OPTS, dialect="beta")))
+    BetaSessionUpdate.model_validate(wire)
+    session = wire["session"]
+    assert session["input_audio_format"] == session["output_audio_format"] == "pcm16"
+    assert session["turn_detection"] == {"type": "server_vad"}
+    assert session["max_response_output_tokens"] == OPTS.max_output_tokens
+    assert "audio" not in session and ("cascade" in session) is (mode == "streaming")
+
+
 async def _scripted_server(after_update: list[str] | None, *, close: bool = False
                            ) -> tuple[Any, str]:
     """A loopback WebSocket peer that plays a scripted misbehaving server."""
