@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.v2v import report as report_mod
 from benchmarks.v2v import stats
 from benchmarks.v2v.client import LEAD_S, PreparedClip, TurnOptions
-from benchmarks.v2v.corpus import Clip, builtin_corpus, wav_clip
+from benchmarks.v2v.corpus import INTERRUPT, Clip, builtin_clip, builtin_corpus, wav_clip
 from benchmarks.v2v.machine import machine_info
 from benchmarks.v2v.options import BUILTIN_CLIPS, USAGE, add_arguments
 from benchmarks.v2v.records import BenchConfig, Report, TurnRecord
@@ -52,9 +52,10 @@ def _schedule(args: argparse.Namespace) -> Schedule:
     sweep_modes = tuple(_csv(args.sweep_modes)) if args.sweep_modes else modes[:1]
     if args.rounds < 1 or args.sweep_turns < 1:
         raise SystemExit("cascade bench: --rounds and --sweep-turns must be >= 1")
-    if args.warmup < 0:
-        raise SystemExit("cascade bench: --warmup must be >= 0")
+    if args.warmup < 0 or args.barge_in_rounds < 0:
+        raise SystemExit("cascade bench: --warmup and --barge-in-rounds must be >= 0")
     return Schedule(modes=modes, rounds=args.rounds, concurrency=levels, warmup=args.warmup,
+                    barge_in_rounds=args.barge_in_rounds,
                     sweep_modes=sweep_modes if levels else (), sweep_turns=args.sweep_turns)
 
 
@@ -73,6 +74,9 @@ def _progress_label(rec: TurnRecord) -> str:
     where = f"{rec.phase} {rec.mode} x{rec.concurrency} {rec.clip}"
     if rec.error:
         return f"{where}: error {rec.error[:60]}"
+    if rec.phase == "barge_in":
+        return (f"{where}: barge-in noticed {rec.barge_in_ms:.0f} ms, "
+                f"cancelled {rec.barge_in_cancel_ms or 0:.0f} ms")
     return f"{where}: v2v {rec.first_audio_ms:.0f} ms, gaps {rec.gap_total_ms:.0f} ms"
 
 
@@ -92,6 +96,7 @@ def run_bench(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"cascade bench: {exc}") from None
     prepared = [PreparedClip(c) for c in clips]
+    interrupt = PreparedClip(builtin_clip(INTERRUPT)) if schedule.barge_in_rounds else None
     api_key = args.api_key or os.environ.get("CASCADE_BENCH_API_KEY") or (
         "" if args.url else f"bench-{secrets.token_hex(8)}")
     out = args.out or Path("out/bench") / datetime.datetime.now(datetime.UTC).strftime(
@@ -124,7 +129,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 if not console.is_terminal:  # a log: one line per turn instead of a bar
                     console.print(f"[{done}/{total}] {_progress_label(rec)}")
 
-            records = asyncio.run(run(opts, prepared, schedule, advance))
+            records = asyncio.run(run(opts, prepared, schedule, advance, interrupt))
     report = build_report(records, clips, schedule, args, target=url,
                           wall_s=time.perf_counter() - started)
     files = report_mod.write_report(report, out)
@@ -146,6 +151,7 @@ def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedul
                          rounds=schedule.rounds, clips=[c.info for c in clips],
                          concurrency=list(schedule.concurrency),
                          sweep_rounds=schedule.sweep_turns, warmup=schedule.warmup,
+                         barge_in_rounds=schedule.barge_in_rounds,
                          max_output_tokens=args.max_output_tokens or None,
                          instructions=args.instructions, dialect=args.dialect,
                          gap_threshold_ms=args.gap_threshold_ms, lead_ms=LEAD_S * 1000)
@@ -153,6 +159,7 @@ def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedul
     sweep = stats.group(records, "sweep")
     return Report(machine=machine_info(), config=config, records=records, compare=compare,
                   ratio=stats.ratios(compare), sweep=sweep,
+                  barge_in=stats.group(records, "barge_in"),
                   realtime_limit=stats.realtime_limit(sweep), wall_s=round(wall_s, 1))
 
 

@@ -14,26 +14,23 @@ import asyncio
 import base64
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
-from benchmarks.v2v.corpus import RATE, Clip
+from benchmarks.v2v.corpus import RATE, Clip, voiced_span
+from benchmarks.v2v.events import Marks, finish, on_event
 from benchmarks.v2v.options import DEFAULT_INSTRUCTIONS, DEFAULT_MAX_OUTPUT_TOKENS
-from benchmarks.v2v.playback import PlaybackGaps
 from benchmarks.v2v.records import Phase, TurnRecord
-from stages.common.text import wer
 
 FRAME = RATE // 50  # 20 ms
 FRAME_S = FRAME / RATE
 LEAD_S = 0.3  # silence before the clip, so the server's VAD hears the onset
 CASCADE_MODES = ("streaming", "serial")
 
-AUDIO_DELTA = {"response.output_audio.delta", "response.audio.delta"}
-TEXT_DELTA = {"response.output_audio_transcript.delta", "response.audio_transcript.delta",
-              "response.output_text.delta", "response.text.delta"}
+INTERRUPT_AFTER_S = 1.0  # barge-in: the user starts talking this long into the reply
 
 
 @dataclass(frozen=True)
@@ -47,31 +44,6 @@ class TurnOptions:
     gap_threshold_s: float = 0.02
     dialect: Literal["ga", "beta"] = "ga"  # beta: OpenAI-Beta: realtime=v1 servers
     reply_timeout_s: float = 60.0
-
-
-@dataclass
-class _Response:
-    created: float
-    first_text: float | None = None
-    first_audio: float | None = None
-    done: float | None = None
-    status: str | None = None
-    chunks: list[tuple[float, float]] = field(default_factory=list)  # (arrival, seconds)
-    text: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Marks:
-    """Receive times (perf_counter) of the events that matter, as they arrive."""
-
-    eos: float | None = None
-    speech_stopped: list[float] = field(default_factory=list)
-    transcripts: list[tuple[float, str]] = field(default_factory=list)
-    responses: dict[str, _Response] = field(default_factory=dict)
-    server: dict[str, float | None] | None = None
-    error: str | None = None
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
-    answer: str | None = None  # id of the response that answered the whole turn
 
 
 def _frames(pcm: np.ndarray[Any, Any]) -> list[str]:
@@ -97,6 +69,7 @@ class PreparedClip:
         lead = np.zeros(round(LEAD_S * RATE), np.int16)
         self.frames = _frames(np.concatenate([lead, clip.pcm]))
         self.eos_frame = (lead.size + max(clip.speech_end - 1, 0)) // FRAME
+        self.onset_frame = (lead.size + voiced_span(clip.pcm)[0]) // FRAME
 
 
 def _session_update(mode: str, opts: TurnOptions) -> str:
@@ -134,47 +107,12 @@ def _beta_session_update(mode: str, opts: TurnOptions) -> str:
     return json.dumps({"type": "session.update", "session": session})
 
 
-def _on_event(event: dict[str, Any], now: float, marks: _Marks) -> None:
-    kind = event.get("type", "")
-    if kind == "input_audio_buffer.speech_stopped":
-        marks.speech_stopped.append(now)
-    elif kind == "conversation.item.input_audio_transcription.completed":
-        marks.transcripts.append((now, str(event.get("transcript", ""))))
-    elif kind == "response.created":
-        marks.responses[event["response"]["id"]] = _Response(created=now)
-    elif kind in AUDIO_DELTA or kind in TEXT_DELTA:
-        resp = marks.responses.setdefault(event.get("response_id", ""), _Response(created=now))
-        if kind in AUDIO_DELTA:
-            resp.first_audio = resp.first_audio or now
-            resp.chunks.append((now, len(base64.b64decode(event["delta"])) / 2 / RATE))
-        else:
-            resp.first_text = resp.first_text or now
-            resp.text.append(str(event.get("delta", "")))
-    elif kind == "response.done":
-        rid = event["response"]["id"]
-        resp = marks.responses.setdefault(rid, _Response(created=now))
-        resp.done, resp.status = now, event["response"].get("status")
-        # The turn is answered by the first reply that ends after the user stopped
-        # talking and was not cut off by the user continuing (a split turn).
-        if marks.eos is not None and resp.status != "cancelled" and marks.answer is None:
-            marks.answer = rid
-            marks.finished.set()
-    elif kind == "cascade.turn.timings":
-        marks.server = {k: v for k, v in event.items() if k.endswith("_ms")}
-        if marks.answer is not None:
-            marks.finished.set()
-    elif kind == "error":
-        err = event.get("error") or {}
-        marks.error = f"{err.get('code') or err.get('type')}: {err.get('message')}"
-        marks.finished.set()
-
-
-async def _read(ws: ClientConnection, marks: _Marks) -> None:
+async def _read(ws: ClientConnection, marks: Marks) -> None:
     try:
         async for raw in ws:
             if isinstance(raw, bytes):
                 continue
-            _on_event(json.loads(raw), time.perf_counter(), marks)
+            on_event(json.loads(raw), time.perf_counter(), marks)
     except Exception as exc:  # a dropped connection or an event we cannot read
         marks.error = marks.error or f"{type(exc).__name__}: {exc}"
         marks.finished.set()
@@ -197,11 +135,12 @@ async def _wait_for(ws: ClientConnection, kind: str, timeout_s: float) -> dict[s
 
 async def run_turn(opts: TurnOptions, clip: PreparedClip, mode: str, *, phase: Phase,
                    concurrency: int = 1, session_index: int = 0, round_: int = 0,
-                   t0: float = 0.0) -> TurnRecord:
-    """Stream one clip as a user turn and time the reply. Never raises for a bad reply:
-    failures land in the record's ``error``."""
+                   t0: float = 0.0, interrupt: PreparedClip | None = None) -> TurnRecord:
+    """Stream one clip as a user turn and time the reply. With ``interrupt``, the user
+    talks over the reply (that clip) once it has played for ``INTERRUPT_AFTER_S``. Never
+    raises for a bad reply: failures land in the record's ``error``."""
     started = time.perf_counter()
-    marks = _Marks()
+    marks = Marks(barge_in=interrupt is not None)
     record = TurnRecord(phase=phase, mode=mode, concurrency=concurrency,
                         session_index=session_index, round=round_, clip=clip.clip.info.name,
                         started_s=round(started - t0, 3), eos_s=0.0)
@@ -213,23 +152,26 @@ async def run_turn(opts: TurnOptions, clip: PreparedClip, mode: str, *, phase: P
             await _wait_for(ws, "session.updated", 30)
             reader = asyncio.create_task(_read(ws, marks))
             try:
-                await _stream(ws, clip, marks, opts,
-                              timings=opts.cascade_extras and mode in CASCADE_MODES)
+                await _stream(ws, clip, marks, opts, interrupt)
+                if (marks.answer is not None and interrupt is None and marks.server is None
+                        and opts.cascade_extras and mode in CASCADE_MODES):
+                    # cascade sends its stage timings right after response.done.
+                    await _grace(marks, 1.0)
             finally:
                 reader.cancel()
-    except (OSError, RuntimeError, TimeoutError) as exc:
+    except Exception as exc:  # refused, dropped, timed out: a failed turn, not a crash
         marks.error = marks.error or f"{type(exc).__name__}: {exc}"
-    except Exception as exc:  # a closed connection or a malformed event
-        marks.error = marks.error or f"{type(exc).__name__}: {exc}"
-    return _finish(record, marks, clip, opts, t0)
+    return finish(record, marks, clip.clip.info.text, opts.gap_threshold_s, t0)
 
 
-async def _stream(ws: ClientConnection, clip: PreparedClip, marks: _Marks,
-                  opts: TurnOptions, *, timings: bool) -> None:
-    """Send frames at real time (clip, then silence) until the reply is done."""
+async def _stream(ws: ClientConnection, clip: PreparedClip, marks: Marks,
+                  opts: TurnOptions, interrupt: PreparedClip | None) -> None:
+    """Send frames at real time (the clip, then silence, or the interrupting clip once
+    the reply has played a while) until the turn is over."""
     start = time.perf_counter()
     deadline: float | None = None
     k = 0
+    j: int | None = None  # position in the interrupting clip, once the user talks over
     while not marks.finished.is_set():
         # A microphone hands over frame k once it has captured it: at (k + 1) * 20 ms.
         delay = start + (k + 1) * FRAME_S - time.perf_counter()
@@ -239,7 +181,17 @@ async def _stream(ws: ClientConnection, clip: PreparedClip, marks: _Marks,
                 break
             except TimeoutError:
                 pass
-        await ws.send(clip.frames[k] if k < len(clip.frames) else _SILENCE)
+        if j is None and interrupt is not None and marks.answer is not None:
+            first = marks.responses[marks.answer].first_audio
+            if first is not None and time.perf_counter() >= first + INTERRUPT_AFTER_S:
+                j = 0
+        if j is not None and interrupt is not None and j < len(interrupt.frames):
+            await ws.send(interrupt.frames[j])
+            if j == interrupt.onset_frame:
+                marks.onset = time.perf_counter()
+            j += 1
+        else:
+            await ws.send(clip.frames[k] if k < len(clip.frames) else _SILENCE)
         if k == clip.eos_frame:
             marks.eos = time.perf_counter()
             deadline = marks.eos + opts.reply_timeout_s
@@ -247,60 +199,11 @@ async def _stream(ws: ClientConnection, clip: PreparedClip, marks: _Marks,
             marks.error = marks.error or f"no reply within {opts.reply_timeout_s:.0f} s"
             break
         k += 1
-    if marks.answer is not None and timings and marks.server is None:
-        # cascade sends its stage timings right after response.done; others never do.
-        await _grace(marks, 1.0)
 
 
-async def _grace(marks: _Marks, seconds: float) -> None:
+async def _grace(marks: Marks, seconds: float) -> None:
     marks.finished.clear()
     try:
         await asyncio.wait_for(marks.finished.wait(), seconds)
     except TimeoutError:
         pass
-
-
-def _ms(at: float | None, eos: float) -> float | None:
-    return None if at is None else round((at - eos) * 1000, 1)
-
-
-def _finish(record: TurnRecord, marks: _Marks, clip: PreparedClip, opts: TurnOptions,
-            t0: float) -> TurnRecord:
-    if marks.eos is None:
-        record.error = marks.error or "the clip was not fully sent"
-        return record
-    eos = marks.eos
-    record.eos_s = round(eos - t0, 3)
-    record.error = marks.error
-    record.early_endpoint = any(t < eos for t in marks.speech_stopped)
-    after = [t for t in marks.speech_stopped if t >= eos]
-    record.speech_stopped_ms = _ms(after[0] if after else None, eos)
-    if marks.transcripts:
-        record.final_transcript_ms = _ms(marks.transcripts[-1][0], eos)
-        record.transcript = " ".join(t for _, t in marks.transcripts).strip()
-        if clip.clip.info.text:
-            record.wer = round(wer(clip.clip.info.text, record.transcript), 3)
-    record.responses = len(marks.responses)
-    answer = marks.responses.get(marks.answer or "")
-    if answer is None:
-        record.error = record.error or "no reply"
-        return record
-    record.first_text_ms = _ms(answer.first_text, eos)
-    record.first_audio_ms = _ms(answer.first_audio, eos)
-    record.done_ms = _ms(answer.done, eos)
-    record.reply_text = "".join(answer.text).strip()
-    player = PlaybackGaps(threshold_s=opts.gap_threshold_s)
-    for arrival, seconds in answer.chunks:
-        player.add(arrival, seconds)
-    record.audio_chunks = player.chunks
-    record.reply_audio_ms = round(player.audio_s * 1000, 1)
-    record.gap_count = len(player.gaps)
-    record.gap_total_ms = round(player.total_s * 1000, 1)
-    record.gap_max_ms = round(player.max_s * 1000, 1)
-    record.gaps = [(round((at - eos) * 1000, 1), round(length * 1000, 1))
-                   for at, length in zip(player.gap_starts, player.gaps, strict=True)]
-    if marks.server is not None:
-        record.server = marks.server
-    if record.error is None and answer.first_audio is None:
-        record.error = "the reply had no audio"
-    return record

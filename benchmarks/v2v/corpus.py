@@ -38,6 +38,10 @@ BUILTIN: tuple[Prompt, ...] = (
 )
 
 
+# Spoken over the agent's reply in barge-in turns.
+INTERRUPT = Prompt("interrupt", ("Wait, hold on a second.",))
+
+
 @dataclass(frozen=True)
 class Clip:
     info: ClipInfo

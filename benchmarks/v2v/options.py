@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-modes", help="modes to sweep (default: the first of --modes)")
     p.add_argument("--sweep-turns", type=int, default=2,
                    help="turns per session at each sweep level (default: %(default)s)")
+    p.add_argument("--barge-in-rounds", type=int, default=1,
+                   help="turns per mode where the user talks over the reply 1 s into it "
+                   "(0: none; default: %(default)s)")
     p.add_argument("--gap-threshold-ms", type=float, default=20.0,
                    help="playback underruns shorter than this are not gaps")
     p.add_argument("--reply-timeout", type=float, default=60.0,

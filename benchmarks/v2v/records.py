@@ -21,9 +21,15 @@ LATENCY_METRICS: tuple[str, ...] = (
 )
 # Reply-quality metrics (not latencies from EoS).
 REPLY_METRICS: tuple[str, ...] = ("reply_audio_ms", "gap_total_ms", "gap_max_ms", "gap_count")
-SUMMARY_METRICS: tuple[str, ...] = LATENCY_METRICS + REPLY_METRICS
+# Barge-in turns, ms from the first voiced frame of the interrupting speech.
+BARGE_IN_METRICS: tuple[str, ...] = (
+    "barge_in_ms",              # input_audio_buffer.speech_started: the client stops playing
+    "barge_in_cancel_ms",       # response.done (cancelled) of the interrupted reply
+    "barge_in_audio_after_ms",  # reply audio still received after speech_started
+)
+SUMMARY_METRICS: tuple[str, ...] = LATENCY_METRICS + REPLY_METRICS + BARGE_IN_METRICS
 
-Phase = Literal["compare", "sweep"]
+Phase = Literal["compare", "sweep", "barge_in"]
 
 
 class ClipInfo(BaseModel):
@@ -68,6 +74,11 @@ class TurnRecord(BaseModel):
     reply_text: str = ""  # the reply's transcript
     wer: float | None = None  # word error rate of ``transcript`` vs the clip's text
     server: dict[str, float | None] | None = None  # optional cascade.turn.timings extras
+    # Barge-in turns only (phase "barge_in"): the user talks over the playing reply.
+    barge_in_ms: float | None = None
+    barge_in_cancel_ms: float | None = None
+    barge_in_audio_after_ms: float | None = None
+    truncated: bool | None = None  # conversation.item.truncated arrived
     error: str | None = None
 
     @property
@@ -118,6 +129,7 @@ class BenchConfig(BaseModel):
     clips: list[ClipInfo]
     concurrency: list[int]  # sweep levels (empty: no sweep)
     sweep_rounds: int
+    barge_in_rounds: int = 0  # barge-in turns per mode
     warmup: int = 0  # untimed turns before the compare phase
     max_output_tokens: int | None = None  # reply cap sent in session.update
     instructions: str = ""
@@ -137,6 +149,7 @@ class Report(BaseModel):
     # serial / streaming for each latency metric's p50 and p90 (absent without both modes)
     ratio: dict[str, dict[str, float]] = Field(default_factory=dict)
     sweep: list[GroupSummary] = Field(default_factory=list)  # one per (mode, concurrency)
+    barge_in: list[GroupSummary] = Field(default_factory=list)  # one per mode
     # Per mode: the largest swept concurrency at which replies stayed real-time (None:
     # not even the first level was real-time).
     realtime_limit: dict[str, int | None] = Field(default_factory=dict)

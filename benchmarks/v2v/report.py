@@ -207,6 +207,39 @@ def _sweep_section(report: Report) -> list[str]:
             *[f"- {limit_sentence(report, m)}" for m in modes], ""]
 
 
+def _barge_in_rows(report: Report) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for g in report.barge_in:
+        recs = [r for r in report.records if r.phase == "barge_in" and r.mode == g.mode]
+        truncated = sum(bool(r.truncated) for r in recs)
+        rows.append((g.mode, f"{g.turns - g.errors}/{g.turns}",
+                     fmt_ms(_stat(g, "barge_in_ms", "p50")), fmt_ms(_stat(g, "barge_in_ms", "p90")),
+                     fmt_ms(_stat(g, "barge_in_cancel_ms", "p50")),
+                     fmt_ms(_stat(g, "barge_in_cancel_ms", "p90")),
+                     fmt_ms(_stat(g, "barge_in_audio_after_ms", "p50")),
+                     f"{truncated}/{len(recs)}"))
+    return rows
+
+
+BARGE_IN_HEADER = ("mode", "interrupted", "noticed p50", "noticed p90", "cancelled p50",
+                   "cancelled p90", "audio after p50", "truncated")
+
+
+def _barge_in_section(report: Report) -> list[str]:
+    if not report.barge_in:
+        return []
+    errors = [r.error for r in report.records if r.phase == "barge_in" and r.error]
+    return ["## Barge-in", "",
+            "The user talks over the reply 1 s into it. Milliseconds from the first voiced "
+            "frame of the interruption: *noticed* = `input_audio_buffer.speech_started` (a "
+            "client stops playback there), *cancelled* = the interrupted reply's "
+            "`response.done`; *audio after* = reply audio still received after "
+            "speech_started (sent, then thrown away); *truncated* = the server cut the "
+            "assistant item to what was heard (`conversation.item.truncated`).", "",
+            *_table(BARGE_IN_HEADER, _barge_in_rows(report)), "",
+            *([f"Failures: {'; '.join(sorted(set(errors)))}.", ""] if errors else [])]
+
+
 def _how_to_read() -> list[str]:
     share = f"{REALTIME_MAX_GAP_SHARE:.0%}".replace("%", " %")
     return [
@@ -240,7 +273,8 @@ def markdown(report: Report, images: Sequence[str] | None = None) -> str:
         images = plots.planned(report)
     lines = ["# cascade bench: voice-to-voice latency", "",
              *_machine(report), *_config(report), *_compare_section(report),
-             *_sweep_section(report), *_how_to_read(), *_plots_section(images)]
+             *_barge_in_section(report), *_sweep_section(report), *_how_to_read(),
+             *_plots_section(images)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -272,6 +306,13 @@ def terminal_table(report: Report) -> list[Table]:
         latency.add_row("replied / turns", *[c for r in replied for c in (r, "")],
                         *([""] if report.ratio else []))
         tables.append(latency)
+    if report.barge_in:
+        barge = Table(title="Barge-in (ms from the interrupting speech)", title_justify="left")
+        for name in BARGE_IN_HEADER:
+            barge.add_column(name, justify="left" if name == "mode" else "right")
+        for row in _barge_in_rows(report):
+            barge.add_row(*(escape(c) for c in row))
+        tables.append(barge)
     if report.sweep:
         sweep = Table(title="Concurrency sweep", title_justify="left")
         for name in ("mode", "sessions", "replied", "v2v p50", "v2v p90", "gap turns",

@@ -29,11 +29,13 @@ class Schedule:
     sweep_modes: tuple[str, ...] = ()
     sweep_turns: int = 2  # turns per session at each level
     warmup: int = 1  # untimed turns first (model caches, allocator, JIT-ish first calls)
+    barge_in_rounds: int = 1  # barge-in turns per mode
 
     def total_turns(self, clips: int) -> int:
         compare = self.rounds * clips * len(self.modes)
+        barge_in = self.barge_in_rounds * len(self.modes)
         sweep = sum(self.concurrency) * self.sweep_turns * len(self.sweep_modes)
-        return compare + sweep
+        return compare + barge_in + sweep
 
 
 async def compare(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedule,
@@ -46,6 +48,21 @@ async def compare(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Sc
                 rec = await run_turn(opts, clip, mode, phase="compare", round_=r, t0=t0)
                 records.append(rec)
                 progress(rec)
+    return records
+
+
+async def barge_in(opts: TurnOptions, clips: Sequence[PreparedClip],
+                   interrupt: PreparedClip, schedule: Schedule, t0: float,
+                   progress: Progress) -> list[TurnRecord]:
+    """The user talks over the reply: each round asks one clip per mode, then interrupts."""
+    records = []
+    for r in range(schedule.barge_in_rounds):
+        order = schedule.modes if r % 2 == 0 else tuple(reversed(schedule.modes))
+        for mode in order:
+            rec = await run_turn(opts, clips[r % len(clips)], mode, phase="barge_in",
+                                 round_=r, t0=t0, interrupt=interrupt)
+            records.append(rec)
+            progress(rec)
     return records
 
 
@@ -76,12 +93,14 @@ async def sweep(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Sche
 
 
 async def run(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedule,
-              progress: Progress) -> list[TurnRecord]:
+              progress: Progress, interrupt: PreparedClip | None = None) -> list[TurnRecord]:
     t0 = time.perf_counter()
     for i in range(schedule.warmup):
         await run_turn(opts, clips[i % len(clips)], schedule.modes[i % len(schedule.modes)],
                        phase="compare", t0=t0)
     records = await compare(opts, clips, schedule, t0, progress)
+    if interrupt is not None:
+        records += await barge_in(opts, clips, interrupt, schedule, t0, progress)
     records += await sweep(opts, clips, schedule, t0, progress)
     return records
 

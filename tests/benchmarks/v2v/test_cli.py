@@ -41,14 +41,24 @@ def test_quick_embedded_run_writes_a_complete_report(tmp_path: Path) -> None:
     assert report.config.clips[0].pauses_ms  # the built-in corpus's mid-sentence pause
     phases = [(r.phase, r.mode, r.concurrency) for r in report.records]
     assert sorted(phases) == sorted([("compare", "streaming", 1), ("compare", "serial", 1),
+                                     ("barge_in", "streaming", 1), ("barge_in", "serial", 1),
                                      ("sweep", "streaming", 1), ("sweep", "streaming", 2),
                                      ("sweep", "streaming", 2)])
     _check_turns(report)
-    # cascade's optional extension: the server's own stage timings for each turn.
     for rec in report.records:
-        assert rec.server is not None and rec.server.get("llm_first_token_ms") is not None
         # The 400 ms mid-sentence pause must not end the turn (server VAD waits 500 ms).
-        assert not rec.early_endpoint and rec.responses == 1
+        assert not rec.early_endpoint
+        if rec.phase == "barge_in":
+            # Talking over the reply: noticed, reply cancelled, item cut to what was heard.
+            assert rec.barge_in_ms is not None and rec.barge_in_ms > 0
+            assert rec.barge_in_cancel_ms is not None
+            assert rec.barge_in_cancel_ms >= rec.barge_in_ms
+            assert rec.truncated is True
+            continue
+        assert rec.responses == 1
+        # cascade's optional extension: the server's own stage timings for each turn.
+        assert rec.server is not None and rec.server.get("llm_first_token_ms") is not None
+    assert [g.mode for g in report.barge_in] == ["streaming", "serial"]
 
     assert [g.mode for g in report.compare] == ["streaming", "serial"]
     for group in report.compare:
@@ -61,7 +71,7 @@ def test_quick_embedded_run_writes_a_complete_report(tmp_path: Path) -> None:
     assert report.machine.cores >= 1 and report.machine.cpu
 
     summary = (out / "summary.md").read_text()
-    assert "streaming" in summary and "serial" in summary
+    assert "## Streaming vs serial" in summary and "## Barge-in" in summary
     for png in ("latency_cdf.png", "concurrency.png", "waterfall.png"):
         data = (out / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n"), png
@@ -94,9 +104,12 @@ def test_any_realtime_url_beta_dialect_and_user_wavs(tmp_path: Path) -> None:
     assert [c.name for c in report.config.clips] == ["my-turn"]
     assert report.config.clips[0].speech_end_ms == pytest.approx(clip.info.speech_end_ms,
                                                                  abs=30)
-    assert len(report.records) == 1 and report.sweep == []
+    assert [r.phase for r in report.records] == ["compare", "barge_in"]
+    assert report.sweep == []
     _check_turns(report)
-    assert report.records[0].server is None  # not asked for
+    assert all(r.server is None for r in report.records)  # not asked for
+    barge = report.records[1]
+    assert barge.barge_in_ms is not None and barge.truncated is True  # beta names too
     # A refused connection is a failed turn with a reason, not a crash.
     assert bad_key == 2
     refused = Report.model_validate_json((tmp_path / "bad" / "report.json").read_text())

@@ -156,3 +156,28 @@ def test_per_clip_table_early_endpoints_and_transcript_wer() -> None:
     assert "| long | 700 | 1600 | 2500 | 3400 |" in md
     # One clip: no per-clip table.
     assert "Per clip" not in rep.markdown(make_report(sweep=False))
+
+
+def test_barge_in_section_and_terminal_table() -> None:
+    records = [turn("streaming", 500.0), turn("serial", 1500.0)]
+    for mode, noticed, cancelled, truncated in (("streaming", 60.0, 220.0, True),
+                                                ("streaming", 80.0, 260.0, True),
+                                                ("serial", 90.0, 300.0, False)):
+        rec = turn(mode, 700.0, phase="barge_in")
+        rec.barge_in_ms, rec.barge_in_cancel_ms = noticed, cancelled
+        rec.barge_in_audio_after_ms, rec.truncated = 100.0, truncated
+        records.append(rec)
+    failed = turn("serial", 700.0, phase="barge_in", error="the reply ended before the "
+                  "interruption")
+    records.append(failed)
+    report = make_report(records=records, sweep=False)
+    report.barge_in = group(records, "barge_in")
+    md = rep.markdown(report)
+    assert "## Barge-in" in md
+    assert "| streaming | 2/2 | 70 | 78 | 240 | 256 | 100 | 2/2 |" in md
+    assert "| serial | 1/2 | 90 | 90 | 300 | 300 | 100 | 0/2 |" in md
+    assert "Failures: the reply ended before the interruption." in md
+    console = Console(record=True, width=160)
+    rep.print_summary(report, console)
+    assert "Barge-in" in console.export_text()
+    assert "## Barge-in" not in rep.markdown(make_report(sweep=False))

@@ -1,0 +1,179 @@
+"""From server events to a turn record: what arrived when, and what it means.
+
+``on_event`` stamps the events that matter as they arrive; ``finish`` turns the stamps
+into a ``TurnRecord``, every time relative to the ground-truth end of speech (or, for a
+barge-in, to the moment the interrupting speech began). Pure functions of (event, time),
+so the rules are tested on scripted sequences with exact clocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmarks.v2v.corpus import RATE
+from benchmarks.v2v.playback import PlaybackGaps
+from benchmarks.v2v.records import TurnRecord
+from stages.common.text import wer
+
+AUDIO_DELTA = {"response.output_audio.delta", "response.audio.delta"}
+TEXT_DELTA = {"response.output_audio_transcript.delta", "response.audio_transcript.delta",
+              "response.output_text.delta", "response.text.delta"}
+
+
+@dataclass
+class Response:
+    created: float
+    first_text: float | None = None
+    first_audio: float | None = None
+    done: float | None = None
+    status: str | None = None
+    chunks: list[tuple[float, float]] = field(default_factory=list)  # (arrival, seconds)
+    text: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Marks:
+    """Receive times (perf_counter) of the events that matter, as they arrive."""
+
+    barge_in: bool = False  # this turn interrupts the reply once it is playing
+    eos: float | None = None
+    onset: float | None = None  # barge-in: the first voiced interrupting frame was sent
+    speech_started: list[float] = field(default_factory=list)
+    speech_stopped: list[float] = field(default_factory=list)
+    transcripts: list[tuple[float, str]] = field(default_factory=list)
+    responses: dict[str, Response] = field(default_factory=dict)
+    truncated: bool = False
+    server: dict[str, float | None] | None = None
+    error: str | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    # The reply to the whole turn (barge-in: the reply being interrupted).
+    answer: str | None = None
+
+
+def _response_done(rid: str, resp: Response, marks: Marks) -> None:
+    if marks.barge_in:
+        if marks.onset is not None and rid == marks.answer:
+            marks.finished.set()  # the interrupted reply has ended
+        elif marks.onset is None and marks.eos is not None and resp.status != "cancelled":
+            marks.answer = marks.answer or rid
+            marks.error = marks.error or "the reply ended before the interruption"
+            marks.finished.set()
+        return
+    # The turn is answered by the first reply that ends after the user stopped talking
+    # and was not cut off by the user continuing (a split turn).
+    if marks.eos is not None and resp.status != "cancelled" and marks.answer is None:
+        marks.answer = rid
+        marks.finished.set()
+
+
+def on_event(event: dict[str, Any], now: float, marks: Marks) -> None:
+    kind = event.get("type", "")
+    if kind == "input_audio_buffer.speech_started":
+        marks.speech_started.append(now)
+    elif kind == "input_audio_buffer.speech_stopped":
+        marks.speech_stopped.append(now)
+    elif kind == "conversation.item.input_audio_transcription.completed":
+        marks.transcripts.append((now, str(event.get("transcript", ""))))
+    elif kind == "conversation.item.truncated":
+        marks.truncated = True
+    elif kind == "response.created":
+        marks.responses[event["response"]["id"]] = Response(created=now)
+    elif kind in AUDIO_DELTA or kind in TEXT_DELTA:
+        rid = event.get("response_id", "")
+        resp = marks.responses.setdefault(rid, Response(created=now))
+        if kind in AUDIO_DELTA:
+            resp.first_audio = resp.first_audio or now
+            resp.chunks.append((now, len(base64.b64decode(event["delta"])) / 2 / RATE))
+            if marks.barge_in and marks.answer is None and marks.eos is not None:
+                marks.answer = rid  # the reply the user will talk over
+        else:
+            resp.first_text = resp.first_text or now
+            resp.text.append(str(event.get("delta", "")))
+    elif kind == "response.done":
+        rid = event["response"]["id"]
+        resp = marks.responses.setdefault(rid, Response(created=now))
+        resp.done, resp.status = now, event["response"].get("status")
+        _response_done(rid, resp, marks)
+    elif kind == "cascade.turn.timings":
+        if marks.server is None:
+            marks.server = {k: v for k, v in event.items() if k.endswith("_ms")}
+        if marks.answer is not None and not marks.barge_in:
+            marks.finished.set()
+    elif kind == "error":
+        err = event.get("error") or {}
+        marks.error = f"{err.get('code') or err.get('type')}: {err.get('message')}"
+        marks.finished.set()
+
+
+def _ms(at: float | None, origin: float) -> float | None:
+    return None if at is None else round((at - origin) * 1000, 1)
+
+
+def finish(record: TurnRecord, marks: Marks, text: str | None, gap_threshold_s: float,
+           t0: float) -> TurnRecord:
+    """Fill ``record`` from the stamps; ``text`` is what the user said, when known."""
+    if marks.eos is None:
+        record.error = marks.error or "the clip was not fully sent"
+        return record
+    eos = marks.eos
+    record.eos_s = round(eos - t0, 3)
+    record.error = marks.error
+    record.early_endpoint = any(t < eos for t in marks.speech_stopped)
+    after = [t for t in marks.speech_stopped if t >= eos]
+    record.speech_stopped_ms = _ms(after[0] if after else None, eos)
+    said = [(at, t) for at, t in marks.transcripts if marks.onset is None or at < marks.onset]
+    if said:
+        record.final_transcript_ms = _ms(said[-1][0], eos)
+        record.transcript = " ".join(t for _, t in said).strip()
+        if text:
+            record.wer = round(wer(text, record.transcript), 3)
+    record.responses = len(marks.responses)
+    answer = marks.responses.get(marks.answer or "")
+    if answer is None:
+        record.error = record.error or "no reply"
+        return record
+    record.first_text_ms = _ms(answer.first_text, eos)
+    record.first_audio_ms = _ms(answer.first_audio, eos)
+    record.done_ms = _ms(answer.done, eos)
+    record.reply_text = "".join(answer.text).strip()
+    player = PlaybackGaps(threshold_s=gap_threshold_s)
+    for arrival, seconds in answer.chunks:
+        player.add(arrival, seconds)
+    record.audio_chunks = player.chunks
+    record.reply_audio_ms = round(player.audio_s * 1000, 1)
+    record.gap_count = len(player.gaps)
+    record.gap_total_ms = round(player.total_s * 1000, 1)
+    record.gap_max_ms = round(player.max_s * 1000, 1)
+    record.gaps = [(round((at - eos) * 1000, 1), round(length * 1000, 1))
+                   for at, length in zip(player.gap_starts, player.gaps, strict=True)]
+    record.server = marks.server
+    if record.error is None and answer.first_audio is None:
+        record.error = "the reply had no audio"
+    if marks.barge_in:
+        _finish_barge_in(record, marks, answer)
+    return record
+
+
+def _finish_barge_in(record: TurnRecord, marks: Marks, answer: Response) -> None:
+    """Times from the first interrupting voiced frame: when the server noticed (the
+    client stops playback at ``speech_started``) and when it ended the reply."""
+    onset = marks.onset
+    if onset is None:
+        record.error = record.error or "the reply was never interrupted"
+        return
+    noticed = next((t for t in marks.speech_started if t >= onset), None)
+    record.barge_in_ms = _ms(noticed, onset)
+    if answer.done is not None and answer.done >= onset:
+        record.barge_in_cancel_ms = _ms(answer.done, onset)
+    if noticed is not None:
+        late = sum(seconds for at, seconds in answer.chunks if at > noticed)
+        record.barge_in_audio_after_ms = round(late * 1000, 1)
+    record.truncated = marks.truncated
+    if record.error is None:
+        if noticed is None:
+            record.error = "the server did not notice the interruption"
+        elif answer.status != "cancelled":
+            record.error = f"the interrupted reply ended {answer.status}, not cancelled"
