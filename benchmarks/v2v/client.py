@@ -21,7 +21,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks.v2v.corpus import RATE, Clip, voiced_span
-from benchmarks.v2v.events import Marks, finish, on_event
+from benchmarks.v2v.events import Marks, Response, finish, noticed, on_event
 from benchmarks.v2v.options import DEFAULT_INSTRUCTIONS, DEFAULT_MAX_OUTPUT_TOKENS
 from benchmarks.v2v.records import Phase, TurnRecord
 
@@ -31,6 +31,7 @@ LEAD_S = 0.3  # silence before the clip, so the server's VAD hears the onset
 CASCADE_MODES = ("streaming", "serial")
 
 INTERRUPT_AFTER_S = 1.0  # barge-in: the user starts talking this long into the reply
+BARGE_IN_WAIT_S = 3.0  # after speech_started: how long to wait for the cancel/truncation
 
 
 @dataclass(frozen=True)
@@ -181,10 +182,15 @@ async def _stream(ws: ClientConnection, clip: PreparedClip, marks: Marks,
                 break
             except TimeoutError:
                 pass
-        if j is None and interrupt is not None and marks.answer is not None:
-            first = marks.responses[marks.answer].first_audio
-            if first is not None and time.perf_counter() >= first + INTERRUPT_AFTER_S:
-                j = 0
+        if interrupt is not None and marks.answer is not None:
+            if j is None:
+                state = _interrupt_now(marks.responses[marks.answer], opts)
+                if state == "finished":
+                    marks.error = "the reply had finished playing before the interruption"
+                    break
+                j = 0 if state == "now" else None
+            elif await _client_truncate(ws, marks, opts):
+                break
         if j is not None and interrupt is not None and j < len(interrupt.frames):
             await ws.send(interrupt.frames[j])
             if j == interrupt.onset_frame:
@@ -199,6 +205,38 @@ async def _stream(ws: ClientConnection, clip: PreparedClip, marks: Marks,
             marks.error = marks.error or f"no reply within {opts.reply_timeout_s:.0f} s"
             break
         k += 1
+
+
+def _interrupt_now(reply: Response, opts: TurnOptions) -> str:
+    """"now" once the reply has played INTERRUPT_AFTER_S and is still audible, "wait"
+    before, "finished" if it ended before that."""
+    now = time.perf_counter()
+    if reply.first_audio is None or now < reply.first_audio + INTERRUPT_AFTER_S:
+        return "wait"
+    playing_until = reply.playback(now, opts.gap_threshold_s).played_until or 0.0
+    if playing_until > now:
+        return "now"
+    return "finished" if reply.done is not None else "wait"  # dry mid-reply: wait
+
+
+async def _client_truncate(ws: ClientConnection, marks: Marks, opts: TurnOptions) -> bool:
+    """A Realtime WebSocket client stops playback at speech_started; when the server has
+    already sent the whole reply (it cannot cancel it), the client truncates the item to
+    what was heard. True when the turn should end (nothing more will come)."""
+    seen = noticed(marks)
+    if seen is None or marks.truncated or marks.answer is None:
+        return False
+    reply = marks.responses[marks.answer]
+    if time.perf_counter() > seen + BARGE_IN_WAIT_S:
+        return True  # the server neither cancelled nor confirmed a truncation
+    if marks.client_truncate or reply.status in (None, "cancelled") or not reply.item_id:
+        return False
+    player = reply.playback(seen, opts.gap_threshold_s)
+    heard = player.audio_s - max(0.0, (player.played_until or seen) - seen)
+    await ws.send(json.dumps({"type": "conversation.item.truncate", "item_id": reply.item_id,
+                              "content_index": 0, "audio_end_ms": int(heard * 1000)}))
+    marks.client_truncate = True
+    return False
 
 
 async def _grace(marks: Marks, seconds: float) -> None:

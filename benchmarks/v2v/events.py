@@ -32,6 +32,15 @@ class Response:
     status: str | None = None
     chunks: list[tuple[float, float]] = field(default_factory=list)  # (arrival, seconds)
     text: list[str] = field(default_factory=list)
+    item_id: str | None = None  # the assistant item its audio belongs to
+
+    def playback(self, until: float, threshold_s: float) -> PlaybackGaps:
+        """The simulated player fed with the chunks that arrived before ``until``."""
+        player = PlaybackGaps(threshold_s=threshold_s)
+        for arrival, seconds in self.chunks:
+            if arrival < until:
+                player.add(arrival, seconds)
+        return player
 
 
 @dataclass
@@ -45,7 +54,8 @@ class Marks:
     speech_stopped: list[float] = field(default_factory=list)
     transcripts: list[tuple[float, str]] = field(default_factory=list)
     responses: dict[str, Response] = field(default_factory=dict)
-    truncated: bool = False
+    truncated: bool = False  # conversation.item.truncated arrived
+    client_truncate: bool = False  # the client had to ask for it (the reply was complete)
     server: dict[str, float | None] | None = None
     error: str | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -55,11 +65,9 @@ class Marks:
 
 def _response_done(rid: str, resp: Response, marks: Marks) -> None:
     if marks.barge_in:
-        if marks.onset is not None and rid == marks.answer:
-            marks.finished.set()  # the interrupted reply has ended
-        elif marks.onset is None and marks.eos is not None and resp.status != "cancelled":
-            marks.answer = marks.answer or rid
-            marks.error = marks.error or "the reply ended before the interruption"
+        # A cancelled reply ends the barge-in turn (cascade truncates the item first). A
+        # reply the server had finished sending ends it only after the client's truncate.
+        if marks.onset is not None and rid == marks.answer and resp.status == "cancelled":
             marks.finished.set()
         return
     # The turn is answered by the first reply that ends after the user stopped talking
@@ -67,6 +75,14 @@ def _response_done(rid: str, resp: Response, marks: Marks) -> None:
     if marks.eos is not None and resp.status != "cancelled" and marks.answer is None:
         marks.answer = rid
         marks.finished.set()
+
+
+def noticed(marks: Marks) -> float | None:
+    """When the server reported the interrupting speech (the client stops playback)."""
+    if marks.onset is None:
+        return None
+    onset = marks.onset
+    return next((t for t in marks.speech_started if t >= onset), None)
 
 
 def on_event(event: dict[str, Any], now: float, marks: Marks) -> None:
@@ -79,6 +95,9 @@ def on_event(event: dict[str, Any], now: float, marks: Marks) -> None:
         marks.transcripts.append((now, str(event.get("transcript", ""))))
     elif kind == "conversation.item.truncated":
         marks.truncated = True
+        answer = marks.responses.get(marks.answer or "")
+        if marks.barge_in and marks.onset is not None and answer and answer.done is not None:
+            marks.finished.set()  # the client's truncation of a reply sent in full
     elif kind == "response.created":
         marks.responses[event["response"]["id"]] = Response(created=now)
     elif kind in AUDIO_DELTA or kind in TEXT_DELTA:
@@ -86,6 +105,7 @@ def on_event(event: dict[str, Any], now: float, marks: Marks) -> None:
         resp = marks.responses.setdefault(rid, Response(created=now))
         if kind in AUDIO_DELTA:
             resp.first_audio = resp.first_audio or now
+            resp.item_id = resp.item_id or event.get("item_id")
             resp.chunks.append((now, len(base64.b64decode(event["delta"])) / 2 / RATE))
             if marks.barge_in and marks.answer is None and marks.eos is not None:
                 marks.answer = rid  # the reply the user will talk over
@@ -159,21 +179,19 @@ def finish(record: TurnRecord, marks: Marks, text: str | None, gap_threshold_s: 
 
 def _finish_barge_in(record: TurnRecord, marks: Marks, answer: Response) -> None:
     """Times from the first interrupting voiced frame: when the server noticed (the
-    client stops playback at ``speech_started``) and when it ended the reply."""
+    client stops playback at ``speech_started``) and when it cancelled the reply."""
     onset = marks.onset
     if onset is None:
         record.error = record.error or "the reply was never interrupted"
         return
-    noticed = next((t for t in marks.speech_started if t >= onset), None)
-    record.barge_in_ms = _ms(noticed, onset)
-    if answer.done is not None and answer.done >= onset:
+    seen = noticed(marks)
+    record.barge_in_ms = _ms(seen, onset)
+    if answer.status == "cancelled" and answer.done is not None and answer.done >= onset:
         record.barge_in_cancel_ms = _ms(answer.done, onset)
-    if noticed is not None:
-        late = sum(seconds for at, seconds in answer.chunks if at > noticed)
+    if seen is not None:
+        late = sum(seconds for at, seconds in answer.chunks if at > seen)
         record.barge_in_audio_after_ms = round(late * 1000, 1)
     record.truncated = marks.truncated
-    if record.error is None:
-        if noticed is None:
-            record.error = "the server did not notice the interruption"
-        elif answer.status != "cancelled":
-            record.error = f"the interrupted reply ended {answer.status}, not cancelled"
+    record.client_truncate = marks.client_truncate
+    if record.error is None and seen is None:
+        record.error = "the server did not notice the interruption"

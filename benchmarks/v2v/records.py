@@ -24,7 +24,7 @@ REPLY_METRICS: tuple[str, ...] = ("reply_audio_ms", "gap_total_ms", "gap_max_ms"
 # Barge-in turns, ms from the first voiced frame of the interrupting speech.
 BARGE_IN_METRICS: tuple[str, ...] = (
     "barge_in_ms",              # input_audio_buffer.speech_started: the client stops playing
-    "barge_in_cancel_ms",       # response.done (cancelled) of the interrupted reply
+    "barge_in_cancel_ms",       # response.done (cancelled) of the interrupted reply, if any
     "barge_in_audio_after_ms",  # reply audio still received after speech_started
 )
 SUMMARY_METRICS: tuple[str, ...] = LATENCY_METRICS + REPLY_METRICS + BARGE_IN_METRICS
@@ -79,6 +79,9 @@ class TurnRecord(BaseModel):
     barge_in_cancel_ms: float | None = None
     barge_in_audio_after_ms: float | None = None
     truncated: bool | None = None  # conversation.item.truncated arrived
+    # The reply had been sent completely, so the client asked for the truncation
+    # (conversation.item.truncate), as a Realtime WebSocket client should.
+    client_truncate: bool | None = None
     error: str | None = None
 
     @property

@@ -10,8 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from benchmarks.v2v.client import FRAME, LEAD_S, PreparedClip, TurnOptions, _session_update
+from benchmarks.v2v.client import (
+    FRAME,
+    LEAD_S,
+    PreparedClip,
+    TurnOptions,
+    _client_truncate,
+    _interrupt_now,
+    _session_update,
+)
 from benchmarks.v2v.corpus import RATE, Clip
+from benchmarks.v2v.events import Marks, Response
 from benchmarks.v2v.records import ClipInfo
 
 OPTS = TurnOptions(url="ws://127.0.0.1:1/v1/realtime", headers={})
@@ -112,3 +121,57 @@ async def test_a_misbehaving_server_fails_the_turn_promptly(script: list[str], c
         await server.wait_closed()
     assert rec.error is not None and expect in rec.error, rec.error
     assert not rec.replied
+
+
+class _Wire:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def send(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+
+def _playing_reply(started_ago: float, seconds: float, done: bool) -> Response:
+    import time
+
+    now = time.perf_counter()
+    reply = Response(created=now - started_ago - 0.1, first_audio=now - started_ago,
+                     status="completed" if done else None, item_id="item_1")
+    reply.chunks.append((now - started_ago, seconds))
+    if done:
+        reply.done = now - started_ago + 0.05
+    return reply
+
+
+def test_interrupt_only_while_the_reply_is_audible() -> None:
+    assert _interrupt_now(_playing_reply(0.5, 3.0, done=False), OPTS) == "wait"  # too early
+    assert _interrupt_now(_playing_reply(1.2, 3.0, done=True), OPTS) == "now"  # playing
+    assert _interrupt_now(_playing_reply(1.2, 0.8, done=True), OPTS) == "finished"
+    assert _interrupt_now(_playing_reply(1.2, 0.8, done=False), OPTS) == "wait"  # ran dry
+
+
+async def test_client_truncates_a_completed_reply_to_what_was_heard() -> None:
+    import time
+
+    marks = Marks(barge_in=True)
+    reply = _playing_reply(1.5, 3.0, done=True)
+    marks.responses["r"], marks.answer = reply, "r"
+    marks.onset = time.perf_counter() - 0.3
+    wire = _Wire()
+    assert not await _client_truncate(wire, marks, OPTS)  # type: ignore[arg-type]
+    assert wire.sent == []  # the server has not noticed the speech yet
+    marks.speech_started.append(marks.onset + 0.1)
+    assert not await _client_truncate(wire, marks, OPTS)  # type: ignore[arg-type]
+    assert len(wire.sent) == 1 and marks.client_truncate
+    sent = wire.sent[0]
+    assert sent["type"] == "conversation.item.truncate" and sent["item_id"] == "item_1"
+    # Playing started 1.5 s ago; the speech was noticed 0.2 s ago: 1.3 s were heard.
+    assert abs(sent["audio_end_ms"] - 1300) <= 5
+    assert not await _client_truncate(wire, marks, OPTS)  # type: ignore[arg-type]
+    assert len(wire.sent) == 1  # asked once
+    cancelled = Marks(barge_in=True, onset=marks.onset, answer="r",
+                      speech_started=list(marks.speech_started))
+    cancelled.responses["r"] = _playing_reply(1.5, 3.0, done=False)
+    cancelled.responses["r"].status = "cancelled"
+    assert not await _client_truncate(wire, cancelled, OPTS)  # type: ignore[arg-type]
+    assert len(wire.sent) == 1  # the server cancels and truncates by itself

@@ -147,6 +147,7 @@ def test_barge_in_is_timed_from_the_interrupting_speech() -> None:
     assert marks.finished.is_set() and marks.answer == "r"
     rec = _finish(marks, t0=0.0)
     assert rec.error is None, rec.error
+    assert rec.done_ms == 2350.0 and not rec.client_truncate
     assert (rec.barge_in_ms, rec.barge_in_cancel_ms, rec.barge_in_audio_after_ms) == (
         250.0, 350.0, 500.0)
     assert rec.truncated is True and rec.first_audio_ms == 1000.0
@@ -154,29 +155,50 @@ def test_barge_in_is_timed_from_the_interrupting_speech() -> None:
     assert rec.transcript == "What is the capital of France?" and rec.wer == 0.0
 
 
-def test_barge_in_failures_say_what_went_wrong() -> None:
-    ended_first = _barge([
+def test_a_reply_sent_in_full_is_truncated_by_the_client_not_cancelled() -> None:
+    """A server that streams faster than real time has finished the reply (status
+    completed) while the client still plays it: the turn ends at the truncation the
+    client asked for, and no cancel time is claimed."""
+    marks = _barge([
         (10.7, {"type": "response.created", "response": {"id": "r"}}),
-        (11.0, _audio("r", 0.4)),
-        (11.5, {"type": "response.done", "response": {"id": "r", "status": "completed"}}),
-    ], onset=None)
-    assert ended_first.finished.is_set()
-    assert _finish(ended_first, t0=0.0).error == "the reply ended before the interruption"
+        (11.0, {**_audio("r", 3.0), "item_id": "item_1"}),
+        (11.1, {"type": "response.done", "response": {"id": "r", "status": "completed"}}),
+        (12.2, {"type": "input_audio_buffer.speech_started"}),
+    ])
+    assert not marks.finished.is_set()  # the client still has to truncate
+    assert marks.responses["r"].item_id == "item_1"
+    marks.client_truncate = True
+    on_event({"type": "conversation.item.truncated"}, 12.3, marks)
+    assert marks.finished.is_set()
+    rec = _finish(marks, t0=0.0)
+    assert rec.error is None and rec.barge_in_ms == 200.0
+    assert rec.barge_in_cancel_ms is None and rec.truncated and rec.client_truncate
 
-    unnoticed = _barge([
+
+def test_an_interruption_the_server_never_notices_is_an_error() -> None:
+    marks = _barge([
         (10.7, {"type": "response.created", "response": {"id": "r"}}),
         (11.0, _audio("r", 3.0)),
         (14.0, {"type": "response.done", "response": {"id": "r", "status": "completed"}}),
     ])
-    rec = _finish(unnoticed, t0=0.0)
+    rec = _finish(marks, t0=0.0)
     assert rec.error == "the server did not notice the interruption"
-    assert rec.barge_in_ms is None and rec.barge_in_cancel_ms == 2000.0
+    assert rec.barge_in_ms is None and rec.barge_in_cancel_ms is None and not rec.truncated
+    never = _barge([(10.7, {"type": "response.created", "response": {"id": "r"}}),
+                    (11.0, _audio("r", 0.5))], onset=None)
+    assert _finish(never, t0=0.0).error == "the reply was never interrupted"
 
-    not_cancelled = _barge([
+
+def test_a_server_side_truncation_waits_for_the_cancelled_response_done() -> None:
+    script = [
         (10.7, {"type": "response.created", "response": {"id": "r"}}),
         (11.0, _audio("r", 3.0)),
-        (12.3, {"type": "input_audio_buffer.speech_started"}),
-        (14.0, {"type": "response.done", "response": {"id": "r", "status": "completed"}}),
-    ])
-    assert _finish(not_cancelled, t0=0.0).error == (
-        "the interrupted reply ended completed, not cancelled")
+        (12.2, {"type": "input_audio_buffer.speech_started"}),
+        (12.3, {"type": "conversation.item.truncated"}),
+    ]
+    marks = _barge(script)
+    assert not marks.finished.is_set()  # response.done (cancelled) is still to come
+    on_event({"type": "response.done", "response": {"id": "r", "status": "cancelled"}},
+             12.4, marks)
+    assert marks.finished.is_set()
+    assert _finish(marks, t0=0.0).barge_in_cancel_ms == 400.0
