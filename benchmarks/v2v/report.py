@@ -212,12 +212,14 @@ def _barge_in_rows(report: Report) -> list[tuple[str, ...]]:
     for g in report.barge_in:
         recs = [r for r in report.records if r.phase == "barge_in" and r.mode == g.mode]
         truncated = sum(bool(r.truncated) for r in recs)
+        by_client = sum(bool(r.truncated and r.client_truncate) for r in recs)
         rows.append((g.mode, f"{g.turns - g.errors}/{g.turns}",
                      fmt_ms(_stat(g, "barge_in_ms", "p50")), fmt_ms(_stat(g, "barge_in_ms", "p90")),
                      fmt_ms(_stat(g, "barge_in_cancel_ms", "p50")),
                      fmt_ms(_stat(g, "barge_in_cancel_ms", "p90")),
                      fmt_ms(_stat(g, "barge_in_audio_after_ms", "p50")),
-                     f"{truncated}/{len(recs)}"))
+                     f"{truncated}/{len(recs)}"
+                     + (f" ({by_client} asked by the client)" if by_client else "")))
     return rows
 
 
@@ -234,8 +236,10 @@ def _barge_in_section(report: Report) -> list[str]:
             "frame of the interruption: *noticed* = `input_audio_buffer.speech_started` (a "
             "client stops playback there), *cancelled* = the interrupted reply's "
             "`response.done`; *audio after* = reply audio still received after "
-            "speech_started (sent, then thrown away); *truncated* = the server cut the "
-            "assistant item to what was heard (`conversation.item.truncated`).", "",
+            "speech_started (sent, then thrown away); *truncated* = the assistant item was "
+            "cut to what was heard (`conversation.item.truncated`): by the server when it "
+            "cancels, or at the client's `conversation.item.truncate` when the server had "
+            "already sent the whole reply (no cancel time then).", "",
             *_table(BARGE_IN_HEADER, _barge_in_rows(report)), "",
             *([f"Failures: {'; '.join(sorted(set(errors)))}.", ""] if errors else [])]
 

@@ -166,6 +166,7 @@ def test_barge_in_section_and_terminal_table() -> None:
         rec = turn(mode, 700.0, phase="barge_in")
         rec.barge_in_ms, rec.barge_in_cancel_ms = noticed, cancelled
         rec.barge_in_audio_after_ms, rec.truncated = 100.0, truncated
+        rec.client_truncate = noticed == 80.0
         records.append(rec)
     failed = turn("serial", 700.0, phase="barge_in", error="the reply ended before the "
                   "interruption")
@@ -174,7 +175,7 @@ def test_barge_in_section_and_terminal_table() -> None:
     report.barge_in = group(records, "barge_in")
     md = rep.markdown(report)
     assert "## Barge-in" in md
-    assert "| streaming | 2/2 | 70 | 78 | 240 | 256 | 100 | 2/2 |" in md
+    assert "| streaming | 2/2 | 70 | 78 | 240 | 256 | 100 | 2/2 (1 asked by the client) |" in md
     assert "| serial | 1/2 | 90 | 90 | 300 | 300 | 100 | 0/2 |" in md
     assert "Failures: the reply ended before the interruption." in md
     console = Console(record=True, width=160)
