@@ -75,8 +75,10 @@ def _progress_label(rec: TurnRecord) -> str:
     if rec.error:
         return f"{where}: error {rec.error[:60]}"
     if rec.phase == "barge_in":
-        return (f"{where}: barge-in noticed {rec.barge_in_ms:.0f} ms, "
-                f"cancelled {rec.barge_in_cancel_ms or 0:.0f} ms")
+        ended = ("reply sent in full, truncated by the client" if rec.client_truncate
+                 else f"cancelled {rec.barge_in_cancel_ms:.0f} ms"
+                 if rec.barge_in_cancel_ms is not None else "not cancelled")
+        return f"{where}: barge-in noticed {rec.barge_in_ms:.0f} ms, {ended}"
     return f"{where}: v2v {rec.first_audio_ms:.0f} ms, gaps {rec.gap_total_ms:.0f} ms"
 
 
