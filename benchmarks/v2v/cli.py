@@ -18,7 +18,7 @@ from benchmarks.v2v.client import LEAD_S, PreparedClip, TurnOptions
 from benchmarks.v2v.corpus import INTERRUPT, Clip, builtin_clip, builtin_corpus, wav_clip
 from benchmarks.v2v.machine import machine_info
 from benchmarks.v2v.options import BUILTIN_CLIPS, USAGE, add_arguments
-from benchmarks.v2v.records import BenchConfig, Report, TurnRecord
+from benchmarks.v2v.records import BenchConfig, MachineInfo, Report, TurnRecord
 from benchmarks.v2v.runner import Schedule, levels_up_to, run
 
 
@@ -104,6 +104,7 @@ def run_bench(args: argparse.Namespace) -> int:
     out = args.out or Path("out/bench") / datetime.datetime.now(datetime.UTC).strftime(
         "%Y%m%d-%H%M%S")
     started = time.perf_counter()
+    machine = machine_info()  # before the run: the commit that is measured
     with _target(args.url, api_key, args.serve_arg) as url:
         headers = {"Authorization": f"Bearer {api_key}"}
         if args.dialect == "beta":
@@ -133,7 +134,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
             records = asyncio.run(run(opts, prepared, schedule, advance, interrupt))
     report = build_report(records, clips, schedule, args, target=url,
-                          wall_s=time.perf_counter() - started)
+                          wall_s=time.perf_counter() - started, machine=machine)
     files = report_mod.write_report(report, out)
     report_mod.print_summary(report, console)
     for mode in report.realtime_limit:
@@ -148,7 +149,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedule,
-                 args: argparse.Namespace, target: str, wall_s: float) -> Report:
+                 args: argparse.Namespace, target: str, wall_s: float,
+                 machine: MachineInfo | None = None) -> Report:
     config = BenchConfig(target=target, embedded=not args.url, modes=list(schedule.modes),
                          rounds=schedule.rounds, clips=[c.info for c in clips],
                          concurrency=list(schedule.concurrency),
@@ -159,8 +161,8 @@ def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedul
                          gap_threshold_ms=args.gap_threshold_ms, lead_ms=LEAD_S * 1000)
     compare = stats.group(records, "compare")
     sweep = stats.group(records, "sweep")
-    return Report(machine=machine_info(), config=config, records=records, compare=compare,
-                  ratio=stats.ratios(compare), sweep=sweep,
+    return Report(machine=machine or machine_info(), config=config, records=records,
+                  compare=compare, ratio=stats.ratios(compare), sweep=sweep,
                   barge_in=stats.group(records, "barge_in"),
                   realtime_limit=stats.realtime_limit(sweep), wall_s=round(wall_s, 1))
 
