@@ -62,6 +62,10 @@ def _schedule(args: argparse.Namespace) -> Schedule:
 @contextlib.contextmanager
 def _target(url: str | None, api_key: str, serve_args: list[str]) -> Iterator[str]:
     if url:
+        # http(s):// is what people copy from a deployment; the API is the same host.
+        for http, ws in (("http://", "ws://"), ("https://", "wss://")):
+            if url.startswith(http):
+                url = ws + url.removeprefix(http)
         yield url
         return
     from orchestrator.launcher import serve_process

@@ -1,0 +1,46 @@
+"""`cascade bench` argument handling (no server, no models)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from benchmarks.v2v.cli import _schedule, _target
+from benchmarks.v2v.options import add_arguments
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_schedule_from_flags() -> None:
+    s = _schedule(_args())
+    assert s.modes == ("streaming", "serial") and s.concurrency == (1, 2, 4)
+    assert s.sweep_modes == ("streaming",) and s.barge_in_rounds == 1 and s.warmup == 1
+    s = _schedule(_args("--concurrency", "3,1,3", "--modes", "default", "--max-concurrency",
+                        "9"))
+    assert s.concurrency == (1, 3) and s.sweep_modes == ("default",)
+    s = _schedule(_args("--max-concurrency", "0"))
+    assert s.concurrency == () and s.sweep_modes == ()
+    assert s.total_turns(4) == 2 * 4 * 2 + 2
+
+
+@pytest.mark.parametrize("argv", [("--modes", ","), ("--concurrency", "1,x"),
+                                  ("--concurrency", "0,2"), ("--rounds", "0"),
+                                  ("--warmup", "-1"), ("--barge-in-rounds", "-2")])
+def test_bad_flags_exit_with_a_reason(argv: tuple[str, ...]) -> None:
+    with pytest.raises(SystemExit, match="cascade bench: "):
+        _schedule(_args(*argv))
+
+
+@pytest.mark.parametrize("given,used", [
+    ("http://127.0.0.1:8000/v1/realtime", "ws://127.0.0.1:8000/v1/realtime"),
+    ("https://voice.example.test/v1/realtime?model=m", "wss://voice.example.test/v1/realtime?model=m"),
+    ("wss://h/v1/realtime", "wss://h/v1/realtime"),
+])
+def test_http_urls_become_websocket_urls(given: str, used: str) -> None:
+    with _target(given, "k", []) as url:
+        assert url == used
