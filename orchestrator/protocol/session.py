@@ -132,6 +132,25 @@ class ToolChoiceFunction(WireModel):
 ToolChoice = ToolChoiceMode | ToolChoiceFunction
 
 
+class TruncationTokenLimits(CompactModel):
+    post_instructions: int | None = Field(default=None, ge=1)
+
+
+class RetentionRatioTruncation(CompactModel):
+    """OpenAI's ``truncation: {"type": "retention_ratio", ...}``: when the conversation no
+    longer fits, keep only ``retention_ratio`` of the post-instruction token budget
+    (``token_limits.post_instructions`` lowers that budget), so later turns do not trim
+    again at once."""
+
+    type: Literal["retention_ratio"]
+    retention_ratio: float = Field(ge=0.0, le=1.0)
+    token_limits: TruncationTokenLimits | None = None
+
+
+# "auto": drop the oldest messages that do not fit; "disabled": fail instead.
+Truncation = Literal["auto", "disabled"] | RetentionRatioTruncation
+
+
 class CascadeOptions(CompactModel):
     """cascade's extension: ``streaming`` overlaps ASR, LLM and TTS; ``serial`` is the
     baseline (full transcript, then full reply, then full synthesis)."""
@@ -219,10 +238,12 @@ class SessionConfig(WireModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_output_tokens: MaxTokens | None = None
     cascade: CascadeOptions | None = None
+    # How history is trimmed to the LLM's context window (orchestrator/context.py);
+    # None = "auto".
+    truncation: Truncation | None = None
     # Accepted for compatibility, not acted on:
     include: list[str] | None = None
     tracing: JsonValue = None
-    truncation: JsonValue = None
     prompt: JsonValue = None
     parallel_tool_calls: bool | None = None
     reasoning: JsonValue = None
