@@ -33,7 +33,8 @@ class SessionBusy(StoreError):
 
 
 class LeaseLost(StoreError):
-    """The caller no longer holds the lease it tries to renew (expired or taken over)."""
+    """The caller no longer holds the lease it tries to renew, or to write under with
+    ``owner=`` (expired, released or taken over); a refused write changed nothing."""
 
     code = "lease_lost"
 

@@ -5,8 +5,10 @@ A connection takes the lease when it opens (or resumes) a session and renews it 
 process dies the renewals stop, the lease expires after ``lease_ttl_s`` and another
 process may resume the session. A renewal that finds the lease gone or taken over sets
 ``lost`` (and stops renewing): the connection must then stop writing and close, because a
-newer connection now owns the conversation. Transient store outages are retried until
-the lease would have expired anyway.
+newer connection now owns the conversation. The store enforces that: a write made with
+``owner=`` is refused with ``LeaseLost`` once the lease is not that owner's, even before
+the keeper notices. Transient store outages are retried until the lease would have
+expired anyway.
 """
 
 from __future__ import annotations

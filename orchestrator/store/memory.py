@@ -4,7 +4,8 @@ Same semantics as the Redis backend, including idle TTLs and leases. Expiry is l
 session past its deadline is dropped when next touched, and all expired sessions are swept
 when the ``max_sessions`` bound is reached. One ``asyncio.Lock`` makes every operation
 atomic; none of them awaits anything else while holding it, and each costs at most
-O(max_items) (an insert into a bounded list), so the lock is never held for long.
+O(max_items) (an insert into a bounded list), so the lock is never held for long. A fenced
+write (``owner=...``) checks the lease under that same lock, before it changes anything.
 """
 
 from __future__ import annotations
@@ -103,6 +104,15 @@ class MemoryStore:
             raise SessionBusy("the session is held by another live connection")
         session.lease = _Lease(owner, self._clock() + self.settings.lease_ttl_s)
 
+    def _fence(self, session: _Session, owner: str | None) -> None:
+        """Refuse a write by ``owner`` unless it holds the live lease (None: unfenced)."""
+        if owner is None:
+            return
+        check_owner(owner)
+        lease = self._live_lease(session)
+        if lease is None or lease.owner != owner:
+            raise LeaseLost("the lease expired or was taken over")
+
     def _check_bytes(self, session: _Session, total: int) -> None:
         if total > self.settings.max_session_bytes:
             raise StoreLimitError(f"the session's items would take {total} bytes, over the "
@@ -158,33 +168,40 @@ class MemoryStore:
             text = self._get(session_id).config
         return decode(text)
 
-    async def update_config(self, session_id: str, config: JsonObject) -> None:
+    async def update_config(self, session_id: str, config: JsonObject, *,
+                            owner: str | None = None) -> None:
         text = encode(as_dict(config, "config"), "config", self.settings.max_config_bytes)
         async with self._lock:
             session = self._get(session_id)
+            self._fence(session, owner)
             session.config = text
             self._refresh(session)
 
-    async def touch(self, session_id: str) -> None:
+    async def touch(self, session_id: str, *, owner: str | None = None) -> None:
         async with self._lock:
-            self._refresh(self._get(session_id))
+            session = self._get(session_id)
+            self._fence(session, owner)
+            self._refresh(session)
 
-    async def delete_session(self, session_id: str) -> bool:
+    async def delete_session(self, session_id: str, *, owner: str | None = None) -> bool:
         async with self._lock:
             try:
-                self._get(session_id)
+                session = self._get(session_id)
             except SessionNotFound:
                 return False
+            self._fence(session, owner)
             del self._sessions[session_id]
             return True
 
     # -- items ------------------------------------------------------------------------
 
     async def append_item(self, session_id: str, item: JsonObject,
-                          previous_item_id: str | None = None) -> int:
+                          previous_item_id: str | None = None, *,
+                          owner: str | None = None) -> int:
         item_id, text, size = encode_item(item, self.settings.max_item_bytes)
         async with self._lock:
             session = self._get(session_id)
+            self._fence(session, owner)
             if item_id in session.items:
                 raise ItemExists(f"item {item_id!r} already exists")
             if len(session.order) >= self.settings.max_items:
@@ -206,10 +223,12 @@ class MemoryStore:
             self._refresh(session)
             return position
 
-    async def update_item(self, session_id: str, item_id: str, item: JsonObject) -> None:
+    async def update_item(self, session_id: str, item_id: str, item: JsonObject, *,
+                          owner: str | None = None) -> None:
         item_id, text, size = encode_item(item, self.settings.max_item_bytes, item_id)
         async with self._lock:
             session = self._get(session_id)
+            self._fence(session, owner)
             if item_id not in session.items:
                 raise ItemNotFound(f"item {item_id!r} not found")
             total = session.item_bytes - session.sizes[item_id] + size
@@ -219,9 +238,11 @@ class MemoryStore:
             session.item_bytes = total
             self._refresh(session)
 
-    async def delete_item(self, session_id: str, item_id: str) -> None:
+    async def delete_item(self, session_id: str, item_id: str, *,
+                          owner: str | None = None) -> None:
         async with self._lock:
             session = self._get(session_id)
+            self._fence(session, owner)
             if not isinstance(item_id, str) or session.items.pop(item_id, None) is None:
                 raise ItemNotFound(f"item {item_id!r} not found")
             session.order.remove(item_id)
@@ -244,11 +265,13 @@ class MemoryStore:
 
     # -- turn state -------------------------------------------------------------------
 
-    async def set_turn_state(self, session_id: str, state: JsonObject) -> None:
+    async def set_turn_state(self, session_id: str, state: JsonObject, *,
+                             owner: str | None = None) -> None:
         text = encode(as_dict(state, "turn state"), "turn state",
                       self.settings.max_turn_state_bytes)
         async with self._lock:
             session = self._get(session_id)
+            self._fence(session, owner)
             session.turn_state = text
             self._refresh(session)
 

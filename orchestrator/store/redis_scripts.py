@@ -14,12 +14,20 @@ The meta hash marks a live session. Every write refreshes the idle TTL of keys 1
 the same script, so a session's keys always expire together. Scripts answer a table whose
 first element is a status word (``ok``, ``notfound``, ``busy`` ...); the Python side maps
 it to the store's errors.
+
+Every write script takes a fence owner as its last ARGV ('' for an unfenced write). Right
+after the session check, ``fenced(owner)`` compares it with the lease key and the script
+answers ``lost`` before it writes anything: the check and the write are one atomic step,
+so a connection whose lease was taken over (or lapsed: the key expired) cannot write.
 """
 
 from __future__ import annotations
 
 _PRELUDE = """
 local function alive() return redis.call('EXISTS', KEYS[1]) == 1 end
+local function fenced(owner)
+  return owner ~= '' and redis.call('GET', KEYS[5]) ~= owner
+end
 local function refresh(ttl)
   for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
 end
@@ -68,9 +76,10 @@ return snapshot({'ok'})
 """
 
 # ARGV: item id, item JSON, mode ('end'/'root'/'after'), previous id, ttl ms, max items,
-# max session bytes -> {'ok', position}
+# max session bytes, fence owner -> {'ok', position}
 APPEND = _PRELUDE + """
 if not alive() then return {'notfound'} end
+if fenced(ARGV[8]) then return {'lost'} end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return {'exists'} end
 local n = redis.call('LLEN', KEYS[2])
 if n >= tonumber(ARGV[6]) then return {'limit', n} end
@@ -94,9 +103,10 @@ refresh(ARGV[5])
 return {'ok', pos}
 """
 
-# ARGV: item id, item JSON, ttl ms, max session bytes
+# ARGV: item id, item JSON, ttl ms, max session bytes, fence owner
 UPDATE_ITEM = _PRELUDE + """
 if not alive() then return {'notfound'} end
+if fenced(ARGV[5]) then return {'lost'} end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then return {'noitem'} end
 local total = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
   - redis.call('HSTRLEN', KEYS[3], ARGV[1]) + string.len(ARGV[2])
@@ -107,9 +117,10 @@ refresh(ARGV[3])
 return {'ok'}
 """
 
-# ARGV: item id, ttl ms
+# ARGV: item id, ttl ms, fence owner
 DELETE_ITEM = _PRELUDE + """
 if not alive() then return {'notfound'} end
+if fenced(ARGV[3]) then return {'lost'} end
 local size = redis.call('HSTRLEN', KEYS[3], ARGV[1])
 if redis.call('HDEL', KEYS[3], ARGV[1]) == 0 then return {'noitem'} end
 redis.call('HINCRBY', KEYS[1], 'bytes', -size)
@@ -118,31 +129,36 @@ refresh(ARGV[2])
 return {'ok'}
 """
 
-# ARGV: config JSON, ttl ms
+# ARGV: config JSON, ttl ms, fence owner
 SET_CONFIG = _PRELUDE + """
 if not alive() then return {'notfound'} end
+if fenced(ARGV[3]) then return {'lost'} end
 redis.call('HSET', KEYS[1], 'config', ARGV[1])
 refresh(ARGV[2])
 return {'ok'}
 """
 
-# ARGV: turn state JSON, ttl ms
+# ARGV: turn state JSON, ttl ms, fence owner
 SET_TURN = _PRELUDE + """
 if not alive() then return {'notfound'} end
+if fenced(ARGV[3]) then return {'lost'} end
 redis.call('SET', KEYS[4], ARGV[1])
 refresh(ARGV[2])
 return {'ok'}
 """
 
-# ARGV: ttl ms
+# ARGV: ttl ms, fence owner
 TOUCH = _PRELUDE + """
 if not alive() then return {'notfound'} end
+if fenced(ARGV[2]) then return {'lost'} end
 refresh(ARGV[1])
 return {'ok'}
 """
 
+# ARGV: fence owner
 DELETE_SESSION = _PRELUDE + """
 local existed = alive()
+if existed and fenced(ARGV[1]) then return {'lost'} end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 if existed then return {'ok'} end
 return {'notfound'}

@@ -5,7 +5,8 @@ session id the cluster hash tag, so one session's keys live in one slot and a Lu
 may touch them all. Every operation is one script (see ``redis_scripts``), hence atomic
 with no WATCH retry loops, and every write refreshes the idle TTL of all the session's
 keys in the same step. Item order is a list of ids (insert-after is ``LINSERT``, bounded
-by ``max_items``), item bodies a hash.
+by ``max_items``), item bodies a hash. A write with ``owner=`` is fenced inside its script:
+the lease key is compared with the owner in the same atomic step as the write.
 
 Connection failures surface as ``StoreUnavailable``; after ``aclose()`` every call raises
 ``StoreClosed`` instead of silently reconnecting.
@@ -151,16 +152,18 @@ class RedisStore:
         reply = await self._run("GET_CONFIG_TURN", session_id)
         return decode(reply[1])
 
-    async def update_config(self, session_id: str, config: JsonObject) -> None:
+    async def update_config(self, session_id: str, config: JsonObject, *,
+                            owner: str | None = None) -> None:
         text = encode(as_dict(config, "config"), "config", self.settings.max_config_bytes)
-        await self._run("SET_CONFIG", session_id, text, self._ttl_ms)
+        await self._run("SET_CONFIG", session_id, text, self._ttl_ms, _fence(owner))
 
-    async def touch(self, session_id: str) -> None:
-        await self._run("TOUCH", session_id, self._ttl_ms)
+    async def touch(self, session_id: str, *, owner: str | None = None) -> None:
+        await self._run("TOUCH", session_id, self._ttl_ms, _fence(owner))
 
-    async def delete_session(self, session_id: str) -> bool:
+    async def delete_session(self, session_id: str, *, owner: str | None = None) -> bool:
+        fence = _fence(owner)
         try:
-            await self._run("DELETE_SESSION", session_id)
+            await self._run("DELETE_SESSION", session_id, fence)
         except SessionNotFound:
             return False
         return True
@@ -168,8 +171,10 @@ class RedisStore:
     # -- items ------------------------------------------------------------------------
 
     async def append_item(self, session_id: str, item: JsonObject,
-                          previous_item_id: str | None = None) -> int:
+                          previous_item_id: str | None = None, *,
+                          owner: str | None = None) -> int:
         item_id, text, _ = encode_item(item, self.settings.max_item_bytes)
+        fence = _fence(owner)
         if previous_item_id is None:
             mode, prev = "end", ""
         elif previous_item_id == ROOT:
@@ -181,26 +186,30 @@ class RedisStore:
         try:
             reply = await self._run("APPEND", session_id, item_id, text, mode, prev,
                                     self._ttl_ms, str(self.settings.max_items),
-                                    str(self.settings.max_session_bytes))
+                                    str(self.settings.max_session_bytes), fence)
         except ItemExists as exc:
             raise ItemExists(f"item {item_id!r} already exists") from exc
         except ItemNotFound as exc:
             raise ItemNotFound(f"previous item {previous_item_id!r} not found") from exc
         return int(reply[1])
 
-    async def update_item(self, session_id: str, item_id: str, item: JsonObject) -> None:
+    async def update_item(self, session_id: str, item_id: str, item: JsonObject, *,
+                          owner: str | None = None) -> None:
         item_id, text, _ = encode_item(item, self.settings.max_item_bytes, item_id)
+        fence = _fence(owner)
         try:
             await self._run("UPDATE_ITEM", session_id, item_id, text, self._ttl_ms,
-                            str(self.settings.max_session_bytes))
+                            str(self.settings.max_session_bytes), fence)
         except ItemNotFound as exc:
             raise ItemNotFound(f"item {item_id!r} not found") from exc
 
-    async def delete_item(self, session_id: str, item_id: str) -> None:
+    async def delete_item(self, session_id: str, item_id: str, *,
+                          owner: str | None = None) -> None:
+        fence = _fence(owner)
         if not isinstance(item_id, str):
             raise ItemNotFound(f"item {item_id!r} not found")
         try:
-            await self._run("DELETE_ITEM", session_id, item_id, self._ttl_ms)
+            await self._run("DELETE_ITEM", session_id, item_id, self._ttl_ms, fence)
         except ItemNotFound as exc:
             raise ItemNotFound(f"item {item_id!r} not found") from exc
 
@@ -219,10 +228,11 @@ class RedisStore:
 
     # -- turn state -------------------------------------------------------------------
 
-    async def set_turn_state(self, session_id: str, state: JsonObject) -> None:
+    async def set_turn_state(self, session_id: str, state: JsonObject, *,
+                             owner: str | None = None) -> None:
         text = encode(as_dict(state, "turn state"), "turn state",
                       self.settings.max_turn_state_bytes)
-        await self._run("SET_TURN", session_id, text, self._ttl_ms)
+        await self._run("SET_TURN", session_id, text, self._ttl_ms, _fence(owner))
 
     async def get_turn_state(self, session_id: str) -> dict[str, Any] | None:
         reply = await self._run("GET_CONFIG_TURN", session_id)
@@ -251,6 +261,12 @@ class RedisStore:
             return
         self._closed = True
         await self._redis.aclose()
+
+
+def _fence(owner: str | None) -> str:
+    """A write's fence argument for the scripts: the owner, or '' for an unfenced write
+    (so an empty owner must be refused here, not taken as "unfenced")."""
+    return check_owner(owner) if owner is not None else ""
 
 
 _ERRORS: dict[str, type[StoreError]] = {

@@ -3,11 +3,13 @@ so every behavioural test runs against both backends."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
 from orchestrator.store import MemoryStore, SessionStore, StoreSettings
 from orchestrator.store.redis_store import RedisStore
@@ -52,3 +54,21 @@ async def make_store(backend: str, request: pytest.FixtureRequest) -> AsyncItera
     yield make
     for store in opened:
         await store.aclose()
+
+
+async def raw_state(store: SessionStore, session_id: str) -> object:
+    """Everything the backend keeps of one session, to compare before and after a refused
+    write: for Redis each key's ``DUMP`` bytes and absolute expiry (``PEXPIRETIME``, so a
+    re-armed TTL shows), for memory a deep copy of the session record (with its deadline
+    and lease). Equal results mean nothing changed, not even a TTL."""
+    if isinstance(store, RedisStore):
+        assert store.settings.redis_url is not None
+        raw = aioredis.Redis.from_url(store.settings.redis_url)
+        try:
+            keys = store._keys(session_id)
+            return [(await raw.dump(key), await raw.pexpiretime(key))
+                    for key in keys]
+        finally:
+            await raw.aclose()
+    assert isinstance(store, MemoryStore)
+    return copy.deepcopy(store._sessions.get(session_id))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -19,10 +20,11 @@ from orchestrator.store import (
     LeaseLost,
     SessionBusy,
     SessionNotFound,
+    SessionStore,
     StoreClosed,
     StoreLimitError,
 )
-from tests.orchestrator.store.conftest import StoreFactory
+from tests.orchestrator.store.conftest import StoreFactory, raw_state
 
 CONFIG = {"instructions": "Be brief.", "voice": "joe", "turn_detection": {"type": "server_vad"}}
 
@@ -350,3 +352,133 @@ async def test_session_byte_bound_counts_updates_and_deletes(make_store: StoreFa
     await store.delete_item(sid, "i1")
     await store.append_item(sid, big[3])
     assert ids(await store.list_items(sid)) == ["i0", "i2", "small", "i3"]
+
+
+# -- fencing: a write with owner= applies only while that owner holds the lease ----------
+
+def fenced_writes(store: SessionStore, sid: str,
+                  owner: str) -> dict[str, Callable[[], Awaitable[object]]]:
+    """One call of every write method (and of each append mode), all by ``owner``, each of
+    which would change the session if it were applied. The session has items a and b."""
+    return {
+        "update_config": lambda: store.update_config(sid, {"voice": "stolen"}, owner=owner),
+        "append_item": lambda: store.append_item(sid, msg("stolen"), owner=owner),
+        "append_item root": lambda: store.append_item(sid, msg("stolen"),
+                                                      previous_item_id=ROOT, owner=owner),
+        "append_item after": lambda: store.append_item(sid, msg("stolen"),
+                                                       previous_item_id="a", owner=owner),
+        "update_item": lambda: store.update_item(sid, "a", msg("a", "stolen"), owner=owner),
+        "delete_item": lambda: store.delete_item(sid, "b", owner=owner),
+        "set_turn_state": lambda: store.set_turn_state(sid, {"phase": "stolen"}, owner=owner),
+        "touch": lambda: store.touch(sid, owner=owner),
+        "delete_session": lambda: store.delete_session(sid, owner=owner),
+        # the fence comes before the checks on stored state: no ItemNotFound / ItemExists
+        "update_item missing": lambda: store.update_item(sid, "nope", msg("nope"),
+                                                         owner=owner),
+        "delete_item missing": lambda: store.delete_item(sid, "nope", owner=owner),
+        "append_item existing": lambda: store.append_item(sid, msg("a"), owner=owner),
+    }
+
+
+async def assert_every_write_refused(store: SessionStore, sid: str, owner: str) -> None:
+    """Each fenced write raises LeaseLost and leaves the stored session exactly as it was
+    (items, config, turn state, lease and TTLs)."""
+    before = await raw_state(store, sid)
+    assert before is not None
+    for name, write in fenced_writes(store, sid, owner).items():
+        with pytest.raises(LeaseLost) as refused:
+            await write()
+        assert refused.value.code == "lease_lost", name
+        assert await raw_state(store, sid) == before, f"{name} changed the session"
+
+
+async def seeded(store: SessionStore, owner: str | None) -> tuple[str, str]:
+    sid, token = await store.create_session(CONFIG, owner=owner)
+    for name in "ab":
+        await store.append_item(sid, msg(name), owner=owner)
+    await store.set_turn_state(sid, {"phase": "speaking"}, owner=owner)
+    return sid, token
+
+
+async def test_fenced_writes_by_the_lease_holder_apply(make_store: StoreFactory) -> None:
+    store = await make_store()
+    sid, token = await seeded(store, owner="conn-1")
+    assert await store.append_item(sid, msg("first"), previous_item_id=ROOT,
+                                   owner="conn-1") == 0
+    assert await store.append_item(sid, msg("c"), previous_item_id="a", owner="conn-1") == 2
+    await store.update_item(sid, "a", msg("a", "edited"), owner="conn-1")
+    await store.delete_item(sid, "b", owner="conn-1")
+    await store.update_config(sid, {**CONFIG, "voice": "other"}, owner="conn-1")
+    await store.set_turn_state(sid, {"phase": "listening"}, owner="conn-1")
+    await store.touch(sid, owner="conn-1")
+    # the holder gets the usual errors, and its refused writes change nothing either
+    with pytest.raises(ItemNotFound):
+        await store.update_item(sid, "missing", msg("missing"), owner="conn-1")
+    with pytest.raises(ItemExists):
+        await store.append_item(sid, msg("a"), owner="conn-1")
+    snap = await store.resume(sid, token, owner="conn-1")
+    assert snap.items == [msg("first"), msg("a", "edited"), msg("c")]
+    assert snap.config == {**CONFIG, "voice": "other"}
+    assert snap.turn_state == {"phase": "listening"}
+    assert await store.lease_owner(sid) == "conn-1"
+    # owner=None stays unfenced whoever holds the lease (tests, tools)
+    await store.append_item(sid, msg("d"))
+    await store.set_turn_state(sid, {"phase": "tool"})
+    assert ids(await store.list_items(sid)) == ["first", "a", "c", "d"]
+    assert await store.delete_session(sid, owner="conn-1") is True
+    assert await store.delete_session(sid, owner="conn-1") is False
+
+
+async def test_a_taken_over_owner_can_write_nothing(make_store: StoreFactory) -> None:
+    old = await make_store()  # two stores on one state: two processes
+    new = await make_store()
+    sid, token = await seeded(old, owner="conn-1")
+    await new.resume(sid, token, owner="conn-2", takeover=True)
+    await assert_every_write_refused(old, sid, "conn-1")
+    await assert_every_write_refused(new, sid, "conn-1")
+    assert await new.lease_owner(sid) == "conn-2"
+    snap = await new.resume(sid, token, owner="conn-2")
+    assert snap.items == [msg("a"), msg("b")] and snap.config == CONFIG
+    assert snap.turn_state == {"phase": "speaking"}
+    # the new owner writes as usual
+    assert await new.append_item(sid, msg("c"), owner="conn-2") == 2
+    await new.update_item(sid, "a", msg("a", "mine"), owner="conn-2")
+    await new.set_turn_state(sid, {"phase": "listening"}, owner="conn-2")
+    assert ids(await old.list_items(sid)) == ["a", "b", "c"]
+    # taking it back makes the old owner the writer again, and refuses the other
+    await old.acquire_lease(sid, "conn-1", takeover=True)
+    await old.delete_item(sid, "c", owner="conn-1")
+    with pytest.raises(LeaseLost):
+        await new.append_item(sid, msg("d"), owner="conn-2")
+    assert ids(await new.list_items(sid)) == ["a", "b"]
+
+
+async def test_a_lapsed_lease_refuses_fenced_writes(make_store: StoreFactory) -> None:
+    store = await make_store(lease_ttl_s=0.5)
+    sid, _ = await seeded(store, owner="conn-1")
+    await asyncio.sleep(0.9)  # the owner stopped renewing: the lease expired
+    assert await store.lease_owner(sid) is None
+    await assert_every_write_refused(store, sid, "conn-1")
+    await store.append_item(sid, msg("c"))  # unfenced still works
+    await store.acquire_lease(sid, "conn-1")  # taken again, by anyone: writes again
+    assert await store.append_item(sid, msg("d"), owner="conn-1") == 3
+
+
+async def test_released_or_never_taken_lease_refuses_fenced_writes(
+        make_store: StoreFactory) -> None:
+    store = await make_store()
+    sid, _ = await seeded(store, owner="conn-1")
+    await store.release_lease(sid, "conn-1")
+    assert await store.lease_owner(sid) is None
+    await assert_every_write_refused(store, sid, "conn-1")
+    unleased, _ = await seeded(store, owner=None)
+    await assert_every_write_refused(store, unleased, "conn-1")
+    # an empty owner is a programming error, never "unfenced"
+    await store.acquire_lease(unleased, "conn-1")
+    before = await raw_state(store, unleased)
+    for write in (store.append_item(unleased, msg("x"), owner=""),
+                  store.set_turn_state(unleased, {"phase": "x"}, owner=""),
+                  store.touch(unleased, owner="")):
+        with pytest.raises(ValueError):
+            await write
+    assert await raw_state(store, unleased) == before
