@@ -12,12 +12,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks.v2v import conversation_stats, stats
 from benchmarks.v2v import report as report_mod
-from benchmarks.v2v import stats
 from benchmarks.v2v.client import LEAD_S, PreparedClip, TurnOptions
 from benchmarks.v2v.corpus import INTERRUPT, Clip, builtin_clip, builtin_corpus, wav_clip
 from benchmarks.v2v.machine import machine_info
-from benchmarks.v2v.options import BUILTIN_CLIPS, USAGE, add_arguments
+from benchmarks.v2v.options import (
+    BUILTIN_CLIPS,
+    DEFAULT_CONVERSATION_GAPS,
+    DEFAULT_CONVERSATION_TURNS,
+    QUICK_CONVERSATION_GAPS,
+    QUICK_CONVERSATION_TURNS,
+    USAGE,
+    add_arguments,
+)
 from benchmarks.v2v.records import BenchConfig, MachineInfo, Report, TurnRecord
 from benchmarks.v2v.runner import Schedule, levels_up_to, run
 
@@ -54,9 +62,36 @@ def _schedule(args: argparse.Namespace) -> Schedule:
         raise SystemExit("cascade bench: --rounds and --sweep-turns must be >= 1")
     if args.warmup < 0 or args.barge_in_rounds < 0:
         raise SystemExit("cascade bench: --warmup and --barge-in-rounds must be >= 0")
+    turns, gaps, rounds = _conversation(args)
     return Schedule(modes=modes, rounds=args.rounds, concurrency=levels, warmup=args.warmup,
                     barge_in_rounds=args.barge_in_rounds,
-                    sweep_modes=sweep_modes if levels else (), sweep_turns=args.sweep_turns)
+                    sweep_modes=sweep_modes if levels else (), sweep_turns=args.sweep_turns,
+                    conversation_rounds=rounds, conversation_turns=turns,
+                    conversation_gaps=gaps)
+
+
+def _conversation(args: argparse.Namespace) -> tuple[int, tuple[float, ...], int]:
+    """(turns per connection, gaps, connections per mode); (0, (), 0) when skipped."""
+    quick = args.quick
+    turns = args.conversation_turns
+    if turns is None:
+        turns = QUICK_CONVERSATION_TURNS if quick else DEFAULT_CONVERSATION_TURNS
+    text = args.conversation_gaps
+    if text is None:
+        text = QUICK_CONVERSATION_GAPS if quick else DEFAULT_CONVERSATION_GAPS
+    try:
+        gaps = tuple(float(x) for x in _csv(text))
+    except ValueError:
+        raise SystemExit("cascade bench: --conversation-gaps takes seconds, e.g. 1,3,65"
+                         ) from None
+    if turns < 0 or args.conversation_rounds < 0 or any(g < 0 for g in gaps):
+        raise SystemExit("cascade bench: --conversation-turns, --conversation-rounds and "
+                         "--conversation-gaps must be >= 0")
+    if turns > 1 and not gaps:
+        raise SystemExit("cascade bench: --conversation-gaps is empty")
+    if args.no_conversation or turns == 0 or args.conversation_rounds == 0:
+        return 0, (), 0
+    return turns, gaps, args.conversation_rounds
 
 
 @contextlib.contextmanager
@@ -76,6 +111,12 @@ def _target(url: str | None, api_key: str, serve_args: list[str]) -> Iterator[st
 
 def _progress_label(rec: TurnRecord) -> str:
     where = f"{rec.phase} {rec.mode} x{rec.concurrency} {rec.clip}"
+    if rec.phase == "conversation":
+        gap = "" if rec.gap_before_s is None else f" after {rec.gap_before_s:.0f} s"
+        where = f"conversation {rec.mode} turn {rec.turn_index}{gap} {rec.clip}"
+        if not rec.replied:
+            return f"{where}: NO REPLY: {(rec.error or 'no spoken reply')[:80]}"
+        return f"{where}: v2v {rec.first_audio_ms:.0f} ms, gaps {rec.gap_total_ms:.0f} ms"
     if rec.error:
         return f"{where}: error {rec.error[:60]}"
     if rec.phase == "barge_in":
@@ -88,6 +129,7 @@ def _progress_label(rec: TurnRecord) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
@@ -119,9 +161,12 @@ def run_bench(args: argparse.Namespace) -> int:
                            transcription_model=args.transcription_model or None,
                            gap_threshold_s=args.gap_threshold_ms / 1000,
                            reply_timeout_s=args.reply_timeout)
+        talk = (f"{schedule.conversation_turns} turns, gaps "
+                f"{','.join(f'{g:g}' for g in schedule.conversation_gaps) or '-'} s"
+                if schedule.conversation_turns else "off")
         console.print(f"cascade bench: {url} · modes {', '.join(schedule.modes)} · "
-                      f"{len(clips)} clip(s) x {schedule.rounds} round(s) · sweep "
-                      f"{list(schedule.concurrency) or 'off'}")
+                      f"{len(clips)} clip(s) x {schedule.rounds} round(s) · conversation "
+                      f"{talk} · sweep {list(schedule.concurrency) or 'off'}")
         total = schedule.total_turns(len(clips))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console,
@@ -144,12 +189,14 @@ def run_bench(args: argparse.Namespace) -> int:
     for mode in report.realtime_limit:
         console.print(report_mod.limit_sentence(report, mode))
     console.print(f"report: {out}/ ({', '.join(sorted(p.name for p in files.values()))})")
-    failed = [r for r in records if r.phase == "compare" and not r.replied]
-    if failed:
-        console.print(f"[red]{len(failed)} compare-phase turn(s) got no spoken reply: "
-                      f"{failed[0].error}[/red]")
-        return 2
-    return 0
+    code = 0
+    for phase in ("compare", "conversation"):
+        failed = [r for r in records if r.phase == phase and not r.replied]
+        if failed:
+            console.print(f"[red]{len(failed)} {phase}-phase turn(s) got no spoken reply: "
+                          f"{escape(failed[0].error or 'no audio')}[/red]")
+            code = 2
+    return code
 
 
 def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedule,
@@ -160,6 +207,9 @@ def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedul
                          concurrency=list(schedule.concurrency),
                          sweep_rounds=schedule.sweep_turns, warmup=schedule.warmup,
                          barge_in_rounds=schedule.barge_in_rounds,
+                         conversation_rounds=schedule.conversation_rounds,
+                         conversation_turns=schedule.conversation_turns,
+                         conversation_gaps_s=list(schedule.conversation_gaps),
                          max_output_tokens=args.max_output_tokens or None,
                          instructions=args.instructions, dialect=args.dialect,
                          gap_threshold_ms=args.gap_threshold_ms, lead_ms=LEAD_S * 1000)
@@ -168,6 +218,7 @@ def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedul
     return Report(machine=machine or machine_info(), config=config, records=records,
                   compare=compare, ratio=stats.ratios(compare), sweep=sweep,
                   barge_in=stats.group(records, "barge_in"),
+                  conversation=conversation_stats.summarize(records),
                   realtime_limit=stats.realtime_limit(sweep), wall_s=round(wall_s, 1))
 
 

@@ -57,6 +57,7 @@ class Marks:
     truncated: bool = False  # conversation.item.truncated arrived
     client_truncate: bool = False  # the client had to ask for it (the reply was complete)
     server: dict[str, float | None] | None = None
+    speculative_hit: bool | None = None  # from cascade.turn.timings, when reported
     error: str | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     # The reply to the whole turn (barge-in: the reply being interrupted).
@@ -120,6 +121,8 @@ def on_event(event: dict[str, Any], now: float, marks: Marks) -> None:
     elif kind == "cascade.turn.timings":
         if marks.server is None:
             marks.server = {k: v for k, v in event.items() if k.endswith("_ms")}
+            hit = event.get("speculative_hit")
+            marks.speculative_hit = hit if isinstance(hit, bool) else None
         if marks.answer is not None and not marks.barge_in:
             marks.finished.set()
     elif kind == "error":
@@ -170,6 +173,7 @@ def finish(record: TurnRecord, marks: Marks, text: str | None, gap_threshold_s: 
     record.gaps = [(round((at - eos) * 1000, 1), round(length * 1000, 1))
                    for at, length in zip(player.gap_starts, player.gaps, strict=True)]
     record.server = marks.server
+    record.speculative_hit = marks.speculative_hit
     if record.error is None and answer.first_audio is None:
         record.error = "the reply had no audio"
     if marks.barge_in:

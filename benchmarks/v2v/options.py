@@ -9,6 +9,7 @@ USAGE = """``cascade bench``: voice-to-voice latency over the Realtime WebSocket
 
     cascade bench                       # embedded: starts `cascade serve`, ~5 min on 2 CPUs
     cascade bench --quick               # one clip, one round, sweep 1-2 (a smoke run)
+    cascade bench --conversation-turns 30 --conversation-gaps 2,5,95   # long conversations
     cascade bench --url ws://host:8000/v1/realtime --api-key KEY
     cascade bench --url wss://.../v1/realtime?model=M --modes default   # any Realtime server
     cascade bench --wav me.wav --wav you.wav   # your recordings (me.txt: its transcript)
@@ -21,6 +22,12 @@ DEFAULT_INSTRUCTIONS = "You are a helpful voice assistant. Answer in one or two 
 # Spoken replies are short; a cap also keeps a small model from rambling for 30 s, which
 # would make the run long without telling more about latency.
 DEFAULT_MAX_OUTPUT_TOKENS = 60
+# The conversation phase: turns per connection and the silences before turns 2, 3, ...
+# (seconds; 65 s is longer than the 60 s of uncommitted input a server may hold).
+DEFAULT_CONVERSATION_TURNS = 6
+DEFAULT_CONVERSATION_GAPS = "1,3,8,65,2"
+QUICK_CONVERSATION_TURNS = 3
+QUICK_CONVERSATION_GAPS = "1,2"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +54,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--barge-in-rounds", type=int, default=1,
                    help="turns per mode where the user talks over the reply 1 s into it "
                    "(0: none; default: %(default)s)")
+    p.add_argument("--conversation-turns", type=int,
+                   help="user turns per connection in the conversation phase (default: "
+                   f"{DEFAULT_CONVERSATION_TURNS}; with --quick: {QUICK_CONVERSATION_TURNS})")
+    p.add_argument("--conversation-gaps",
+                   help="seconds of streamed silence before turns 2, 3, ... (repeated when "
+                   f"shorter; default: {DEFAULT_CONVERSATION_GAPS}; with --quick: "
+                   f"{QUICK_CONVERSATION_GAPS})")
+    p.add_argument("--conversation-rounds", type=int, default=1,
+                   help="conversations (connections) per mode (default: %(default)s)")
+    p.add_argument("--no-conversation", action="store_true",
+                   help="skip the conversation phase")
     p.add_argument("--gap-threshold-ms", type=float, default=20.0,
                    help="playback underruns shorter than this are not gaps")
     p.add_argument("--reply-timeout", type=float, default=60.0,
@@ -66,5 +84,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-arg", action="append", default=[],
                    help="extra argument for the embedded `cascade serve` (repeatable)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny run: one clip, one round, sweep 1-2 with one turn per session")
+                   help="tiny run: one clip, one round, a 3-turn conversation with short "
+                   "gaps, sweep 1-2 with one turn per session")
     p.add_argument("--out", type=Path, help="report folder (default: out/bench/<time>)")

@@ -22,6 +22,7 @@ from benchmarks.v2v.stats import percentile
 LATENCY_CDF = "latency_cdf.png"
 CONCURRENCY = "concurrency.png"
 WATERFALL = "waterfall.png"
+CONVERSATION = "conversation.png"
 
 WATERFALL_MAX_ROWS = 24
 # Waterfall segments: (label, record field that ends the segment), starting at EoS.
@@ -237,12 +238,65 @@ def waterfall(report: Report) -> Figure | None:
     return fig
 
 
+# --- conversation: v2v by turn index --------------------------------------------------------
+
+def _conversation_records(report: Report) -> list[TurnRecord]:
+    return [r for r in report.records if r.phase == "conversation" and r.turn_index is not None]
+
+
+def conversation(report: Report) -> Figure | None:
+    """v2v of each turn of each connection against its position in the conversation; a
+    turn without a reply is a red cross on the top edge, the silence before each turn is
+    written under its index."""
+    records = _conversation_records(report)
+    if not records:
+        return None
+    modes = _modes(report, records)
+    colors = _mode_colors(modes)
+    fig = Figure(figsize=(9, 4.8))
+    ax = fig.add_subplot()
+    replied = [r.first_audio_ms for r in records if r.replied and r.first_audio_ms is not None]
+    top = max(replied, default=1000.0) * 1.15
+    failed_label = False
+    for mode in modes:
+        mine = [r for r in records if r.mode == mode]
+        for n, conn in enumerate(dict.fromkeys(r.connection_id for r in mine)):
+            turns = sorted((r for r in mine if r.connection_id == conn),
+                           key=lambda r: r.turn_index or 0)
+            ok = [(r.turn_index, r.first_audio_ms) for r in turns
+                  if r.replied and r.turn_index is not None and r.first_audio_ms is not None]
+            ax.plot([i for i, _ in ok], [v for _, v in ok], "o-", color=colors[mode],
+                    alpha=0.9 if n == 0 else 0.5, label=mode if n == 0 else None)
+            bad = [r.turn_index for r in turns if not r.replied and r.turn_index is not None]
+            if bad:
+                ax.plot(bad, [top] * len(bad), "x", color=GAP_COLOR, markersize=10,
+                        markeredgewidth=2, clip_on=False,
+                        label=None if failed_label else "no reply (failed turn)")
+                failed_label = True
+    indexes = sorted({r.turn_index for r in records if r.turn_index is not None})
+    gaps: dict[int, float] = {}
+    for r in records:
+        if r.turn_index is not None and r.gap_before_s is not None:
+            gaps[r.turn_index] = max(gaps.get(r.turn_index, 0.0), r.gap_before_s)
+    ax.set_xticks(indexes, [f"{i}\n+{gaps[i]:.0f} s" if i in gaps else str(i)
+                            for i in indexes])
+    ax.set_ylim(0, top * 1.05)
+    ax.set_xlabel("turn of the connection (silence before it)")
+    ax.set_ylabel("voice-to-voice (ms after end of speech)")
+    ax.set_title("Voice-to-voice by turn of a conversation (one connection per line)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 # --- entry points ------------------------------------------------------------------------
 
 BUILDERS: dict[str, Callable[[Report], Figure | None]] = {
     LATENCY_CDF: latency_cdf,
     CONCURRENCY: concurrency,
     WATERFALL: waterfall,
+    CONVERSATION: conversation,
 }
 
 
@@ -255,6 +309,8 @@ def planned(report: Report) -> list[str]:
         out.append(CONCURRENCY)
     if _waterfall_rows(report):
         out.append(WATERFALL)
+    if _conversation_records(report):
+        out.append(CONVERSATION)
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 # The per-turn latencies, in waterfall order. v2v is ``first_audio_ms``.
 LATENCY_METRICS: tuple[str, ...] = (
@@ -27,9 +27,13 @@ BARGE_IN_METRICS: tuple[str, ...] = (
     "barge_in_cancel_ms",       # response.done (cancelled) of the interrupted reply, if any
     "barge_in_audio_after_ms",  # reply audio still received after speech_started
 )
-SUMMARY_METRICS: tuple[str, ...] = LATENCY_METRICS + REPLY_METRICS + BARGE_IN_METRICS
+# Derived per turn: voice-to-voice minus the client-seen speech_stopped, i.e. the work the
+# server does after it decided the user had finished (transcript, LLM, first phrase).
+DERIVED_METRICS: tuple[str, ...] = ("after_endpoint_ms",)
+SUMMARY_METRICS: tuple[str, ...] = (LATENCY_METRICS + DERIVED_METRICS + REPLY_METRICS
+                                    + BARGE_IN_METRICS)
 
-Phase = Literal["compare", "sweep", "barge_in"]
+Phase = Literal["compare", "sweep", "barge_in", "conversation"]
 
 
 class ClipInfo(BaseModel):
@@ -82,11 +86,32 @@ class TurnRecord(BaseModel):
     # The reply had been sent completely, so the client asked for the truncation
     # (conversation.item.truncate), as a Realtime WebSocket client should.
     client_truncate: bool | None = None
+    # The server's cascade.turn.timings said whether the speculative LLM start was used
+    # for this reply (None: not reported, e.g. not cascade or no timings asked for).
+    speculative_hit: bool | None = None
+    # Conversation turns only (phase "conversation"): many turns on one connection.
+    connection_id: str | None = None  # the bench's name for the connection
+    session_id: str | None = None  # the server's session id (session.created), if sent
+    turn_index: int | None = None  # 1 for the connection's first turn
+    # Silence streamed in real time between the previous turn's end (its response.done,
+    # or its failure) and this turn's leading silence; None for a connection's first turn.
+    gap_before_s: float | None = None
+    gap_errors: int = 0  # error events the server sent during that silence
+    gap_error: str | None = None  # the first of them
     error: str | None = None
 
     @property
     def replied(self) -> bool:
         return self.error is None and self.first_audio_ms is not None and self.audio_chunks > 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def after_endpoint_ms(self) -> float | None:
+        """Voice-to-voice minus the client-seen ``speech_stopped``: what the server spends
+        after its endpoint decision (None unless both arrived)."""
+        if self.first_audio_ms is None or self.speech_stopped_ms is None:
+            return None
+        return round(self.first_audio_ms - self.speech_stopped_ms, 1)
 
 
 class MetricStats(BaseModel):
@@ -114,6 +139,47 @@ class GroupSummary(BaseModel):
     metrics: dict[str, MetricStats]  # keyed by SUMMARY_METRICS names present
 
 
+class TurnIndexSummary(BaseModel):
+    """The turns at one position of the conversations of one mode."""
+
+    turn_index: int  # 1: the connection's first turn
+    gap_before_s: float | None  # the longest silence before this turn (None for turn 1)
+    turns: int
+    replied: int
+    v2v_p50: float | None = None  # voice-to-voice of the replied turns
+    errors: list[str] = Field(default_factory=list)  # distinct reasons of the failed turns
+
+
+class ConversationSummary(BaseModel):
+    """One mode's conversations: many turns on one connection, with gaps of silence."""
+
+    mode: str
+    connections: int
+    turns: int
+    replied: int
+    failed: int  # turns that got no spoken reply (an error, a deaf or dead server)
+    first_turn: MetricStats | None = None  # v2v of each connection's turn 1
+    later_turns: MetricStats | None = None  # v2v of turns 2..N
+    # Turns right after a silence of at least LONG_GAP_S (the server's old input limit).
+    long_gap_turns: int = 0
+    long_gap_replied: int = 0
+    after_long_gap: MetricStats | None = None  # v2v of those that replied
+    # The server's speculative_hit over the turns it reported it for (true or false).
+    speculative_hits: int = 0
+    speculative_reported: int = 0
+    after_endpoint: MetricStats | None = None  # v2v - speech_stopped, replied turns
+    by_turn: list[TurnIndexSummary] = Field(default_factory=list)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def speculative_hit_rate(self) -> float | None:
+        """Share of the reported turns whose reply was the speculative one (None: the
+        server reported none)."""
+        if not self.speculative_reported:
+            return None
+        return round(self.speculative_hits / self.speculative_reported, 3)
+
+
 class MachineInfo(BaseModel):
     date: str  # ISO 8601, UTC
     cpu: str
@@ -137,6 +203,11 @@ class BenchConfig(BaseModel):
     max_output_tokens: int | None = None  # reply cap sent in session.update
     instructions: str = ""
     dialect: str = "ga"
+    # Conversation phase: connections per mode, turns per connection, and the silences
+    # between turns (seconds before turn 2, 3, ...; cycled when shorter).
+    conversation_rounds: int = 0
+    conversation_turns: int = 0
+    conversation_gaps_s: list[float] = Field(default_factory=list)
     gap_threshold_ms: float  # underruns shorter than this are not counted as gaps
     # Real-time silence streamed before each clip; silence then follows the clip until the
     # reply is done, like an open microphone.
@@ -153,6 +224,7 @@ class Report(BaseModel):
     ratio: dict[str, dict[str, float]] = Field(default_factory=dict)
     sweep: list[GroupSummary] = Field(default_factory=list)  # one per (mode, concurrency)
     barge_in: list[GroupSummary] = Field(default_factory=list)  # one per mode
+    conversation: list[ConversationSummary] = Field(default_factory=list)  # one per mode
     # Per mode: the largest swept concurrency at which replies stayed real-time (None:
     # not even the first level was real-time).
     realtime_limit: dict[str, int | None] = Field(default_factory=dict)

@@ -11,12 +11,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from benchmarks.v2v import plots
+from benchmarks.v2v.conversation_stats import LONG_GAP_S
 from benchmarks.v2v.records import (
+    DERIVED_METRICS,
     LATENCY_METRICS,
     REPLY_METRICS,
+    ConversationSummary,
     GroupSummary,
     MetricStats,
     Report,
+    TurnRecord,
 )
 from benchmarks.v2v.stats import REALTIME_MAX_GAP_SHARE, metric_stats
 
@@ -31,6 +35,7 @@ LABELS: dict[str, str] = {
     "first_text_ms": "first reply text",
     "first_audio_ms": "voice-to-voice (first audio)",
     "done_ms": "response.done",
+    "after_endpoint_ms": "work after the endpoint (v2v - speech_stopped)",
     "reply_audio_ms": "reply audio",
     "gap_total_ms": "gap total",
     "gap_max_ms": "longest gap",
@@ -39,12 +44,15 @@ LABELS: dict[str, str] = {
 # The rows of the compact terminal table.
 TERMINAL_METRICS: tuple[str, ...] = (
     "speech_stopped_ms", "final_transcript_ms", "first_text_ms", "first_audio_ms", "done_ms",
-    "gap_total_ms",
+    "after_endpoint_ms", "gap_total_ms",
 )
+NOT_AVAILABLE = "n/a"  # the server did not report it
+MAX_FAILURE_LINES = 8  # failed conversation turns listed under the terminal tables
 PLOT_TITLES: dict[str, str] = {
     plots.LATENCY_CDF: "Voice-to-voice latency CDF",
     plots.CONCURRENCY: "Concurrency sweep",
     plots.WATERFALL: "Per-turn stage waterfall",
+    plots.CONVERSATION: "Voice-to-voice by turn of a conversation",
 }
 
 
@@ -89,6 +97,18 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def fmt_hits(hits: int, reported: int) -> str:
+    """Speculation hits over the turns the server reported on; n/a when it reported none."""
+    if not reported:
+        return NOT_AVAILABLE
+    return f"{hits}/{reported} ({100 * hits / reported:.0f} %)"
+
+
+def _speculation(records: Iterable[TurnRecord]) -> str:
+    reported = [r.speculative_hit for r in records if r.speculative_hit is not None]
+    return fmt_hits(sum(reported), len(reported))
+
+
 def _ratio_header(report: Report) -> str | None:
     return "serial / streaming (p50 / p90)" if report.ratio else None
 
@@ -126,6 +146,10 @@ def _config(report: Report) -> list[str]:
              f"- rounds: {c.rounds} per mode and clip",
              f"- concurrency sweep: {sweep}"
              + (f" ({plural(c.sweep_rounds, 'round')} per session)" if c.concurrency else ""),
+             f"- conversations: {plural(c.conversation_rounds, 'connection')} per mode x "
+             f"{plural(c.conversation_turns, 'turn')}, silences before turns 2, 3, ...: "
+             f"{_gaps_text(c.conversation_gaps_s)}" if c.conversation_turns
+             else "- conversations: none",
              f"- gap threshold: {fmt_ms(c.gap_threshold_ms)} ms",
              f"- silence before each clip: {fmt_ms(c.lead_ms)} ms (then silence until the "
              "reply is done, like an open microphone)"]
@@ -153,7 +177,7 @@ def _compare_section(report: Report) -> list[str]:
     if ratio_header:
         header.append(ratio_header)
     rows: list[list[str]] = []
-    for metric in LATENCY_METRICS + REPLY_METRICS:
+    for metric in LATENCY_METRICS + DERIVED_METRICS + REPLY_METRICS:
         if not any(metric in g.metrics for g in groups):
             continue
         row = [LABELS[metric]] + [fmt_value(metric, _stat(g, metric, q))
@@ -166,10 +190,12 @@ def _compare_section(report: Report) -> list[str]:
         lines += ["Only one mode was measured, so there is no comparison.", ""]
     counts = [(g.mode, str(g.turns), str(g.replied), str(g.errors), str(g.gap_turns),
                str(g.early_endpoints),
-               MISSING if g.wer_mean is None else f"{100 * g.wer_mean:.1f} %")
+               MISSING if g.wer_mean is None else f"{100 * g.wer_mean:.1f} %",
+               _speculation(r for r in report.records
+                            if r.phase == "compare" and r.mode == g.mode))
               for g in groups]
     lines += [*_table(("mode", "turns", "replied", "errors", "turns with gaps",
-                       "ended early", "transcript WER"), counts), ""]
+                       "ended early", "transcript WER", "speculation hits"), counts), ""]
     return [*lines, *_per_clip(report)]
 
 
@@ -191,6 +217,98 @@ def _per_clip(report: Report) -> list[str]:
         rows.append(row)
     header = ["clip"] + [f"{m} {what} p50" for m in modes for what in ("v2v", "done")]
     return ["Per clip:", "", *_table(header, rows), ""]
+
+
+def _stats_cell(stats: MetricStats | None, q: str) -> str:
+    return fmt_ms(None if stats is None else float(getattr(stats, q)))
+
+
+def _long_gap_cell(c: ConversationSummary) -> str:
+    if not c.long_gap_turns:
+        return MISSING
+    if not c.long_gap_replied:
+        return f"no reply (0/{c.long_gap_turns})"
+    cell = _stats_cell(c.after_long_gap, "p50")
+    if c.long_gap_replied < c.long_gap_turns:
+        cell += f" ({c.long_gap_replied}/{c.long_gap_turns} replied)"
+    return cell
+
+
+def _conversation_rows(report: Report) -> list[tuple[str, ...]]:
+    return [(c.mode, f"{c.replied}/{c.turns}", str(c.failed),
+             _stats_cell(c.first_turn, "p50"), _stats_cell(c.first_turn, "p90"),
+             _stats_cell(c.later_turns, "p50"), _stats_cell(c.later_turns, "p90"),
+             _long_gap_cell(c), fmt_hits(c.speculative_hits, c.speculative_reported),
+             _stats_cell(c.after_endpoint, "p50"))
+            for c in report.conversation]
+
+
+CONVERSATION_HEADER = ("mode", "replied", "failed", "turn 1 p50", "turn 1 p90",
+                       "later turns p50", "later turns p90",
+                       f"after a gap >= {LONG_GAP_S:.0f} s", "speculation hits",
+                       "after endpoint p50")
+
+
+def _gaps_text(gaps: Sequence[float]) -> str:
+    return ", ".join(f"{g:g}" for g in gaps) + " s" if gaps else MISSING
+
+
+def _turn_cell(report: Report, mode: str, index: int) -> str:
+    c = next((c for c in report.conversation if c.mode == mode), None)
+    row = None if c is None else next((t for t in c.by_turn if t.turn_index == index), None)
+    if row is None:
+        return MISSING
+    if not row.replied:
+        return "no reply"
+    cell = fmt_ms(row.v2v_p50)
+    return cell if row.replied == row.turns else f"{cell} ({row.replied}/{row.turns})"
+
+
+def _silence_before(report: Report, index: int) -> str:
+    gaps = [t.gap_before_s for c in report.conversation for t in c.by_turn
+            if t.turn_index == index and t.gap_before_s is not None]
+    return f"{max(gaps):.1f} s" if gaps else MISSING
+
+
+def _conversation_failures(report: Report) -> list[str]:
+    lines = []
+    for r in report.records:
+        if r.phase != "conversation" or r.replied:
+            continue
+        gap = "" if r.gap_before_s is None else f", after {r.gap_before_s:.0f} s of silence"
+        line = (f"- {r.mode} {r.connection_id} turn {r.turn_index} ({r.clip}{gap}): "
+                f"{r.error or 'no spoken reply'}")
+        if r.gap_errors:
+            line += (f"; {plural(r.gap_errors, 'error event')} during the silence before it"
+                     f" (first: {r.gap_error})")
+        lines.append(line)
+    return lines
+
+
+def _conversation_section(report: Report) -> list[str]:
+    if not report.conversation:
+        return []
+    c = report.config
+    modes = [s.mode for s in report.conversation]
+    indexes = sorted({t.turn_index for s in report.conversation for t in s.by_turn})
+    by_turn = [[str(i), _silence_before(report, i), *(_turn_cell(report, m, i) for m in modes)]
+               for i in indexes]
+    failures = _conversation_failures(report)
+    return ["## Conversations", "",
+            f"{plural(c.conversation_rounds, 'connection')} per mode, "
+            f"{plural(c.conversation_turns, 'user turn')} on each; between turns the client "
+            "keeps streaming silence in real time, like an open microphone "
+            f"({_gaps_text(c.conversation_gaps_s)} before turns 2, 3, ...). Voice-to-voice, "
+            "ms after end of speech; turn 1 is the connection's first turn. A turn without "
+            "a spoken reply is a failure, with the server's reason below. *speculation "
+            "hits*: replies the server started speculatively and kept "
+            "(`cascade.turn.timings`; n/a: not reported). *after endpoint*: v2v minus the "
+            "client-seen `speech_stopped`, the server's work after it decided the turn "
+            "was over.", "",
+            *_table(CONVERSATION_HEADER, _conversation_rows(report)), "",
+            "By turn (v2v p50, ms; *no reply*: the turn failed):", "",
+            *_table(["turn", "silence before", *modes], by_turn), "",
+            *(["Failed turns:", "", *failures, ""] if failures else [])]
 
 
 def _sweep_section(report: Report) -> list[str]:
@@ -257,6 +375,12 @@ def _how_to_read() -> list[str]:
         "the first audio chunk and plays in real time; whenever the next chunk is late, the "
         "listener hears silence.",
         f"- **real-time**: every turn got a reply and at most {share} of turns had a gap.",
+        "- **work after the endpoint** = v2v - speech_stopped: what the server spends once "
+        "it has decided the user finished (final transcript, LLM first token, first phrase "
+        "of speech); the endpoint itself is the speech_stopped delay.",
+        "- **conversations**: turn 1 is a connection's first turn; later turns come after "
+        f"gaps of streamed silence (\"after a gap >= {LONG_GAP_S:.0f} s\": the turn right "
+        "after a silence longer than a minute). Failed turns stay in the counts.",
         "",
     ]
 
@@ -277,8 +401,8 @@ def markdown(report: Report, images: Sequence[str] | None = None) -> str:
         images = plots.planned(report)
     lines = ["# cascade bench: voice-to-voice latency", "",
              *_machine(report), *_config(report), *_compare_section(report),
-             *_barge_in_section(report), *_sweep_section(report), *_how_to_read(),
-             *_plots_section(images)]
+             *_conversation_section(report), *_barge_in_section(report),
+             *_sweep_section(report), *_how_to_read(), *_plots_section(images)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -310,6 +434,17 @@ def terminal_table(report: Report) -> list[Table]:
         latency.add_row("replied / turns", *[c for r in replied for c in (r, "")],
                         *([""] if report.ratio else []))
         tables.append(latency)
+    if report.conversation:
+        talk = Table(title="Conversation: voice-to-voice by turn (ms after end of speech)",
+                     title_justify="left")
+        for name in CONVERSATION_HEADER:
+            talk.add_column(escape(name), justify="left" if name == "mode" else "right")
+        for row, summary in zip(_conversation_rows(report), report.conversation, strict=True):
+            cells = [escape(c) for c in row]
+            if summary.failed:
+                cells[2] = f"[red]{cells[2]}[/red]"
+            talk.add_row(*cells)
+        tables.append(talk)
     if report.barge_in:
         barge = Table(title="Barge-in (ms from the interrupting speech)", title_justify="left")
         for name in BARGE_IN_HEADER:
@@ -337,6 +472,11 @@ def print_summary(report: Report, console: Console | None = None) -> None:
     console = console or Console()
     for table in terminal_table(report):
         console.print(table)
+    failures = _conversation_failures(report)
+    for line in failures[:MAX_FAILURE_LINES]:
+        console.print(f"[red]{escape(line)}[/red]")
+    if len(failures) > MAX_FAILURE_LINES:
+        console.print(f"[red]... {len(failures) - MAX_FAILURE_LINES} more in summary.md[/red]")
 
 
 # --- files -------------------------------------------------------------------------------

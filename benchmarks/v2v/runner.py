@@ -1,9 +1,12 @@
-"""The benchmark's schedule: modes compared turn by turn, then a concurrency sweep.
+"""The benchmark's schedule: modes compared turn by turn, conversations, barge-in, then a
+concurrency sweep.
 
 Compare phase: one session at a time; every round speaks every clip once per mode, the
 mode order alternating between rounds, so machine noise (another process, a thermal
-dip) hits every mode alike. Sweep phase: N simultaneous sessions (each speaking its own
-sequence of clips, starts staggered across the first second) for each level N.
+dip) hits every mode alike. Conversation phase: per round and mode one connection with
+several turns and streamed silence between them (order alternating the same way).
+Sweep phase: N simultaneous sessions (each speaking its own sequence of clips, starts
+staggered across the first second) for each level N.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from benchmarks.v2v.client import PreparedClip, TurnOptions, run_turn
+from benchmarks.v2v.conversation import run_conversation
 from benchmarks.v2v.records import TurnRecord
 
 STAGGER_S = 1.0  # sweep sessions start spread over this window, not in lockstep
@@ -30,21 +34,28 @@ class Schedule:
     sweep_turns: int = 2  # turns per session at each level
     warmup: int = 1  # untimed turns first (model caches, allocator, JIT-ish first calls)
     barge_in_rounds: int = 1  # barge-in turns per mode
+    conversation_rounds: int = 0  # connections per mode in the conversation phase
+    conversation_turns: int = 0  # user turns per connection
+    conversation_gaps: tuple[float, ...] = ()  # seconds of silence before turns 2, 3, ...
 
     def total_turns(self, clips: int) -> int:
         compare = self.rounds * clips * len(self.modes)
+        conversation = self.conversation_rounds * self.conversation_turns * len(self.modes)
         barge_in = self.barge_in_rounds * len(self.modes)
         sweep = sum(self.concurrency) * self.sweep_turns * len(self.sweep_modes)
-        return compare + barge_in + sweep
+        return compare + conversation + barge_in + sweep
+
+    def mode_order(self, round_: int) -> tuple[str, ...]:
+        """The modes in the order round ``round_`` runs them (alternating)."""
+        return self.modes if round_ % 2 == 0 else tuple(reversed(self.modes))
 
 
 async def compare(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedule,
                   t0: float, progress: Progress) -> list[TurnRecord]:
     records = []
     for r in range(schedule.rounds):
-        order = schedule.modes if r % 2 == 0 else tuple(reversed(schedule.modes))
         for clip in clips:
-            for mode in order:
+            for mode in schedule.mode_order(r):
                 rec = await run_turn(opts, clip, mode, phase="compare", round_=r, t0=t0)
                 records.append(rec)
                 progress(rec)
@@ -57,12 +68,30 @@ async def barge_in(opts: TurnOptions, clips: Sequence[PreparedClip],
     """The user talks over the reply: each round asks one clip per mode, then interrupts."""
     records = []
     for r in range(schedule.barge_in_rounds):
-        order = schedule.modes if r % 2 == 0 else tuple(reversed(schedule.modes))
-        for mode in order:
+        for mode in schedule.mode_order(r):
             rec = await run_turn(opts, clips[r % len(clips)], mode, phase="barge_in",
                                  round_=r, t0=t0, interrupt=interrupt)
             records.append(rec)
             progress(rec)
+    return records
+
+
+def connection_id(mode: str, round_: int) -> str:
+    return f"{mode}-{round_ + 1}"
+
+
+async def conversations(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedule,
+                        t0: float, progress: Progress) -> list[TurnRecord]:
+    """Per round and mode one connection holding a conversation (see conversation.py)."""
+    records: list[TurnRecord] = []
+    if schedule.conversation_turns < 1:
+        return records
+    for r in range(schedule.conversation_rounds):
+        for mode in schedule.mode_order(r):
+            records += await run_conversation(
+                opts, clips, mode, turns=schedule.conversation_turns,
+                gaps=schedule.conversation_gaps, round_=r,
+                connection_id=connection_id(mode, r), t0=t0, progress=progress)
     return records
 
 
@@ -99,6 +128,7 @@ async def run(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedu
         await run_turn(opts, clips[i % len(clips)], schedule.modes[i % len(schedule.modes)],
                        phase="compare", t0=t0)
     records = await compare(opts, clips, schedule, t0, progress)
+    records += await conversations(opts, clips, schedule, t0, progress)
     if interrupt is not None:
         records += await barge_in(opts, clips, interrupt, schedule, t0, progress)
     records += await sweep(opts, clips, schedule, t0, progress)

@@ -26,6 +26,31 @@ def _check_turns(report: Report) -> None:
         assert rec.transcript and rec.wer is not None and rec.wer <= 0.25, rec.transcript
 
 
+def _check_conversation(report: Report) -> None:
+    """--quick: per mode one connection, 3 turns, 1 s and 2 s of streamed silence between."""
+    c = report.config
+    assert (c.conversation_rounds, c.conversation_turns, c.conversation_gaps_s) == (
+        1, 3, [1.0, 2.0])
+    for mode in ("streaming", "serial"):
+        turns = [r for r in report.records if r.phase == "conversation" and r.mode == mode]
+        assert [r.turn_index for r in turns] == [1, 2, 3]
+        assert {r.connection_id for r in turns} == {f"{mode}-1"}
+        assert len({r.session_id for r in turns}) == 1 and turns[0].session_id
+        assert turns[0].gap_before_s is None
+        for rec, gap in zip(turns[1:], (1.0, 2.0), strict=True):
+            assert rec.gap_before_s is not None and rec.gap_before_s >= gap
+        # The server reports whether each reply was the speculative one.
+        assert all(r.speculative_hit is not None for r in turns)
+        assert all(r.after_endpoint_ms is not None for r in turns)
+    assert [s.mode for s in report.conversation] == ["streaming", "serial"]
+    for summary in report.conversation:
+        assert (summary.turns, summary.replied, summary.failed) == (3, 3, 0)
+        assert summary.first_turn is not None and summary.first_turn.n == 1
+        assert summary.later_turns is not None and summary.later_turns.n == 2
+        assert summary.speculative_reported == 3 and summary.after_endpoint is not None
+        assert summary.long_gap_turns == 0  # --quick has no long gap
+
+
 def test_quick_embedded_run_writes_a_complete_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
@@ -41,9 +66,12 @@ def test_quick_embedded_run_writes_a_complete_report(tmp_path: Path) -> None:
     assert report.config.clips[0].pauses_ms  # the built-in corpus's mid-sentence pause
     phases = [(r.phase, r.mode, r.concurrency) for r in report.records]
     assert sorted(phases) == sorted([("compare", "streaming", 1), ("compare", "serial", 1),
+                                     *[("conversation", "streaming", 1)] * 3,
+                                     *[("conversation", "serial", 1)] * 3,
                                      ("barge_in", "streaming", 1), ("barge_in", "serial", 1),
                                      ("sweep", "streaming", 1), ("sweep", "streaming", 2),
                                      ("sweep", "streaming", 2)])
+    _check_conversation(report)
     _check_turns(report)
     for rec in report.records:
         # The 400 ms mid-sentence pause must not end the turn (server VAD waits 500 ms).
@@ -72,7 +100,8 @@ def test_quick_embedded_run_writes_a_complete_report(tmp_path: Path) -> None:
 
     summary = (out / "summary.md").read_text()
     assert "## Streaming vs serial" in summary and "## Barge-in" in summary
-    for png in ("latency_cdf.png", "concurrency.png", "waterfall.png"):
+    assert "## Conversations" in summary and "Failed turns" not in summary
+    for png in ("latency_cdf.png", "concurrency.png", "waterfall.png", "conversation.png"):
         data = (out / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n"), png
     assert "report:" in proc.stdout
@@ -90,7 +119,8 @@ def test_any_realtime_url_beta_dialect_and_user_wavs(tmp_path: Path) -> None:
     wav.write_bytes(wav_bytes(float_to_pcm16(resample(clip.pcm, 24_000, 16_000)), 16_000))
     wav.with_suffix(".txt").write_text(clip.info.text or "")
     common = ["--modes", "default", "--dialect", "beta", "--wav", str(wav), "--rounds", "1",
-              "--max-concurrency", "0", "--warmup", "0"]
+              "--max-concurrency", "0", "--warmup", "0", "--conversation-turns", "2",
+              "--conversation-gaps", "1"]
     with serve_process("--api-key", "sk-url-test") as base:
         url = base.replace("http://", "ws://") + "/v1/realtime"
         code = bench_main(["--url", url, "--api-key", "sk-url-test", *common,
@@ -104,13 +134,21 @@ def test_any_realtime_url_beta_dialect_and_user_wavs(tmp_path: Path) -> None:
     assert [c.name for c in report.config.clips] == ["my-turn"]
     assert report.config.clips[0].speech_end_ms == pytest.approx(clip.info.speech_end_ms,
                                                                  abs=30)
-    assert [r.phase for r in report.records] == ["compare", "barge_in"]
+    assert [r.phase for r in report.records] == ["compare", "conversation", "conversation",
+                                                 "barge_in"]
     assert report.sweep == []
     _check_turns(report)
     assert all(r.server is None for r in report.records)  # not asked for
-    barge = report.records[1]
+    # A conversation from standard events alone: no speculation report (n/a).
+    (talk,) = report.conversation
+    assert (talk.mode, talk.turns, talk.replied, talk.speculative_reported) == ("default", 2,
+                                                                                2, 0)
+    assert "| default | 2/2 | 0 |" in (tmp_path / "r" / "summary.md").read_text()
+    barge = report.records[3]
     assert barge.barge_in_ms is not None and barge.truncated is True  # beta names too
     # A refused connection is a failed turn with a reason, not a crash.
     assert bad_key == 2
     refused = Report.model_validate_json((tmp_path / "bad" / "report.json").read_text())
     assert refused.records[0].error and "403" in refused.records[0].error
+    # The refused conversation: both turns counted as failed, not dropped.
+    assert [(s.turns, s.failed) for s in refused.conversation] == [(2, 2)]

@@ -25,12 +25,45 @@ def test_schedule_from_flags() -> None:
     assert s.concurrency == (1, 3) and s.sweep_modes == ("default",)
     s = _schedule(_args("--max-concurrency", "0"))
     assert s.concurrency == () and s.sweep_modes == ()
-    assert s.total_turns(4) == 2 * 4 * 2 + 2
+    # compare 2 rounds x 4 clips x 2 modes, a 6-turn conversation per mode, barge-in.
+    assert s.total_turns(4) == 2 * 4 * 2 + 6 * 2 + 2
+
+
+def test_conversation_flags() -> None:
+    s = _schedule(_args())
+    assert (s.conversation_rounds, s.conversation_turns) == (1, 6)
+    assert s.conversation_gaps == (1.0, 3.0, 8.0, 65.0, 2.0)
+    assert max(s.conversation_gaps) > 60  # longer than the old 60 s input limit
+    quick = _args("--quick")
+    s = _schedule(quick)
+    assert (s.conversation_turns, s.conversation_gaps) == (3, (1.0, 2.0))
+    s = _schedule(_args("--quick", "--conversation-turns", "5", "--conversation-gaps", "0.5"))
+    assert (s.conversation_turns, s.conversation_gaps) == (5, (0.5,))
+    s = _schedule(_args("--conversation-turns", "30", "--conversation-gaps", "2,95",
+                        "--conversation-rounds", "2", "--max-concurrency", "0",
+                        "--barge-in-rounds", "0"))
+    assert (s.conversation_rounds, s.conversation_turns, s.conversation_gaps) == (
+        2, 30, (2.0, 95.0))
+    assert s.total_turns(1) == 2 * 1 * 2 + 2 * 30 * 2
+    assert s.mode_order(0) == ("streaming", "serial") == s.mode_order(1)[::-1]
+    for off in (("--no-conversation",), ("--conversation-turns", "0"),
+                ("--conversation-rounds", "0")):
+        s = _schedule(_args(*off))
+        assert (s.conversation_rounds, s.conversation_turns, s.conversation_gaps) == (
+            0, 0, ()), off
+    # One turn needs no gaps.
+    assert _schedule(_args("--conversation-turns", "1", "--conversation-gaps", "")
+                     ).conversation_turns == 1
 
 
 @pytest.mark.parametrize("argv", [("--modes", ","), ("--concurrency", "1,x"),
                                   ("--concurrency", "0,2"), ("--rounds", "0"),
-                                  ("--warmup", "-1"), ("--barge-in-rounds", "-2")])
+                                  ("--warmup", "-1"), ("--barge-in-rounds", "-2"),
+                                  ("--conversation-turns", "-1"),
+                                  ("--conversation-gaps", "1,x"),
+                                  ("--conversation-gaps", "1,-3"),
+                                  ("--conversation-gaps", ","),
+                                  ("--conversation-rounds", "-1")])
 def test_bad_flags_exit_with_a_reason(argv: tuple[str, ...]) -> None:
     with pytest.raises(SystemExit, match="cascade bench: "):
         _schedule(_args(*argv))

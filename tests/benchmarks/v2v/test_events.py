@@ -202,3 +202,21 @@ def test_a_server_side_truncation_waits_for_the_cancelled_response_done() -> Non
              12.4, marks)
     assert marks.finished.is_set()
     assert _finish(marks, t0=0.0).barge_in_cancel_ms == 400.0
+
+
+def test_the_server_says_whether_the_reply_was_speculative() -> None:
+    for reported, expect in ((True, True), (False, False), (None, None), ("yes", None)):
+        marks = _play([
+            (10.50, {"type": "input_audio_buffer.speech_stopped"}),
+            (10.60, {"type": "response.created", "response": {"id": "r1"}}),
+            (11.00, _audio("r1", 0.5)),
+            (11.10, {"type": "response.done", "response": {"id": "r1", "status": "completed"}}),
+            (11.11, {"type": "cascade.turn.timings", "response_id": "r1",
+                     "speculative_hit": reported, "endpoint_ms": 500.0}),
+        ])
+        rec = _finish(marks, t0=9.0)
+        assert rec.speculative_hit is expect, reported
+        assert rec.server == {"endpoint_ms": 500.0}
+        assert rec.after_endpoint_ms == 500.0  # v2v 1000 - speech_stopped 500
+    assert _finish(_play([(10.6, {"type": "response.created", "response": {"id": "r"}})]),
+                   t0=9.0).speculative_hit is None  # not reported at all
