@@ -2,8 +2,12 @@
 record of what was sent, so a barge-in keeps only the words the listener heard.
 
 Pacing: audio is released in ``slice_ms`` slices, never more than ``lead_ms`` ahead of
-the listener's playback clock (which starts when the first slice is sent). A client thus
-holds at most ``lead_ms`` of unplayed audio, and an interruption discards at most that.
+the listener's playback. The listener is modelled as a client that starts playing a slice
+as soon as it arrives and plays in real time: its playback clock advances only while it
+has audio, so after a gap in synthesis (an underrun) it is behind wall time by the length
+of the gap. ``played_ms()`` is that position: the audio sent minus what is still queued
+at the client. A client thus holds at most ``lead_ms`` of unplayed audio, and an
+interruption discards at most that.
 
 Heard text: each sent chunk is recorded with its start on the playback timeline. Given a
 playback position (our estimate at barge-in, or the client's own ``audio_end_ms`` from
@@ -40,6 +44,7 @@ class Playout:
         self._clock = clock
         self._sleep = sleep
         self._t0: float | None = None  # when the first slice went out
+        self._drained_at = 0.0  # clock time at which the client will have played it all
         self.sent_ms = 0.0  # audio handed to the client so far
         self._sent: list[_Sent] = []
 
@@ -47,12 +52,16 @@ class Playout:
     def started(self) -> bool:
         return self._t0 is not None
 
-    def played_ms(self) -> float:
-        """Estimated playback position: real time since the first slice, capped at what
-        was sent (the client cannot play audio it has not received)."""
+    def queued_ms(self) -> float:
+        """Audio sent but not yet played by the listener (what a barge-in discards)."""
         if self._t0 is None:
             return 0.0
-        return min(self.sent_ms, (self._clock() - self._t0) * 1000.0)
+        return max(0.0, (self._drained_at - self._clock()) * 1000.0)
+
+    def played_ms(self) -> float:
+        """Estimated playback position: the audio sent minus what the client still
+        queues (its clock stood still through every underrun)."""
+        return self.sent_ms - self.queued_ms()
 
     async def send(self, chunk: TtsChunk, write: Callable[[bytes], Awaitable[None]]) -> None:
         """Send one chunk's audio in paced slices through ``write``."""
@@ -62,13 +71,16 @@ class Playout:
         audio = memoryview(chunk.audio)
         for i in range(0, len(audio), self._slice_bytes):
             piece = audio[i:i + self._slice_bytes]
-            if self._t0 is None:
-                self._t0 = self._clock()
-            ahead = self.sent_ms - (self._clock() - self._t0) * 1000.0
+            ahead = self.queued_ms()
             if ahead > self.lead_ms:
                 await self._sleep((ahead - self.lead_ms) / 1000.0)
             await write(bytes(piece))
-            self.sent_ms += len(piece) / 2 / self.sample_rate * 1000.0
+            now = self._clock()
+            if self._t0 is None:
+                self._t0 = now
+            ms = len(piece) / 2 / self.sample_rate * 1000.0
+            self._drained_at = max(self._drained_at, now) + ms / 1000.0
+            self.sent_ms += ms
 
     def heard_text(self, position_ms: float | None = None) -> str:
         """The reply text the listener heard by ``position_ms`` (default: now)."""

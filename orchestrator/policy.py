@@ -13,16 +13,31 @@ Read top-down, this is the whole timing behaviour of a turn in streaming mode:
 3. Resume.     If the user speaks again before the endpoint, revision r is cancelled
                (LLM request aborted, TTS stream closed); step 2 may fire again later.
 4. Endpoint.   After ``silence_duration_ms`` of silence the turn ends (speech_stopped).
-               ASR finalizes — nearly free, since the last decode already covered the
-               speech. If the final transcript equals the speculative text (after
+               ASR finalizes in the background (VAD and barge-in keep running on the
+               next frames) — nearly free, since the last decode already covered the
+               speech; past ``asr_finalize_s`` the turn ends on the newest hypothesis.
+               If the final transcript equals the speculative text (after
                normalization), revision r is *released*: its buffered audio goes out at
-               once. Otherwise r is cancelled and r+1 starts on the final text.
+               once. Otherwise r is cancelled and r+1 starts on the final text. A turn
+               that reaches ``max_turn_ms`` of audio is ended the same way (a user who
+               never pauses, or a noisy line, cannot fill the input buffer).
 5. Reply out.  Released audio is paced at real time plus ``playout_lead_ms`` (see
                ``playout.py``); the LLM keeps generating and TTS keeps synthesizing ahead
                of playback.
 6. Barge-in.   Voiced speech of at least ``barge_in_min_ms`` while a reply plays cancels
                LLM and TTS at that VAD decision, and the assistant item keeps only the
                words already played (TTS word timings x audio sent).
+
+7. Deadlines.  No step waits on a stage without one (``StageDeadlines``): audio reaches
+               ASR through a bounded buffer, never blocking the VAD; an ASR stream that
+               does not open, falls behind or fails ends its turn on the hypothesis so
+               far; an LLM with no first token (or a stall between tokens) and a TTS
+               that owes audio and produces none fail that response only (status
+               ``failed``, an ``error`` event), and the next turn starts afresh.
+
+Positions are on one clock: the session's 16 kHz input stream (samples since the session
+started). Each turn's ASR stream records where it started on that clock, so "the
+hypothesis covers the speech" means the same on turn 30 as on turn 1.
 
 Control signals (speech_started/stopped, cancel, truncate) are never delayed or dropped
 by an interruption; reply data (text deltas, audio) is what an interruption cancels.
@@ -52,11 +67,26 @@ class OverlapPolicy:
     barge_in_min_ms: int = 200
     min_speech_ms: int = 64
     playout_lead_ms: int = 300
+    # Longest turn (server VAD): at this much audio the turn is ended as if the user paused.
+    max_turn_ms: int = 60_000
 
     @property
     def speculation_enabled(self) -> bool:
         return (self.speculative and not self.serial and self.create_response
                 and self.speculative_pause_ms < self.silence_duration_ms)
+
+
+@dataclass(frozen=True)
+class StageDeadlines:
+    """How long a turn waits on each stage (seconds). Defaults are sized for the CPU
+    default under a few concurrent sessions; GPU deployments can cut them."""
+
+    asr_open_s: float = 5.0  # open a streaming ASR session
+    asr_finalize_s: float = 3.0  # final transcript after the endpoint
+    asr_max_backlog_ms: int = 30_000  # audio queued for an ASR stage that is not reading
+    llm_first_token_s: float = 15.0  # first token (or tool call) of a reply
+    llm_stall_s: float = 10.0  # between two tokens
+    tts_s: float = 10.0  # TTS owes audio for text it was given and produces none
 
 
 _WORDS = re.compile(r"[a-z0-9']+")

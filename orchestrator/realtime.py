@@ -17,10 +17,12 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import TypeAdapter, ValidationError
 
 from orchestrator import audio_codecs, metrics
@@ -51,6 +53,7 @@ from orchestrator.protocol import (
     InputAudioBufferSpeechStoppedEvent,
     InputAudioTranscriptionCompletedEvent,
     InputAudioTranscriptionDeltaEvent,
+    InputAudioTranscriptionFailedEvent,
     MessageItem,
     OutputAudioBufferClearEvent,
     ProtocolError,
@@ -68,12 +71,13 @@ from orchestrator.protocol.server_events import (
     CascadeTurnTimingsEvent,
     ServerEventBase,
     TranscriptionDurationUsage,
+    TranscriptionError,
 )
 from orchestrator.protocol.session import ServerVad, Session, apply_update
 from orchestrator.reply import ReplyRun
 from orchestrator.responder import Responder
 from orchestrator.settings import ServeSettings
-from orchestrator.store import LeaseKeeper, SessionStore, StoreError
+from orchestrator.store import LeaseKeeper, LeaseLost, SessionStore, StoreError
 from orchestrator.turn import (
     BargeIn,
     ReplyCancelled,
@@ -116,8 +120,20 @@ class TurnTiming:
     first_delta: float | None = None
     final: float | None = None
     speculative_hit: bool | None = None
+@dataclass
+class UserTurn:
+    """The session's side of one user turn (``turn.TurnController`` numbers them): its
+    conversation item, whether the item was committed, and its timing."""
+
+    item_id: str = field(default_factory=new_item_id)
+    committed: bool = False
+    timing: TurnTiming = field(default_factory=TurnTiming)
+
+
+MAX_OPEN_TURNS = 8  # turns awaiting their transcript (normally one or two)
 _ITEM = TypeAdapter(ConversationItem)
 DEFAULT_MAX_TOKENS = 256
+CLOSE_TAKEN_OVER = 1008  # policy: the session belongs to a newer connection now
 
 
 async def _ignore(_item: MessageItem | FunctionCallItem) -> None:
@@ -127,7 +143,8 @@ async def _ignore(_item: MessageItem | FunctionCallItem) -> None:
 class RealtimeSession:
     def __init__(self, *, backends: Backends, vad: SileroVadModel | None, store: SessionStore,
                  settings: ServeSettings, send: Callable[[str], Awaitable[None]],
-                 beta: bool = False, make_vad: Callable[[], VadLike] | None = None) -> None:
+                 beta: bool = False, make_vad: Callable[[], VadLike] | None = None,
+                 close: Callable[[int, str], None] | None = None) -> None:
         self._backends = backends
         if make_vad is None:
             if vad is None:
@@ -138,6 +155,8 @@ class RealtimeSession:
         self._store = store
         self._settings = settings
         self._send_text = send
+        self._close = close  # ends the connection (after flushing what was sent)
+        self._taking_over = False
         self._encoder = EventEncoder(beta)
         self.session = Session()
         self.session_id = ""
@@ -146,12 +165,11 @@ class RealtimeSession:
         self._resampler: StreamResampler | None = None
         self._input_format = ""
         self._responder: Responder | None = None
-        self._turn_item_id: str | None = None
-        self._buffered_ms = 0.0  # uncommitted input audio
+        self._turns: dict[int, UserTurn] = {}  # open user turns by the controller's number
+        self._manual_ms = 0.0  # manual turns: input audio since the last commit or clear
         self._audio_clock_start: float | None = None
         self._audio_received_ms = 0.0
         self._closed = False
-        self._timing = TurnTiming()
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
         self._lease: LeaseKeeper | None = None
@@ -175,7 +193,8 @@ class RealtimeSession:
             created = await self._store.create_session(self._stored_config(), owner=self._owner)
             self.session_id, token = created.session_id, created.resume_token
             self.session = self.session.model_copy(update={"id": self.session_id})
-            await self._store.update_config(self.session_id, self._stored_config())
+            await self._store.update_config(self.session_id, self._stored_config(),
+                                        owner=self._owner)
         self._lease = LeaseKeeper(self._store, self.session_id, self._owner,
                                   self._settings.store_settings().lease_ttl_s)
         await self._lease.__aenter__()
@@ -196,23 +215,48 @@ class RealtimeSession:
 
     # ------------------------------------------------------------------ input
     async def handle(self, raw: str | bytes) -> None:
-        """One client frame. Bad input is answered with an ``error`` event, never raised."""
+        """One client frame. Bad input is answered with an ``error`` event, never raised.
+
+        A binary frame is raw input audio in the session's input format (a cascade
+        extension: the same as an ``input_audio_buffer.append`` without base64/JSON)."""
         event_id: str | None = None
         if self._lease is not None and self._lease.lost.is_set():
-            await self._error("session_taken_over", "another connection resumed this session; "
-                              "this one no longer owns it", None)
+            await self._taken_over()
             return
         try:
+            if isinstance(raw, bytes | bytearray | memoryview):
+                samples = audio_codecs.decode(raw, self._input_format)
+                await self._append_samples(samples, None)
+                return
             event = parse_client_event(raw, self._settings.max_event_bytes)
             event_id = event.event_id
             await self._dispatch(event)
         except ProtocolError as err:
             metrics.ERROR_EVENTS.labels(err.code).inc()
             await self._send(error_event(err))
+        except LeaseLost:
+            await self._taken_over()
         except StoreError as err:
             await self._error(getattr(err, "code", "store_error"), str(err), event_id)
         except AudioFormatError as err:
             await self._error("invalid_audio", str(err), event_id, "audio")
+        except Exception as exc:  # a bug: this event fails, the session carries on
+            log.exception("session %s: event failed", self.session_id)
+            await self._error("server_error", f"the event could not be processed: "
+                              f"{type(exc).__name__}", event_id, type="server_error")
+
+    async def _taken_over(self) -> None:
+        """Another connection resumed this session: say so once, stop, and close."""
+        if self._closed or self._taking_over:
+            return
+        self._taking_over = True
+        await self._error("session_taken_over", "another connection resumed this session; "
+                          "this one no longer owns it and is closed", None)
+        if self._responder is not None and not self._responder.done:
+            await self._responder.cancel("client_cancelled")
+        self._closed = True
+        if self._close is not None:
+            self._close(CLOSE_TAKEN_OVER, "session taken over")
 
     async def _dispatch(self, event: Any) -> None:
         if isinstance(event, InputAudioBufferAppendEvent):
@@ -253,7 +297,8 @@ class RealtimeSession:
                               event.event_id, "session.audio.output.format")
             return
         self.session = updated
-        await self._store.update_config(self.session_id, self._stored_config())
+        await self._store.update_config(self.session_id, self._stored_config(),
+                                        owner=self._owner)
         self._configure_audio()
         await self._send(SessionUpdatedEvent(session=self.session))
 
@@ -268,8 +313,8 @@ class RealtimeSession:
         if self._controller is None:
             self._controller = TurnController(
                 vad=self._make_vad(), asr=self._backends.asr,
-                make_reply=self._make_reply, emit=self._on_turn_event, policy=policy,
-                auto_turns=auto)
+                make_reply=self._turn_reply, emit=self._on_turn_event, policy=policy,
+                auto_turns=auto, deadlines=self._settings.deadlines())
         else:
             self._controller.policy = policy
             self._controller.auto_turns = auto
@@ -277,31 +322,48 @@ class RealtimeSession:
     def _policy(self) -> OverlapPolicy:
         td = self.session.turn_detection
         serial = self.session.cascade.pipeline == "serial"
+        max_turn = self._settings.max_buffer_ms
         if isinstance(td, ServerVad):
             return OverlapPolicy(
                 threshold=td.threshold or 0.5,
                 prefix_padding_ms=td.prefix_padding_ms or 0,
                 silence_duration_ms=td.silence_duration_ms or 500,
                 create_response=bool(td.create_response),
-                interrupt_response=bool(td.interrupt_response), serial=serial)
+                interrupt_response=bool(td.interrupt_response), serial=serial,
+                max_turn_ms=max_turn)
         if td is not None:  # semantic_vad: plain VAD with its flags, for now
             return OverlapPolicy(create_response=bool(td.create_response),
-                                 interrupt_response=bool(td.interrupt_response), serial=serial)
-        return OverlapPolicy(serial=serial, create_response=False)
+                                 interrupt_response=bool(td.interrupt_response), serial=serial,
+                                 max_turn_ms=max_turn)
+        return OverlapPolicy(serial=serial, create_response=False, max_turn_ms=max_turn)
 
     async def _append(self, event: InputAudioBufferAppendEvent) -> None:
-        fmt = self._input_format
-        samples = audio_codecs.decode_base64(event.audio, fmt)
-        ms = samples.size * 1000.0 / audio_codecs.sample_rate(fmt)
+        samples = audio_codecs.decode_base64(event.audio, self._input_format)
+        await self._append_samples(samples, event.event_id)
+
+    async def _append_samples(self, samples: npt.NDArray[np.int16],
+                              event_id: str | None) -> None:
+        """Input audio (in the session's input format, decoded) into the turn logic.
+
+        Buffer rules: with turn detection, only the current turn's audio is "buffered"
+        (silence between turns is scored by the VAD and dropped, keeping just
+        ``prefix_padding_ms`` for the next turn), and a turn that reaches
+        ``max_buffer_ms`` is ended by the server; so any mix of speech and silence works
+        for the session's whole life. With manual turns (turn_detection null) the client
+        owns the buffer: everything since the last commit/clear counts, and an append
+        past ``max_buffer_ms`` is refused until it commits or clears."""
+        ms = samples.size * 1000.0 / audio_codecs.sample_rate(self._input_format)
         limits = self._settings
         if ms > limits.max_append_ms:
             await self._error("audio_too_large", f"one append carries {ms:.0f} ms of audio; "
-                              f"the limit is {limits.max_append_ms} ms", event.event_id, "audio")
+                              f"the limit is {limits.max_append_ms} ms", event_id, "audio")
             return
-        if self._buffered_ms + ms > limits.max_buffer_ms:
+        assert self._resampler is not None and self._controller is not None
+        manual = not self._controller.auto_turns
+        if manual and self._manual_ms + ms > limits.max_buffer_ms:
             await self._error("input_audio_buffer_full",
                               f"the uncommitted input audio would exceed {limits.max_buffer_ms}"
-                              " ms; commit or clear it", event.event_id, "audio")
+                              " ms; commit or clear it", event_id, "audio")
             return
         now = time.monotonic()
         if self._audio_clock_start is None:
@@ -310,43 +372,71 @@ class RealtimeSession:
         if self._audio_received_ms + ms > allowed_ms:
             await self._error("audio_rate_exceeded",
                               f"audio is arriving more than {limits.max_audio_rate:g}x faster "
-                              "than real time", event.event_id, "audio")
+                              "than real time", event_id, "audio")
             return
         self._audio_received_ms += ms
-        self._buffered_ms += ms
-        assert self._resampler is not None and self._controller is not None
+        if manual:
+            self._manual_ms += ms
         pcm16 = float_to_pcm16(self._resampler.process(pcm16_to_float(samples))).tobytes()
         await self._controller.push_audio(pcm16)
 
+    def _buffered_ms(self) -> float:
+        """Uncommitted input audio, by the buffer rules of ``_append_samples``."""
+        controller = self._controller
+        if controller is None:
+            return 0.0
+        return self._manual_ms if not controller.auto_turns else controller.turn_audio_ms
+
     async def _commit(self, event_id: str | None) -> None:
-        if self._buffered_ms < 100:
+        buffered = self._buffered_ms()
+        if buffered < 100:
             await self._error("input_audio_buffer_commit_empty",
                               f"buffer too small: expected at least 100 ms of audio, got "
-                              f"{self._buffered_ms:.0f} ms", event_id)
+                              f"{buffered:.0f} ms", event_id)
             return
         assert self._controller is not None
-        await self._ensure_turn_item()
-        await self._user_turn_committed()
-        text = await self._controller.commit()
-        await self._user_transcript_done(text)
+        turn = await self._controller.commit()
+        self._manual_ms = 0.0
+        if turn is not None:
+            # The transcript follows from the background (TranscriptDone).
+            await self._user_turn_committed(turn)
 
     async def _clear_input(self) -> None:
         if self._controller is not None:
-            await self._controller.aclose()
-            self._controller = None
-            self._configure_audio()
-        self._buffered_ms = 0.0
-        self._turn_item_id = None
+            await self._controller.clear()
+        self._manual_ms = 0.0
+        # Turns not yet committed lose their audio; committed ones keep their item.
+        self._turns = {n: t for n, t in self._turns.items() if t.committed}
         await self._send(InputAudioBufferClearedEvent())
 
     # ------------------------------------------------------------------ turn events
+    def _user_turn(self, number: int) -> UserTurn:
+        turn = self._turns.get(number)
+        if turn is None:
+            turn = self._turns[number] = UserTurn()
+            while len(self._turns) > MAX_OPEN_TURNS:  # bounded: forget the oldest
+                del self._turns[min(self._turns)]
+        return turn
+
     async def _on_turn_event(self, event: TurnEvent) -> None:
+        """Turn events never raise into the turn controller: a failure here (the item
+        limit, a store error) is the client's ``error`` event, and turn-taking goes on."""
+        try:
+            await self._turn_event(event)
+        except ProtocolError as err:
+            metrics.ERROR_EVENTS.labels(err.code).inc()
+            await self._send(error_event(err))
+        except LeaseLost:
+            await self._taken_over()
+        except StoreError as err:
+            await self._error(getattr(err, "code", "store_error"), str(err), None,
+                              type="server_error")
+
+    async def _turn_event(self, event: TurnEvent) -> None:
         if isinstance(event, SpeechStarted):
-            if self._turn_item_id is None:
-                self._timing = TurnTiming()
-            item_id = await self._ensure_turn_item()
+            turn = self._user_turn(event.turn)
             await self._send(InputAudioBufferSpeechStartedEvent(
-                audio_start_ms=event.audio_start_ms, item_id=item_id))
+                audio_start_ms=event.audio_start_ms, item_id=turn.item_id))
         elif isinstance(event, ReplyCancelled):
             if event.reason in ("user_resumed", "transcript_changed"):
                 metrics.SPECULATIVE_MISSES.inc()
@@ -355,71 +445,80 @@ class RealtimeSession:
             if self._responder is not None and not self._responder.done:
                 await self._responder.cancel("turn_detected")  # announces the truncation
         elif isinstance(event, TranscriptDelta):
-            if self._turn_item_id is not None and event.text:
-                if self._timing.first_delta is None:
-                    self._timing.first_delta = time.monotonic()
+            turn = self._user_turn(event.turn)
+            if event.text:
+                if turn.timing.first_delta is None:
+                    turn.timing.first_delta = time.monotonic()
                 await self._send(InputAudioTranscriptionDeltaEvent(
-                    item_id=self._turn_item_id, delta=event.text))
+                    item_id=turn.item_id, delta=event.text))
         elif isinstance(event, SpeechStopped):
             now = time.monotonic()
             assert self._controller is not None
             behind_ms = self._controller.samples * 1000 / ASR_RATE - event.audio_end_ms
-            self._timing.eos, self._timing.endpoint = now - behind_ms / 1000.0, now
-            item_id = await self._ensure_turn_item()
+            timing = self._user_turn(event.turn).timing
+            timing.eos, timing.endpoint = now - behind_ms / 1000.0, now
             await self._send(InputAudioBufferSpeechStoppedEvent(
-                audio_end_ms=event.audio_end_ms, item_id=item_id))
-            await self._user_turn_committed()
+                audio_end_ms=event.audio_end_ms, item_id=self._user_turn(event.turn).item_id))
+            await self._user_turn_committed(event.turn)
         elif isinstance(event, TranscriptDone):
-            self._timing.final = time.monotonic()
-            if self._turn_item_id is not None and not self._committed_turn_announced:
-                await self._user_turn_committed()
-            await self._user_transcript_done(event.text)
+            self._user_turn(event.turn).timing.final = time.monotonic()
+            await self._user_turn_committed(event.turn)
+            await self._user_transcript_done(event.turn, event.text, event.error)
         elif isinstance(event, ReplyReleased):
-            self._timing.speculative_hit = event.speculative_hit
+            timing = self._user_turn(event.turn).timing
+            self._turns.pop(event.turn, None)  # the turn is complete
+            timing.speculative_hit = event.speculative_hit
             if event.speculative_hit:
                 metrics.SPECULATIVE_HITS.inc()
-            await self._start_response(event.run, self._timing)
+            await self._start_response(event.run, timing)
 
-    async def _ensure_turn_item(self) -> str:
-        if self._turn_item_id is None:
-            self._turn_item_id = new_item_id()
-            self._committed_turn_announced = False
-        return self._turn_item_id
-
-    _committed_turn_announced = False
-
-    async def _user_turn_committed(self) -> None:
+    async def _user_turn_committed(self, number: int) -> None:
         """speech_stopped / commit: the user's audio becomes a conversation item."""
-        item_id = await self._ensure_turn_item()
-        if self._committed_turn_announced:
+        turn = self._user_turn(number)
+        if turn.committed:
             return
-        self._committed_turn_announced = True
+        turn.committed = True
         previous = self._last_item_id()
         await self._send(InputAudioBufferCommittedEvent(previous_item_id=previous,
-                                                        item_id=item_id))
-        item = MessageItem(id=item_id, role="user", status="completed", object="realtime.item",
+                                                        item_id=turn.item_id))
+        item = MessageItem(id=turn.item_id, role="user", status="completed",
+                           object="realtime.item",
                            content=[{"type": "input_audio", "transcript": None}])  # type: ignore[list-item]
         await self._add_item(item, previous)
-        self._buffered_ms = 0.0
 
-    async def _user_transcript_done(self, text: str) -> None:
-        item_id = self._turn_item_id
-        self._turn_item_id = None
-        self._committed_turn_announced = False
-        if item_id is None:
+    async def _user_transcript_done(self, number: int, text: str, error: str | None) -> None:
+        turn = self._user_turn(number)
+        if error is not None and not text:
+            metrics.ERROR_EVENTS.labels("transcription_failed").inc()
+            await self._send(InputAudioTranscriptionFailedEvent(
+                item_id=turn.item_id, error=TranscriptionError(
+                    type="server_error", code="transcription_failed", message=error)))
+            await self._error("transcription_failed", f"the user's turn could not be "
+                              f"transcribed: {error}", None, type="server_error")
+            self._turns.pop(number, None)
             return
         await self._send(InputAudioTranscriptionCompletedEvent(
-            item_id=item_id, transcript=text,
+            item_id=turn.item_id, transcript=text,
             usage=TranscriptionDurationUsage(seconds=0.0)))
-        item = MessageItem(id=item_id, role="user", status="completed", object="realtime.item",
+        item = MessageItem(id=turn.item_id, role="user", status="completed",
+                           object="realtime.item",
                            content=[{"type": "input_audio", "transcript": text}])  # type: ignore[list-item]
         await self._replace_item(item)
-        await self._send(ConversationItemDoneEvent(previous_item_id=self._previous_of(item_id),
+        await self._send(ConversationItemDoneEvent(previous_item_id=self._previous_of(turn.item_id),
                                                    item=item))
+        controller = self._controller
+        if (controller is None or not controller.auto_turns or not text
+                or not controller.policy.create_response):
+            self._turns.pop(number, None)  # no reply will claim the turn's timing
 
     # ------------------------------------------------------------------ responses
-    def _make_reply(self, transcript: str | None,
-                    config: ResponseConfig | None = None) -> ReplyRun:
+    def _turn_reply(self, turn: int, transcript: str) -> ReplyRun:
+        """The reply to user turn ``turn`` whose words are ``transcript`` (its item, if it
+        is in the conversation already, is replaced by these words)."""
+        return self._make_reply(transcript, skip_item=self._user_turn(turn).item_id)
+
+    def _make_reply(self, transcript: str | None, config: ResponseConfig | None = None,
+                    skip_item: str | None = None) -> ReplyRun:
         """A reply to the conversation so far (+ ``transcript`` as the user's last words,
         when the turn's item is not in the conversation yet: a speculative start).
         ``config`` (from ``response.create``) overrides the session for this reply; its
@@ -434,7 +533,7 @@ class RealtimeSession:
             else [] if cfg.conversation == "none" else self.items)
         for item in context:
             if isinstance(item, MessageItem):
-                if item.id == self._turn_item_id and transcript is not None:
+                if item.id is not None and item.id == skip_item:
                     continue
                 text = item.text()
                 if text:
@@ -467,7 +566,8 @@ class RealtimeSession:
         audio = self._wants_audio(cfg)
         rate = audio_codecs.sample_rate(self.session.output_format.type)
         return ReplyRun(self._backends.llm, self._backends.tts if audio else None, request,
-                        sample_rate=rate, serial=self.session.cascade.pipeline == "serial")
+                        sample_rate=rate, serial=self.session.cascade.pipeline == "serial",
+                        deadlines=self._settings.deadlines())
 
     def _wants_audio(self, cfg: ResponseConfig | None) -> bool:
         modalities = (cfg.output_modalities if cfg is not None and cfg.output_modalities
@@ -491,8 +591,26 @@ class RealtimeSession:
         if self._controller is not None:
             self._controller.set_reply_playing(run)
         task = responder.start()
+        task.add_done_callback(lambda _t: self._reply_finished(responder))
         if timing is not None and timing.eos is not None:
             task.add_done_callback(lambda _t: self._turn_done(timing, responder))
+
+    def _reply_finished(self, responder: Responder) -> None:
+        """The reply stops counting as playing (for barge-in) once the listener has heard
+        the audio still queued at the client."""
+        controller = self._controller
+        if controller is None or controller.reply_playing is not responder.run:
+            return
+        queued_s = responder.playout.queued_ms() / 1000.0
+
+        def stop() -> None:
+            if controller.reply_playing is responder.run:
+                controller.set_reply_playing(None)
+
+        if queued_s <= 0:
+            stop()
+        else:
+            asyncio.get_running_loop().call_later(queued_s, stop)
 
     def _turn_done(self, timing: TurnTiming, responder: Responder) -> None:
         record = self._record_turn(timing, responder)
@@ -503,9 +621,13 @@ class RealtimeSession:
             {"response_id": responder.response.id, "pipeline": record["pipeline"],
              "speculative_hit": record["speculative_hit"], "status": record["status"],
              **fields})
-        sending = asyncio.get_running_loop().create_task(self._send(event))
-        self._side_tasks.add(sending)
-        sending.add_done_callback(self._side_tasks.discard)
+        self._spawn(self._send(event))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in its own task, kept until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     def _record_turn(self, timing: TurnTiming, responder: Responder) -> dict[str, object]:
         """Per-turn histograms (all from the end of speech) and one structured log line."""
@@ -579,7 +701,7 @@ class RealtimeSession:
     async def _delete_item(self, event: ConversationItemDeleteEvent) -> None:
         if await self._find(event.item_id, event.event_id) is None:
             return
-        await self._store.delete_item(self.session_id, event.item_id)
+        await self._store.delete_item(self.session_id, event.item_id, owner=self._owner)
         self.items = [i for i in self.items if i.id != event.item_id]
         await self._send(ConversationItemDeletedEvent(item_id=event.item_id))
 
@@ -631,8 +753,12 @@ class RealtimeSession:
             raise ProtocolError("conversation_too_long", f"the conversation holds "
                                 f"{len(self.items)} items (limit {self._settings.max_items})",
                                 None, "item")
-        await self._store.append_item(self.session_id, item.model_dump(mode="json"),
-                                      previous_item_id=previous)
+        try:
+            await self._store.append_item(self.session_id, item.model_dump(mode="json"),
+                                          previous_item_id=previous, owner=self._owner)
+        except LeaseLost:
+            self._spawn(self._taken_over())  # from any task: a reply's hooks included
+            raise
         if previous == "root":
             self.items.insert(0, item)
             previous = None
@@ -646,8 +772,13 @@ class RealtimeSession:
         for i, existing in enumerate(self.items):
             if existing.id == item.id:
                 self.items[i] = item
-                await self._store.update_item(self.session_id, item.id or "",
-                                              item.model_dump(mode="json"))
+                try:
+                    await self._store.update_item(self.session_id, item.id or "",
+                                                  item.model_dump(mode="json"),
+                                                  owner=self._owner)
+                except LeaseLost:
+                    self._spawn(self._taken_over())
+                    raise
                 return
 
     # ------------------------------------------------------------------ output
@@ -663,9 +794,8 @@ class RealtimeSession:
                 await self._send_text(text)
 
     async def _error(self, code: str, message: str, event_id: str | None,
-                     param: str | None = None) -> None:
+                     param: str | None = None, type: str = "invalid_request_error") -> None:
         metrics.ERROR_EVENTS.labels(code).inc()
         await self._send(ErrorEvent(error=ErrorDetail(
-            type="invalid_request_error", code=code, message=message, param=param,
-            event_id=event_id)))
+            type=type, code=code, message=message, param=param, event_id=event_id)))
 

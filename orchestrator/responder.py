@@ -7,12 +7,18 @@ output_item.done -> response.done. Text-only sessions get output_text.delta inst
 
 Cancellation (barge-in, response.cancel) keeps the words the listener heard: the item's
 transcript is cut to ``Playout.heard_text()`` and the response ends ``cancelled``.
+
+Failure: a stage that fails or misses its deadline (``ReplyDone.error``) ends the response
+``failed`` with the reason, after an ``error`` event. Any other failure while streaming
+(the conversation's item limit, a store error while announcing the item, a bug) does the
+same: the run is cancelled and the client always gets its ``response.done``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +32,8 @@ from orchestrator.protocol import (
     ContentPart,
     ConversationItem,
     ConversationItemTruncatedEvent,
+    ErrorDetail,
+    ErrorEvent,
     FunctionCallItem,
     MessageItem,
     Part,
@@ -53,6 +61,7 @@ from orchestrator.protocol.server_events import ServerEventBase
 from orchestrator.reply import ReplyAudio, ReplyDone, ReplyRun, ReplyText, ReplyToolCall
 from stages.llm.types import ToolCallDelta
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class _Call:
@@ -215,9 +224,8 @@ class Responder:
                                       output_tokens=event.usage.completion_tokens,
                                       total_tokens=event.usage.total_tokens)
                     if event.error is not None:
-                        status = "failed"
-                        details = StatusDetails(type="failed", error=StatusError(
-                            type="server_error", message=event.error))
+                        status, details = await self._failed(
+                            event.code or "stage_error", event.error)
                     elif event.finish_reason == "length":
                         status = "incomplete"
                         details = StatusDetails(type="incomplete", reason="max_output_tokens")
@@ -226,7 +234,20 @@ class Responder:
             details = StatusDetails(type="cancelled", reason=self.cancel_reason)
             await asyncio.shield(self._finish(status, details, usage))
             raise
+        except Exception as exc:  # item limit, store error, a bug: fail this response only
+            code = str(getattr(exc, "code", "") or "server_error")
+            log.warning("response %s failed: %r", self.response.id, exc)
+            await self.run.cancel()
+            status, details = await self._failed(code, str(exc) or type(exc).__name__)
         await self._finish(status, details, usage)
+
+    async def _failed(self, code: str, message: str) -> tuple[Status, StatusDetails]:
+        """Tell the client why (an ``error`` event), and the ``failed`` status to end on."""
+        await self._send(ErrorEvent(error=ErrorDetail(type="server_error", code=code,
+                                                      message=message, param=None,
+                                                      event_id=None)))
+        return "failed", StatusDetails(type="failed", error=StatusError(
+            type="server_error", code=code, message=message))
 
     async def _send_audio(self, pcm16: bytes) -> None:
         if self.first_audio_at is None:
@@ -237,10 +258,18 @@ class Responder:
 
     async def _finish(self, status: Status, details: StatusDetails | None,
                       usage: Usage | None) -> None:
+        """The *.done events and ``response.done``, which the client always gets, even
+        when recording the items fails."""
         cancelled = status == "cancelled"
-        await self._finish_calls()
-        if self._message_open:
-            await self._finish_message(cancelled)
+        try:
+            await self._finish_calls()
+            if self._message_open:
+                await self._finish_message(cancelled)
+        except Exception as exc:
+            log.warning("response %s: finishing its items failed: %r", self.response.id, exc)
+            if status != "failed":
+                status, details = await self._failed(
+                    str(getattr(exc, "code", "") or "server_error"), str(exc))
         outputs: list[ConversationItem] = [c.item for c in self._calls.values()]
         if self._message_open:
             outputs.insert(0, self.item)

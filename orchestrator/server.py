@@ -79,8 +79,8 @@ class RealtimeSessionLike(Protocol):
 
 class SessionFactory(Protocol):
     def __call__(self, *, backends: Backends, vad: SileroVadModel, store: SessionStore,
-                 settings: ServeSettings, send: Send, beta: bool = False
-                 ) -> RealtimeSessionLike: ...
+                 settings: ServeSettings, send: Send, beta: bool = False,
+                 close: Callable[[int, str], None] | None = None) -> RealtimeSessionLike: ...
 
 
 @dataclass
@@ -154,6 +154,7 @@ class Outbox:
         self._gone = False  # the peer is gone: no close frame to send
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._finishing: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name="realtime-writer")
@@ -191,10 +192,19 @@ class Outbox:
             self._gone = True
             self.closing.set()
 
+    def close_soon(self, code: int, reason: str) -> None:
+        """The session ends the connection: what it queued is flushed, then ``code``."""
+        if self._finishing is None:
+            self._finishing = asyncio.get_running_loop().create_task(
+                self.finish(code, reason), name="realtime-close")
+
     async def finish(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Flush what is queued (bounded by the close timeout), then close with ``code``
         unless the connection is already ending with its own code. Idempotent."""
         if self._closed:
+            finishing = self._finishing
+            if finishing is not None and finishing is not asyncio.current_task():
+                await asyncio.shield(finishing)
             return
         self._closed = True
         if not self.closing.is_set():
@@ -347,7 +357,7 @@ async def _serve_connection(state: _ServerState, ws: WebSocket) -> None:
     try:
         session = state.factory()(
             backends=resources.backends, vad=resources.vad, store=resources.store,
-            settings=settings, send=outbox.send, beta=_is_beta(ws),
+            settings=settings, send=outbox.send, beta=_is_beta(ws), close=outbox.close_soon,
         )
         try:
             await session.start(resume_id=resume_id, resume_token=resume_token)

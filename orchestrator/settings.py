@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.policy import StageDeadlines
 from orchestrator.store.settings import StoreSettings
 
 Pipeline = Literal["streaming", "serial"]
@@ -71,6 +72,16 @@ class ServeSettings(BaseSettings):
     # How long a closing handshake (or the final flush before it) may wait on the client.
     close_timeout_s: float = Field(default=5.0, gt=0)
 
+    # --- stage deadlines (seconds; see orchestrator/policy.py, step 7) --------------------
+    # Sized for the CPU default with a few concurrent sessions; a GPU deployment can cut them.
+    # A stage past its deadline fails only what waited on it (the turn's transcript falls
+    # back to the newest hypothesis; a reply ends "failed" with an error event).
+    asr_open_timeout_s: float = Field(default=5.0, gt=0)
+    asr_finalize_timeout_s: float = Field(default=3.0, gt=0)
+    llm_first_token_timeout_s: float = Field(default=15.0, gt=0)
+    llm_stall_timeout_s: float = Field(default=10.0, gt=0)
+    tts_timeout_s: float = Field(default=10.0, gt=0)
+
     @model_validator(mode="after")
     def _stage_urls_all_or_none(self) -> ServeSettings:
         urls = {"asr_url": self.asr_url, "llm_url": self.llm_url, "tts_url": self.tts_url}
@@ -90,3 +101,9 @@ class ServeSettings(BaseSettings):
     def store_settings(self) -> StoreSettings:
         """The store's settings: its own ``CASCADE_STORE_*`` env plus the fields set here."""
         return StoreSettings(redis_url=self.redis_url or None, max_items=self.max_items)
+
+    def deadlines(self) -> StageDeadlines:
+        return StageDeadlines(
+            asr_open_s=self.asr_open_timeout_s, asr_finalize_s=self.asr_finalize_timeout_s,
+            llm_first_token_s=self.llm_first_token_timeout_s,
+            llm_stall_s=self.llm_stall_timeout_s, tts_s=self.tts_timeout_s)

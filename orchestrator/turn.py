@@ -4,23 +4,29 @@ Implements the steps of ``policy.py`` (read that first). Time is the *audio cloc
 position in the session's 16 kHz input stream, in samples. The client streams audio in
 real time, so it tracks wall time, and tests with simulated audio are exact.
 
-The controller owns the ASR stream of the current turn and the reply runs it starts; the
-session (transport side) streams a released run to the client and tells the controller
-when a reply is playing (for barge-in) via :meth:`TurnController.set_reply_playing`.
+The controller owns the ASR of the current turn (``asr_turn.AsrTurn``) and the reply runs
+it starts; the session (transport side) streams a released run to the client and tells
+the controller when a reply is playing (for barge-in) via
+:meth:`TurnController.set_reply_playing`.
+
+Every event carries its ``turn`` number (1, 2, ... per connection). A turn's end
+(finalize, release or restart of its reply) runs as a background task so that the next
+frames' VAD and barge-in never wait on the ASR stage; its events can therefore follow
+the next turn's ``SpeechStarted``, and the session matches them by ``turn``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from orchestrator.policy import OverlapPolicy, speculation_still_valid
+from orchestrator.asr_turn import AsrTurn
+from orchestrator.policy import OverlapPolicy, StageDeadlines, speculation_still_valid
 from orchestrator.reply import ReplyRun
-from stages.asr.types import AsrBackend, AsrPartial, AsrStream
+from stages.asr.types import AsrBackend, AsrPartial
 from stages.vad.stream import VadFrame
 
 log = logging.getLogger(__name__)
@@ -33,28 +39,34 @@ class VadLike(Protocol):
 
 @dataclass(frozen=True)
 class SpeechStarted:
+    turn: int
     audio_start_ms: int
 
 
 @dataclass(frozen=True)
 class SpeechStopped:
+    turn: int
     audio_end_ms: int
 
 
 @dataclass(frozen=True)
 class TranscriptDelta:
+    turn: int
     text: str
 
 
 @dataclass(frozen=True)
 class TranscriptDone:
+    turn: int
     text: str
+    error: str | None = None  # set when the ASR stage failed and ``text`` is its last guess
 
 
 @dataclass(frozen=True)
 class ReplyReleased:
     """The end of turn is confirmed: stream this run to the client."""
 
+    turn: int
     run: ReplyRun
     revision: int
     speculative_hit: bool
@@ -62,31 +74,43 @@ class ReplyReleased:
 
 @dataclass(frozen=True)
 class ReplyCancelled:
+    turn: int
     revision: int
-    reason: str  # "user_resumed" | "transcript_changed" | "barge_in" | "empty_turn"
+    reason: str  # "user_resumed" | "transcript_changed" | "empty_turn" | ...
 
 
 @dataclass(frozen=True)
 class BargeIn:
+    turn: int  # the turn whose speech interrupted the reply
     audio_start_ms: int
 
 
 TurnEvent = (SpeechStarted | SpeechStopped | TranscriptDelta | TranscriptDone | ReplyReleased
              | ReplyCancelled | BargeIn)
 Emit = Callable[[TurnEvent], Awaitable[None]]
-MakeReply = Callable[[str], ReplyRun]
+MakeReply = Callable[[int, str], ReplyRun]  # (turn, the user's words) -> a reply run
+
+
+@dataclass
+class _Speculation:
+    turn: int
+    revision: int
+    text: str
+    run: ReplyRun
 
 
 class TurnController:
     def __init__(self, *, vad: VadLike, asr: AsrBackend, make_reply: MakeReply, emit: Emit,
-                 policy: OverlapPolicy | None = None, auto_turns: bool = True) -> None:
+                 policy: OverlapPolicy | None = None, auto_turns: bool = True,
+                 deadlines: StageDeadlines | None = None) -> None:
         self.policy = policy or OverlapPolicy()
         self.auto_turns = auto_turns  # False: manual turns (turn_detection null)
+        self.deadlines = deadlines or StageDeadlines()
         self._vad = vad
         self._asr = asr
         self._make_reply = make_reply
         self._emit = emit
-        self._lock = asyncio.Lock()  # one push/commit at a time
+        self._lock = asyncio.Lock()  # one push/commit at a time; never held across a stage
         # audio clock and VAD state
         self.samples = 0
         self._in_speech = False
@@ -94,58 +118,102 @@ class TurnController:
         self._voiced_run_start = 0
         self._silence_run = 0  # consecutive unvoiced samples inside a turn
         self._last_voiced_end = 0
+        self._turn_boundary = 0  # where the last turn ended: padding never reaches before it
         # Recent input (bounded), so ASR gets prefix_padding_ms of audio before the first
         # voiced frame even when that frame sits in the middle of a large append.
-        self._pad_samples = self.policy.prefix_padding_ms * RATE // 1000
-        self._history_max = 2 * (self._pad_samples + 5 * RATE)  # bytes
+        self._history_max = 2 * (self._pad_samples() + 5 * RATE)  # bytes
         self._history = bytearray()
-        # ASR of the current turn
-        self._stream: AsrStream | None = None
-        self._partials: asyncio.Task[None] | None = None
-        self._latest: AsrPartial | None = None
-        self._sent_stable = ""
+        # the current turn
+        self.turns = 0  # turns opened so far; the current one's number
+        self._turn: AsrTurn | None = None
+        self._ending: set[asyncio.Task[None]] = set()  # turns finalizing in the background
         # replies
         self.revision = 0
-        self._speculative: tuple[int, str, ReplyRun] | None = None
+        self._speculative: _Speculation | None = None
         self._reply_playing: ReplyRun | None = None
         self.speculative_hits = 0
         self.speculative_misses = 0
 
+    def _pad_samples(self) -> int:
+        return self.policy.prefix_padding_ms * RATE // 1000
+
     # ------------------------------------------------------------------ inputs
     async def push_audio(self, pcm16: bytes) -> None:
-        """16 kHz mono pcm16 from the client, in arrival order."""
+        """16 kHz mono pcm16 from the client, in arrival order. Never waits on a stage."""
         async with self._lock:
             frames = self._vad.process(pcm16)
             self.samples += len(pcm16) // 2
             self._history += pcm16
             if len(self._history) > self._history_max:
                 del self._history[:len(self._history) - self._history_max]
-            if self._stream is not None:
-                await self._stream.push(pcm16)
+            if self._turn is not None:
+                self._turn.feed(pcm16)
             elif not self.auto_turns:
-                await self._open_turn(with_padding=True)
+                self._open_turn(self.samples - len(pcm16) // 2)
             for frame in frames:
                 await self._on_frame(frame)
+            turn = self._turn
+            if (self.auto_turns and turn is not None and self._in_speech
+                    and turn.samples >= self.policy.max_turn_ms * RATE // 1000):
+                log.info("turn %d reached %d ms: ending it", turn.turn, self.policy.max_turn_ms)
+                await self._endpoint()
 
-    async def commit(self) -> str:
-        """Manual end of turn (input_audio_buffer.commit): the final transcript."""
+    async def commit(self) -> int | None:
+        """Manual end of turn (input_audio_buffer.commit). Returns the turn's number; its
+        ``TranscriptDone`` follows from the background (None: no audio was pushed)."""
         async with self._lock:
-            return await self._finish_turn(auto=False)
+            if self._turn is None:
+                return None
+            return self._end_turn(auto=False)
+
+    @property
+    def turn_audio_ms(self) -> float:
+        """Audio in the open turn (what the input buffer holds)."""
+        return 0.0 if self._turn is None else self._turn.samples * 1000.0 / RATE
 
     def set_reply_playing(self, run: ReplyRun | None) -> None:
         self._reply_playing = run
 
+    @property
+    def reply_playing(self) -> ReplyRun | None:
+        return self._reply_playing
+
     async def cancel_speculation(self, reason: str) -> None:
-        if self._speculative is not None:
-            revision, _text, run = self._speculative
-            self._speculative = None
-            log.debug("speculation r%d cancelled: %s", revision, reason)
-            await run.cancel()
-            await self._emit(ReplyCancelled(revision, reason))
+        spec, self._speculative = self._speculative, None
+        if spec is not None:
+            await self._drop_speculation(spec, reason)
+
+    async def _drop_speculation(self, spec: _Speculation, reason: str) -> None:
+        log.debug("speculation r%d cancelled: %s", spec.revision, reason)
+        await spec.run.cancel()
+        await self._emit(ReplyCancelled(spec.turn, spec.revision, reason))
+
+    async def wait_idle(self) -> None:
+        """Wait until every ended turn has finished in the background (tests, shutdown)."""
+        while self._ending:
+            await asyncio.wait(set(self._ending))
+
+    async def clear(self) -> None:
+        """input_audio_buffer.clear: drop the open turn's audio (and its speculation);
+        turns already ended keep finishing in the background."""
+        async with self._lock:
+            await self.cancel_speculation("cleared")
+            turn, self._turn = self._turn, None
+            if turn is not None:
+                turn.close()
+            self._in_speech = False
+            self._silence_run = 0
+            self._voiced_run = 0
+            self._turn_boundary = self.samples
 
     async def aclose(self) -> None:
         await self.cancel_speculation("closed")
-        await self._close_stream()
+        for task in list(self._ending):
+            task.cancel()
+        await asyncio.gather(*self._ending, return_exceptions=True)
+        turn, self._turn = self._turn, None
+        if turn is not None:
+            turn.close()
 
     # ------------------------------------------------------------------ VAD steps
     async def _on_frame(self, frame: VadFrame) -> None:
@@ -172,14 +240,19 @@ class TurnController:
         if self._silence_run >= p.silence_duration_ms * RATE // 1000:
             await self._endpoint()  # step 4
         elif self._silence_run >= p.speculative_pause_ms * RATE // 1000:
-            await self._maybe_speculate()  # step 2
+            self._maybe_speculate()  # step 2
 
     async def _speech_started(self) -> None:
         self._in_speech = True
         start_ms = self._voiced_run_start * 1000 // RATE
-        if self._stream is None:
-            await self._open_turn(with_padding=True)
-        await self._emit(SpeechStarted(audio_start_ms=start_ms))
+        if self._turn is None:
+            # From prefix_padding_ms before the speech start (never before the last turn's
+            # end) up to the newest sample.
+            start = max(self._voiced_run_start - self._pad_samples(), self._turn_boundary,
+                        self.samples - len(self._history) // 2)
+            self._open_turn(start)
+        assert self._turn is not None
+        await self._emit(SpeechStarted(self._turn.turn, audio_start_ms=start_ms))
 
     async def _maybe_barge_in(self) -> None:
         run = self._reply_playing
@@ -189,99 +262,107 @@ class TurnController:
             return
         self._reply_playing = None
         await run.cancel()  # step 6: LLM + TTS stop at this VAD decision
-        await self._emit(BargeIn(audio_start_ms=self._voiced_run_start * 1000 // RATE))
+        await self._emit(BargeIn(self.turns, audio_start_ms=self._voiced_run_start * 1000 // RATE))
 
-    async def _maybe_speculate(self) -> None:
-        if self._speculative is not None or not self.policy.speculation_enabled:
+    def _maybe_speculate(self) -> None:
+        turn = self._turn
+        if (self._speculative is not None or not self.policy.speculation_enabled
+                or turn is None or not self._in_speech):
             return
-        latest = self._latest
-        if latest is None or latest.audio_ms * RATE // 1000 < self._last_voiced_end:
+        if turn.latest is None or turn.covered_until() < self._last_voiced_end:
             return  # the hypothesis does not cover the speech yet: wait for the next one
-        text = (latest.stable + latest.unstable).strip()
+        text = turn.hypothesis()
         if not text:
             return
         self.revision += 1
-        run = self._make_reply(text)
+        run = self._make_reply(turn.turn, text)
         run.start()
-        self._speculative = (self.revision, text, run)
-        log.debug("speculative reply r%d on %r", self.revision, text)
+        self._speculative = _Speculation(turn.turn, self.revision, text, run)
+        log.debug("turn %d: speculative reply r%d on %r", turn.turn, self.revision, text)
 
     async def _endpoint(self) -> None:
         self._in_speech = False
-        await self._emit(SpeechStopped(audio_end_ms=self._last_voiced_end * 1000 // RATE))
-        await self._finish_turn(auto=True)
+        turn = self._turn
+        assert turn is not None
+        end_ms = self._last_voiced_end * 1000 // RATE
+        await self._emit(SpeechStopped(turn.turn, audio_end_ms=end_ms))
+        self._end_turn(auto=True)
 
     # ------------------------------------------------------------------ turn end
-    async def _finish_turn(self, *, auto: bool) -> str:
+    def _end_turn(self, *, auto: bool) -> int:
+        """Detach the turn (the next audio opens a new one) and finish it in the background."""
+        turn, self._turn = self._turn, None
+        assert turn is not None
+        spec, self._speculative = self._speculative, None
         self._in_speech = False
         self._silence_run = 0
-        text = await self._finalize()
-        await self._emit(TranscriptDone(text))
+        self._turn_boundary = self.samples
+        task = asyncio.create_task(self._finish_turn(turn, spec, auto=auto),
+                                   name=f"turn-end-{turn.turn}")
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+        return turn.turn
+
+    async def _finish_turn(self, turn: AsrTurn, spec: _Speculation | None, *,
+                           auto: bool) -> None:
+        try:
+            result = await turn.finish(self.deadlines.asr_finalize_s)
+            text = result.text
+            if len(text) > len(turn.sent_stable) and text.startswith(turn.sent_stable):
+                await self._emit(TranscriptDelta(turn.turn, text[len(turn.sent_stable):]))
+            await self._emit(TranscriptDone(turn.turn, text, result.error))
+            await self._reply_to(turn.turn, text, spec, auto=auto)
+        except asyncio.CancelledError:
+            if spec is not None:
+                await spec.run.cancel()
+            raise
+        except Exception:  # a bug, not a stage failure: keep the session alive
+            log.exception("turn %d: ending failed", turn.turn)
+            if spec is not None:
+                await spec.run.cancel()
+
+    async def _reply_to(self, turn: int, text: str, spec: _Speculation | None, *,
+                        auto: bool) -> None:
         if not auto or not self.policy.create_response:
-            await self.cancel_speculation("no_auto_response")
-            return text
-        if not text.strip():
-            await self.cancel_speculation("empty_turn")
-            return text
-        spec = self._speculative
-        self._speculative = None
-        if spec is not None and speculation_still_valid(spec[1], text):
+            if spec is not None:
+                await self._drop_speculation(spec, "no_auto_response")
+            return
+        if not text:
+            if spec is not None:
+                await self._drop_speculation(spec, "empty_turn")
+            return
+        if spec is not None and speculation_still_valid(spec.text, text):
             self.speculative_hits += 1
-            spec[2].release()
-            await self._emit(ReplyReleased(spec[2], spec[0], speculative_hit=True))
-            return text
+            spec.run.release()
+            await self._emit(ReplyReleased(turn, spec.run, spec.revision, speculative_hit=True))
+            return
         if spec is not None:
-            log.debug("speculation r%d missed: %r != final %r", spec[0], spec[1], text)
+            log.debug("speculation r%d missed: %r != final %r", spec.revision, spec.text, text)
             self.speculative_misses += 1
-            await spec[2].cancel()
-            await self._emit(ReplyCancelled(spec[0], "transcript_changed"))
+            await self._drop_speculation(spec, "transcript_changed")
         self.revision += 1
-        run = self._make_reply(text)
+        run = self._make_reply(turn, text)
         run.start()
         run.release()
-        await self._emit(ReplyReleased(run, self.revision, speculative_hit=False))
-        return text
+        await self._emit(ReplyReleased(turn, run, self.revision, speculative_hit=False))
 
     # ------------------------------------------------------------------ ASR stream
-    async def _open_turn(self, *, with_padding: bool) -> None:
-        self._stream = await self._asr.open_stream()
-        self._latest = None
-        self._sent_stable = ""
-        if with_padding and self._history:
-            # From prefix_padding_ms before the speech start up to the newest sample.
-            start = self._voiced_run_start - self._pad_samples if self._in_speech else 0
-            keep = (self.samples - max(0, start)) * 2
-            await self._stream.push(bytes(self._history[-keep:]) if keep > 0 else b"")
-        self._partials = asyncio.create_task(self._watch_partials(self._stream))
+    def _open_turn(self, start: int) -> None:
+        """A new turn whose ASR hears the session's audio from sample ``start`` on."""
+        self.turns += 1
+        d = self.deadlines
+        turn = AsrTurn(self._asr, turn=self.turns, origin=start, on_partial=self._on_partial,
+                       open_timeout_s=d.asr_open_s, max_pending_ms=d.asr_max_backlog_ms)
+        keep = (self.samples - start) * 2
+        if keep > 0:
+            turn.feed(bytes(self._history[-keep:]))
+        self._turn = turn
 
-    async def _watch_partials(self, stream: AsrStream) -> None:
-        async for partial in stream.partials():
-            self._latest = partial
-            stable = partial.stable
-            if len(stable) > len(self._sent_stable) and stable.startswith(self._sent_stable):
-                delta, self._sent_stable = stable[len(self._sent_stable):], stable
-                await self._emit(TranscriptDelta(delta))
-            if self._in_speech and self._silence_run >= (
-                    self.policy.speculative_pause_ms * RATE // 1000):
-                await self._maybe_speculate()
-
-    async def _finalize(self) -> str:
-        stream = self._stream
-        if stream is None:
-            return ""
-        final = await stream.finalize()
-        await self._close_stream()
-        if len(final.text) > len(self._sent_stable) and final.text.startswith(self._sent_stable):
-            await self._emit(TranscriptDelta(final.text[len(self._sent_stable):]))
-        return final.text.strip()
-
-    async def _close_stream(self) -> None:
-        stream, self._stream = self._stream, None
-        task, self._partials = self._partials, None
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                await stream.aclose()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    async def _on_partial(self, turn: AsrTurn, partial: AsrPartial) -> None:
+        stable = partial.stable
+        if len(stable) > len(turn.sent_stable) and stable.startswith(turn.sent_stable):
+            delta, turn.sent_stable = stable[len(turn.sent_stable):], stable
+            await self._emit(TranscriptDelta(turn.turn, delta))
+        if (turn is self._turn and self._in_speech
+                and self._silence_run >= self.policy.speculative_pause_ms * RATE // 1000):
+            self._maybe_speculate()

@@ -21,8 +21,9 @@ class FakeLlm:
     """Streams ``tokens`` one every ``interval_s`` after ``first_token_s``."""
 
     def __init__(self, tokens: list[str], *, first_token_s: float = 0.01,
-                 interval_s: float = 0.005) -> None:
+                 interval_s: float = 0.005, window: int | None = None) -> None:
         self.tokens = tokens
+        self.window = window  # context window in tokens (None: unknown)
         self.first_token_s = first_token_s
         self.interval_s = interval_s
         self.requests: list[LlmRequest] = []
@@ -45,6 +46,9 @@ class FakeLlm:
         finally:
             if not finished:
                 self.closed_early += 1
+
+    async def context_window(self) -> int | None:
+        return self.window
 
     async def aclose(self) -> None:
         return None
@@ -229,3 +233,81 @@ def tone(ms: int, rate: int = 16000) -> bytes:
 
 def silence(ms: int, rate: int = 16000) -> bytes:
     return bytes(2 * (rate * ms // 1000))
+
+
+# ---------------------------------------------------------------- failing stages
+
+
+class HangingAsr(FakeAsr):
+    """An ASR stage that hears the audio (partials as usual) but whose ``finalize`` never
+    answers (``hang_finalize``), or that refuses to open streams (``refuse``), or whose
+    ``push`` blocks forever after ``push_limit`` pushes (a stage that stopped reading)."""
+
+    def __init__(self, words: list[str], *, hang_finalize: bool = False,
+                 refuse: bool = False, push_limit: int | None = None) -> None:
+        super().__init__(words)
+        self.hang_finalize = hang_finalize
+        self.refuse = refuse
+        self.push_limit = push_limit
+
+    async def open_stream(self, *, language: str | None = None,
+                          prompt: str | None = None) -> FakeAsrStream:
+        if self.refuse:
+            raise ConnectionError("ASR stage unreachable")
+        stream = _HangingAsrStream(self)
+        self.streams.append(stream)
+        return stream
+
+
+class _HangingAsrStream(FakeAsrStream):
+    owner: HangingAsr
+
+    def __init__(self, owner: HangingAsr) -> None:
+        super().__init__(owner)
+        self.pushes = 0
+
+    async def push(self, pcm16: bytes) -> None:
+        self.pushes += 1
+        if self.owner.push_limit is not None and self.pushes > self.owner.push_limit:
+            await asyncio.Event().wait()
+        await super().push(pcm16)
+
+    async def finalize(self) -> AsrFinal:
+        if self.owner.hang_finalize:
+            await asyncio.Event().wait()
+        return await super().finalize()
+
+
+class StallingLlm(FakeLlm):
+    """Streams ``before_stall`` tokens, then never another one (a hung LLM stage)."""
+
+    def __init__(self, tokens: list[str], *, before_stall: int = 0) -> None:
+        super().__init__(tokens, first_token_s=0.0, interval_s=0.0)
+        self.before_stall = before_stall
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
+        self.requests.append(request)
+        for token in self.tokens[:self.before_stall]:
+            self.emitted += 1
+            yield LlmDelta(text=token)
+        await asyncio.Event().wait()
+        yield LlmDelta(finish_reason="stop")  # pragma: no cover - never reached
+
+
+class SilentTts(FakeTts):
+    """A TTS stage that accepts text and never produces audio."""
+
+    async def open_stream(self, *, voice: str | None = None,
+                          sample_rate: int = 24000) -> FakeTtsStream:
+        stream = _SilentTtsStream(self, sample_rate)
+        self.streams.append(stream)
+        return stream
+
+
+class _SilentTtsStream(FakeTtsStream):
+    async def _emit(self, phrase: str) -> None:
+        self._pending = self._pending[len(phrase):]
+        await asyncio.Event().wait()
+
+    async def flush(self) -> None:
+        await asyncio.Event().wait()

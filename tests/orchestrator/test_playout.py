@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from orchestrator.playout import Playout
 from stages.tts.types import TtsChunk, TtsWord
 
@@ -93,3 +95,26 @@ async def test_chunk_without_word_timings_counts_only_when_fully_played() -> Non
     await out.send(chunk(0, "No timings here. ", 1000, None), write)
     assert out.heard_text(999) == ""
     assert out.heard_text(1000) == "No timings here. "
+
+
+async def test_after_a_gap_in_synthesis_the_listener_is_behind_wall_time() -> None:
+    """The client starts each slice when it arrives; through an underrun its playback
+    clock stands still, so the heard position is the audio sent minus what it still
+    queues, not the wall time since the first slice."""
+    clock = FakeClock()
+    out = Playout(RATE, lead_ms=300, slice_ms=100, clock=clock, sleep=clock.sleep)
+
+    async def write(piece: bytes) -> None:
+        return None
+
+    await out.send(FIRST, write)  # 1 s of audio; the client plays it by t0 + 1 s
+    clock.now += 3.0  # synthesis of the next phrase took 3 s: the client sat silent
+    await out.send(SECOND, write)  # 2 s of audio, sent with a 300 ms lead
+    # The last slice went out with the lead (300 ms) plus itself (100 ms) still queued:
+    # wall time since the first slice is ~5.2 s, but the listener heard 1 s + 1.6 s.
+    assert out.queued_ms() == pytest.approx(400, abs=1e-6)
+    assert out.played_ms() == pytest.approx(2600, abs=1e-6)
+    # A barge-in now keeps only the words of SECOND that ended by 1.6 s into it.
+    assert out.heard_text() == "Hello there. It is sunny"
+    clock.now += 0.2
+    assert out.played_ms() == pytest.approx(2800, abs=1e-6)

@@ -119,6 +119,8 @@ async def test_manual_turns_commit_then_response_create() -> None:
     await c.audio(speech_24k())
     assert "input_audio_buffer.speech_started" not in c.types()
     await c.send({"type": "input_audio_buffer.commit", "event_id": "c1"})
+    assert c.of("input_audio_buffer.committed")  # at once; the transcript follows
+    await c.wait_for("conversation.item.input_audio_transcription.completed")
     assert c.of("conversation.item.input_audio_transcription.completed")[0][
         "transcript"] == "turn on the lights"
     assert "response.created" not in c.types()

@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import pytest
 
+from orchestrator.policy import StageDeadlines
 from orchestrator.reply import ReplyAudio, ReplyDone, ReplyRun, ReplyText
 from stages.llm.types import ChatMessage, LlmRequest
-from tests.orchestrator.fakes import FakeLlm, FakeTts
+from tests.orchestrator.fakes import FakeLlm, FakeTts, SilentTts, StallingLlm
 
 TOKENS = ["Hello", " there", ".", " The", " weather", " is", " fine", " today", "."]
 REQUEST = LlmRequest(messages=[ChatMessage(role="user", content="hi")])
@@ -114,3 +115,59 @@ async def test_serial_run_emits_nothing_until_the_whole_reply_is_synthesized() -
     spoken = "".join(e.chunk.text for e in events if isinstance(e, ReplyAudio))
     assert spoken == "".join(TOKENS)
     assert isinstance(events[-1], ReplyDone) and events[-1].finish_reason == "stop"
+
+
+# ---------------------------------------------------------------- deadlines
+
+SHORT = StageDeadlines(llm_first_token_s=0.1, llm_stall_s=0.1, tts_s=0.1)
+
+
+async def _finish(run: ReplyRun, limit_s: float = 5.0) -> ReplyDone:
+    run.start()
+    run.release()
+    events = await asyncio.wait_for(_drain(run), limit_s)
+    assert isinstance(events[-1], ReplyDone)
+    return events[-1]
+
+
+@pytest.mark.parametrize("serial", [False, True])
+async def test_an_llm_with_no_first_token_fails_the_reply(serial: bool) -> None:
+    done = await _finish(ReplyRun(StallingLlm(TOKENS), FakeTts(), REQUEST, serial=serial,
+                                  deadlines=SHORT))
+    assert done.code == "llm_timeout" and done.error is not None
+    assert "first token" in done.error
+
+
+async def test_an_llm_that_stalls_mid_reply_fails_the_reply() -> None:
+    run = ReplyRun(StallingLlm(TOKENS, before_stall=3), FakeTts(), REQUEST, deadlines=SHORT)
+    done = await _finish(run)
+    assert done.code == "llm_timeout" and done.error is not None and "stalled" in done.error
+    assert run.text == "".join(TOKENS[:3])
+
+
+@pytest.mark.parametrize("serial", [False, True])
+async def test_a_tts_that_owes_audio_fails_the_reply(serial: bool) -> None:
+    done = await _finish(ReplyRun(FakeLlm(TOKENS), SilentTts(), REQUEST, serial=serial,
+                                  deadlines=SHORT))
+    assert done.code == "tts_timeout" and done.error is not None
+
+
+async def test_waiting_on_our_own_consumer_never_counts_against_a_stage() -> None:
+    """A speculative run held at the gate (queue full) for longer than every deadline is
+    not a stage failure: it completes normally once released."""
+    run = ReplyRun(FakeLlm(TOKENS, interval_s=0.0), FakeTts(), REQUEST, max_buffered=2,
+                   deadlines=SHORT)
+    run.start()
+    await asyncio.sleep(0.4)  # 4x every deadline, blocked on our queue
+    run.release()
+    events = await asyncio.wait_for(_drain(run), 5)
+    done = events[-1]
+    assert isinstance(done, ReplyDone) and done.error is None and done.finish_reason == "stop"
+    assert "".join(e.chunk.text for e in events if isinstance(e, ReplyAudio)) == "".join(TOKENS)
+
+
+async def test_a_slow_but_steady_llm_is_not_a_stall() -> None:
+    llm = FakeLlm(TOKENS, first_token_s=0.1, interval_s=0.1)  # 0.9 s in all, 0.1 s a wait
+    patient = StageDeadlines(llm_first_token_s=0.5, llm_stall_s=0.5, tts_s=0.5)
+    done = await _finish(ReplyRun(llm, FakeTts(), REQUEST, deadlines=patient))
+    assert done.error is None and done.finish_reason == "stop"

@@ -39,8 +39,9 @@ class FakeSession:
 
     def __init__(self, *, backends: Backends, vad: SileroVadModel, store: SessionStore,
                  settings: ServeSettings, send: Callable[[str], Awaitable[None]],
-                 beta: bool = False) -> None:
+                 beta: bool = False, close: Callable[[int, str], None] | None = None) -> None:
         self.send = send
+        self.close = close
         self.beta = beta
         self.frames: list[str | bytes] = []
         self.resume: tuple[str | None, str | None] | None = None

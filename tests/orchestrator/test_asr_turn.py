@@ -1,0 +1,94 @@
+"""Stage deadlines on the ASR side: a hung, refusing or stalled ASR stage ends its turn on
+the newest hypothesis, and VAD/turn-taking never wait on it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from orchestrator.policy import OverlapPolicy, StageDeadlines
+from orchestrator.reply import ReplyRun
+from orchestrator.turn import (
+    ReplyReleased,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptDone,
+    TurnController,
+    TurnEvent,
+)
+from stages.llm.types import ChatMessage, LlmRequest
+from tests.orchestrator.fakes import FakeLlm, FakeTts, FakeVad, HangingAsr, silence
+from tests.orchestrator.test_turn import WORDS, words
+
+FAST = StageDeadlines(asr_open_s=0.2, asr_finalize_s=0.2, asr_max_backlog_ms=1000)
+
+
+class Harness:
+    def __init__(self, asr: HangingAsr, policy: OverlapPolicy | None = None) -> None:
+        self.asr = asr
+        self.events: list[TurnEvent] = []
+        self.controller = TurnController(vad=FakeVad(), asr=asr, make_reply=self.reply,
+                                         emit=self.emit, policy=policy or OverlapPolicy(),
+                                         deadlines=FAST)
+
+    def reply(self, turn: int, transcript: str) -> ReplyRun:
+        return ReplyRun(FakeLlm(["Ok", "."]), FakeTts(),
+                        LlmRequest(messages=[ChatMessage(role="user", content=transcript)]))
+
+    async def emit(self, event: TurnEvent) -> None:
+        self.events.append(event)
+
+    async def say(self, audio: bytes) -> None:
+        for i in range(0, len(audio), 640):
+            await self.controller.push_audio(audio[i:i + 640])
+            await asyncio.sleep(0)
+
+    def of(self, kind: type) -> list:  # type: ignore[type-arg]
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+async def test_hung_finalize_falls_back_to_the_last_hypothesis() -> None:
+    h = Harness(HangingAsr(WORDS, hang_finalize=True))
+    await h.say(words(4) + silence(800))
+    await h.controller.wait_idle()
+    done = h.of(TranscriptDone)
+    assert len(done) == 1 and done[0].text == "turn on the lights"
+    assert done[0].error is not None and "final transcript" in done[0].error
+    assert len(h.of(ReplyReleased)) == 1  # the turn is answered anyway
+    await h.controller.aclose()
+
+
+async def test_vad_keeps_running_while_a_turn_finalizes() -> None:
+    """The next turn's speech_started is not held up by the previous turn's finalize."""
+    h = Harness(HangingAsr(WORDS, hang_finalize=True),
+                policy=OverlapPolicy(speculative=False))
+    await h.say(words(2) + silence(600) + words(2))
+    # The hung finalize of turn 1 has not ended (deadline 0.2 s of wall time) ...
+    assert h.of(TranscriptDone) == [] or h.of(TranscriptDone)[0].turn == 1
+    # ... yet turn 2 was detected on the audio right after it.
+    assert [e.turn for e in h.of(SpeechStarted)] == [1, 2]
+    assert [e.turn for e in h.of(SpeechStopped)] == [1]
+    await h.controller.aclose()
+
+
+async def test_a_refusing_stage_fails_the_transcript_then_recovers() -> None:
+    asr = HangingAsr(WORDS, refuse=True)
+    h = Harness(asr)
+    await h.say(words(4) + silence(800))
+    await h.controller.wait_idle()
+    done = h.of(TranscriptDone)
+    assert len(done) == 1 and done[0].text == "" and done[0].error is not None
+    assert h.of(ReplyReleased) == []
+    asr.refuse = False  # the stage is back: the next turn works
+    await h.say(words(4) + silence(800))
+    await h.controller.wait_idle()
+    assert h.of(TranscriptDone)[-1] == TranscriptDone(2, "turn on the lights")
+    assert [r.turn for r in h.of(ReplyReleased)] == [2]
+
+
+async def test_a_stage_that_stops_reading_is_dropped_not_waited_on() -> None:
+    h = Harness(HangingAsr(WORDS, push_limit=3))
+    await h.say(words(4) + silence(2000))  # far more than the 1 s backlog allowed
+    await h.controller.wait_idle()
+    done = h.of(TranscriptDone)
+    assert len(done) == 1 and done[0].error is not None
+    assert "behind" in done[0].error or "final transcript" in done[0].error
