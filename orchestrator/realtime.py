@@ -27,6 +27,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from orchestrator import audio_codecs, metrics
 from orchestrator.backends import Backends
+from orchestrator.context import ContextOverflow, estimate_tools_tokens, fit_messages
 from orchestrator.policy import OverlapPolicy
 from orchestrator.protocol import (
     ConversationItem,
@@ -157,6 +158,7 @@ class RealtimeSession:
         self._send_text = send
         self._close = close  # ends the connection (after flushing what was sent)
         self._taking_over = False
+        self._context_window: int | None = None  # LLM context in tokens (None: unknown)
         self._encoder = EventEncoder(beta)
         self.session = Session()
         self.session_id = ""
@@ -195,6 +197,7 @@ class RealtimeSession:
             self.session = self.session.model_copy(update={"id": self.session_id})
             await self._store.update_config(self.session_id, self._stored_config(),
                                         owner=self._owner)
+        self._context_window = await self._llm_context_window()
         self._lease = LeaseKeeper(self._store, self.session_id, self._owner,
                                   self._settings.store_settings().lease_ttl_s)
         await self._lease.__aenter__()
@@ -202,6 +205,18 @@ class RealtimeSession:
         shown = self.session.model_copy(update={
             "cascade": self.session.cascade.model_copy(update={"resume_token": token})})
         await self._send(SessionCreatedEvent(session=shown))
+
+    async def _llm_context_window(self) -> int | None:
+        """The LLM's context window: configured, else what the stage reports (the engine's
+        n_ctx, a server's ``max_model_len``), else unknown (the prompt is not trimmed)."""
+        if self._settings.llm_context_window:
+            return self._settings.llm_context_window
+        try:
+            async with asyncio.timeout(self._settings.asr_open_timeout_s):
+                return await self._backends.llm.context_window()
+        except Exception as exc:  # a stage that cannot say is not a reason to refuse
+            log.warning("LLM context window unknown: %r", exc)
+            return None
 
     async def aclose(self) -> None:
         """Connection gone: stop work now; the conversation stays in the store."""
@@ -547,27 +562,41 @@ class RealtimeSession:
                                             tool_call_id=item.call_id))
         if transcript is not None:
             messages.append(ChatMessage(role="user", content=transcript))
-        max_tokens = (cfg.max_output_tokens if cfg.max_output_tokens is not None
-                      else self.session.max_output_tokens)
+        limit = (cfg.max_output_tokens if cfg.max_output_tokens is not None
+                 else self.session.max_output_tokens)
+        max_tokens = DEFAULT_MAX_TOKENS if limit == "inf" else int(limit)
         session_tools = cfg.tools if cfg.tools is not None else self.session.tools
         tools = [ToolSpec(function=FunctionSpec(name=t.name, description=t.description,
                                                 parameters=t.parameters))
                  for t in session_tools] or None
         choice = cfg.tool_choice if cfg.tool_choice is not None else self.session.tool_choice
+        audio = self._wants_audio(cfg)
+        rate = audio_codecs.sample_rate(self.session.output_format.type)
+        failure: tuple[str, str] | None = None
+        if self._context_window is not None:  # the history must fit the model (context.py)
+            try:
+                fitted = fit_messages(messages, window_tokens=self._context_window,
+                                      max_output_tokens=max_tokens,
+                                      truncation=self.session.truncation,
+                                      reserved_tokens=estimate_tools_tokens(tools))
+                if fitted.dropped:
+                    log.debug("session %s: %d oldest messages left out of the prompt (~%d "
+                              "tokens)", self.session_id, fitted.dropped, fitted.tokens)
+                messages = fitted.messages
+            except ContextOverflow as exc:
+                failure = (exc.code, str(exc))
         request = LlmRequest(
             messages=messages,
             temperature=cfg.temperature if cfg.temperature is not None
             else self.session.temperature,
-            max_tokens=DEFAULT_MAX_TOKENS if max_tokens == "inf" else int(max_tokens),
+            max_tokens=max_tokens,
             tools=tools,
             tool_choice=None if tools is None else (
                 choice if isinstance(choice, str)
                 else {"type": "function", "function": {"name": choice.name}}))
-        audio = self._wants_audio(cfg)
-        rate = audio_codecs.sample_rate(self.session.output_format.type)
         return ReplyRun(self._backends.llm, self._backends.tts if audio else None, request,
                         sample_rate=rate, serial=self.session.cascade.pipeline == "serial",
-                        deadlines=self._settings.deadlines())
+                        deadlines=self._settings.deadlines(), failure=failure)
 
     def _wants_audio(self, cfg: ResponseConfig | None) -> bool:
         modalities = (cfg.output_modalities if cfg is not None and cfg.output_modalities

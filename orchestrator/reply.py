@@ -76,7 +76,8 @@ class ReplyRun:
     def __init__(self, llm: LlmBackend, tts: TtsBackend | None, request: LlmRequest, *,
                  sample_rate: int = 24_000, voice: str | None = None,
                  max_buffered: int = 256, serial: bool = False,
-                 deadlines: StageDeadlines | None = None) -> None:
+                 deadlines: StageDeadlines | None = None,
+                 failure: tuple[str, str] | None = None) -> None:
         self._llm = llm
         self._tts = tts
         self.request = request
@@ -89,6 +90,7 @@ class ReplyRun:
         self.text = ""  # everything the LLM said so far
         self.serial = serial
         self.deadlines = deadlines or StageDeadlines()
+        self._failure = failure  # (code, message): the reply cannot run (e.g. context)
         # Deadline bookkeeping (time.monotonic): when the current wait on a stage began.
         self._deadline: asyncio.Timeout | None = None
         self._llm_wait_since: float | None = None
@@ -207,6 +209,10 @@ class ReplyRun:
     # ------------------------------------------------------------------ work
     async def _run(self) -> None:
         done: ReplyDone
+        if self._failure is not None:
+            code, message = self._failure
+            await self._out.put(ReplyDone(finish_reason="error", error=message, code=code))
+            return
         try:
             async with asyncio.timeout(None) as self._deadline:
                 done = await (self._work_serial() if self.serial else self._work_streaming())

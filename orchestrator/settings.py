@@ -49,6 +49,10 @@ class ServeSettings(BaseSettings):
     # Model name sent to a remote OpenAI-compatible LLM ("" = the client's default).
     llm_model: str = ""
     llm_api_key: str = ""
+    # The LLM's context window in tokens; 0: ask the stage (the embedded engine's n_ctx, or
+    # `max_model_len` from a server's /v1/models, as vLLM reports it). The prompt keeps the
+    # instructions and the newest turns that fit (orchestrator/context.py).
+    llm_context_window: int = Field(default=0, ge=0)
 
     # --- limits (each bounds what one client can make the server hold or do) --------------
     # Concurrent Realtime connections of this process; more are refused with close 1013.

@@ -190,3 +190,49 @@ async def test_thirty_turns_on_one_connection_all_answered() -> None:
     assert _errors(c) == []
     assert len(c.session.items) == 60
     await c.session.aclose()
+
+
+async def test_a_long_conversation_is_trimmed_to_the_context_window() -> None:
+    """Was: the prompt grew every turn until each reply failed with 'exceed context
+    window'. The items stay whole for the client; only the LLM's prompt is trimmed."""
+    from orchestrator.context import estimate_tokens
+
+    c = Client()
+    c.llm.window = 400
+    await c.session.start()
+    await c.send({"type": "session.update", "session": {
+        "type": "realtime", "instructions": "Be brief.", "max_output_tokens": 100}})
+    for n in range(1, 31):
+        await c.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": f"This is the user's turn number {n}."}]}})
+        await c.send({"type": "response.create"})
+        await c.wait_for("response.done", count=n)
+    assert [d["response"]["status"] for d in c.of("response.done")] == ["completed"] * 30
+    assert len(c.session.items) == 60  # the conversation itself is unchanged
+    last = c.llm.requests[-1].messages
+    assert last[0].content == "Be brief."  # the instructions are always kept
+    assert last[-1].content == "This is the user's turn number 30."  # the newest turn too
+    assert len(last) < 61  # the oldest turns were left out
+    for request in c.llm.requests:
+        assert sum(estimate_tokens(m) for m in request.messages) <= 400 - 100
+    await c.session.aclose()
+
+
+async def test_truncation_disabled_fails_the_reply_with_a_clear_error() -> None:
+    c = Client()
+    c.llm.window = 120
+    await c.session.start()
+    await c.send({"type": "session.update", "session": {
+        "type": "realtime", "truncation": "disabled", "max_output_tokens": 60}})
+    long_text = "word " * 200
+    await c.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": long_text}]}})
+    await c.send({"type": "response.create"})
+    await c.wait_for("response.done")
+    done = c.of("response.done")[0]["response"]
+    assert done["status"] == "failed"
+    assert done["status_details"]["error"]["code"] == "context_length_exceeded"
+    assert [e["code"] for e in _errors(c)] == ["context_length_exceeded"]
+    assert c.llm.requests == []  # nothing was sent to the model
+    await c.session.aclose()
