@@ -20,6 +20,7 @@ model="assistant")`` (settings: ``CASCADE_LLM_BASE_URL``, ``CASCADE_LLM_API_KEY`
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +29,8 @@ import httpx
 
 from stages.llm.settings import LlmSettings
 from stages.llm.types import LlmDelta, LlmError, LlmRequest, LlmUsage, ToolCallDelta
+
+_MODELS_TIMEOUT_S = 5.0
 
 
 class OpenAICompatLlm:
@@ -48,6 +51,9 @@ class OpenAICompatLlm:
         self._headers = {"Accept": "text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._window: int | None = None
+        self._window_known = False
+        self._window_lock = asyncio.Lock()
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=5.0)
@@ -111,6 +117,25 @@ class OpenAICompatLlm:
         if finish is not None or usage is not None:
             yield LlmDelta(finish_reason=finish or "stop", usage=usage)
 
+    async def context_window(self) -> int | None:
+        """The served model's context window: ``max_model_len`` of its ``/v1/models`` entry
+        (vLLM and our service report it). Asked once and cached; None when the server does
+        not say. Never raises: an unreachable server gives None and is asked again next
+        time, with a short timeout so a hung server cannot hold a reply for long."""
+        if self._window_known:
+            return self._window
+        async with self._window_lock:
+            if self._window_known:
+                return self._window
+            try:
+                resp = await self._http.get(f"{self.base_url}/models", headers=self._headers,
+                                            timeout=_MODELS_TIMEOUT_S)
+            except httpx.HTTPError:
+                return None
+            self._window = _max_model_len(resp, self.model)
+            self._window_known = True
+            return self._window
+
     async def list_models(self) -> list[str]:
         resp = await self._http.get(f"{self.base_url}/models", headers=self._headers)
         if resp.status_code != 200:
@@ -120,6 +145,26 @@ class OpenAICompatLlm:
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
+
+
+def _max_model_len(resp: httpx.Response, model: str) -> int | None:
+    """``max_model_len`` of ``model`` in a ``/v1/models`` answer (of its only entry when no
+    id matches); None when absent or malformed."""
+    if resp.status_code != 200:
+        return None
+    try:
+        data = resp.json().get("data")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(data, list):
+        return None
+    entries = [m for m in data if isinstance(m, dict)]
+    matching = [m for m in entries if m.get("id") == model]
+    chosen = matching or (entries if len(entries) == 1 else [])
+    value = chosen[0].get("max_model_len") if chosen else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
 
 
 def _parse_chunk(data: str) -> dict[str, Any]:

@@ -216,6 +216,10 @@ class LlamaCppLlm:
         finally:
             job.cancel()  # no-op when the job already ended on its own
 
+    async def context_window(self) -> int | None:
+        """The llama.cpp context size (``n_ctx``): prompt and reply share it."""
+        return int(self._llm.n_ctx())
+
     async def aclose(self) -> None:
         """Stop every generation, wait for the worker, free the model."""
         with self._lock:

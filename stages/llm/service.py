@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/chat/completions`` (``stream`` true -> SSE ``chat.completion.chunk``
 events ending in ``data: [DONE]``, with ``stream_options.include_usage``; false -> one
-``chat.completion``), ``GET /v1/models``, plus /healthz, /readyz, /metrics.
+``chat.completion``), ``GET /v1/models`` (each model with ``max_model_len``, its context
+window, as vLLM reports it), plus /healthz, /readyz, /metrics.
 
 Disconnects: Starlette cancels a streaming response's task when the client goes away;
 the cancellation reaches the engine's async generator, whose ``finally`` raises the stop
@@ -236,8 +237,13 @@ def create_app(settings: LlmSettings, engine: LlmBackend | None = None) -> FastA
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": 0, "owned_by": "cascade"}]}
+        model: dict[str, Any] = {"id": model_name, "object": "model", "created": 0,
+                                 "owned_by": "cascade"}
+        backend = state.get("engine")
+        window = await backend.context_window() if backend is not None else None
+        if window is not None:
+            model["max_model_len"] = window  # vLLM's name for the context window
+        return {"object": "list", "data": [model]}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:

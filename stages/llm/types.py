@@ -114,4 +114,9 @@ class LlmBackend(Protocol):
 
     def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]: ...
 
+    async def context_window(self) -> int | None:
+        """Tokens the model holds (prompt + reply), or None when unknown. The orchestrator
+        trims the conversation to fit it (orchestrator/context.py)."""
+        ...
+
     async def aclose(self) -> None: ...

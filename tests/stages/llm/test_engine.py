@@ -122,6 +122,10 @@ async def test_forced_tool_call_streams_structured_deltas(engine: LlamaCppLlm) -
     assert deltas[-1].finish_reason == "tool_calls"
 
 
+async def test_context_window_is_n_ctx(engine: LlamaCppLlm) -> None:
+    assert await engine.context_window() == 1024
+
+
 async def test_context_overflow_is_a_clear_error(engine: LlamaCppLlm) -> None:
     with pytest.raises(LlmError) as info:
         async for _ in engine.stream(user("word " * 1500)):

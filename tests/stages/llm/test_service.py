@@ -40,6 +40,15 @@ def test_health_ready_models(base: str) -> None:
     models = httpx.get(f"{base}/v1/models").json()
     assert models["object"] == "list"
     assert models["data"][0]["id"] == "smollm2-135m-instruct"
+    assert models["data"][0]["max_model_len"] == 1024  # n_ctx, named as vLLM names it
+
+
+async def test_client_reads_the_context_window(base: str) -> None:
+    client = OpenAICompatLlm(base)
+    try:
+        assert await client.context_window() == 1024
+    finally:
+        await client.aclose()
 
 
 async def test_client_streams_deltas_with_usage(base: str) -> None:

@@ -1,5 +1,6 @@
-"""Service error paths with a scripted backend (no model): busy -> 429, an error after the
-first token -> an SSE error event then [DONE], which our client turns into LlmError."""
+"""Service paths with a scripted backend (no model): busy -> 429, an error after the first
+token -> an SSE error event then [DONE], which our client turns into LlmError; the context
+window in /v1/models."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from tests.stages.llm.conftest import user
 
 
 class ScriptedLlm:
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, window: int | None = None) -> None:
         self.mode = mode
+        self.window = window
         self.closed = False
+
+    async def context_window(self) -> int | None:
+        return self.window
 
     async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
         if self.mode == "busy":
@@ -78,3 +83,14 @@ def test_ok_backend_non_streaming_aggregates() -> None:
         msg = r.json()["choices"][0]
         assert msg["message"]["content"] == "Hello world"
         assert msg["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("window", [4096, None])
+def test_models_report_the_backends_context_window(window: int | None) -> None:
+    with TestClient(create_app(LlmSettings(), engine=ScriptedLlm("ok", window))) as http:
+        model = http.get("/v1/models").json()["data"][0]
+    assert model["id"] == "smollm2-135m-instruct"
+    if window is None:
+        assert "max_model_len" not in model  # unknown: say nothing rather than guess
+    else:
+        assert model["max_model_len"] == window

@@ -92,6 +92,14 @@ async def test_client_streams_tokens_from_vllm(vllm_url: str) -> None:
     assert deltas[-1].finish_reason in {"stop", "length"} or any(d.finish_reason for d in deltas)
 
 
+async def test_client_reads_vllms_max_model_len(vllm_url: str) -> None:
+    client = OpenAICompatLlm(vllm_url, model=MODEL)
+    try:
+        assert await client.context_window() == 2048  # --max-model-len above
+    finally:
+        await client.aclose()
+
+
 async def test_closing_the_stream_aborts_generation_in_vllm(vllm_url: str) -> None:
     client = OpenAICompatLlm(vllm_url, model=MODEL)
     tokens_before = _metric(vllm_url, "vllm:generation_tokens_total")
@@ -102,7 +110,7 @@ async def test_closing_the_stream_aborts_generation_in_vllm(vllm_url: str) -> No
             received += bool(delta.text)
             if received == 5:
                 break
-        await gen.aclose()
+        await gen.aclose()  # type: ignore[attr-defined]
         cancelled_at = time.monotonic()
         # vLLM notices the disconnect and frees the request.
         while _metric(vllm_url, "vllm:num_requests_running") > 0:

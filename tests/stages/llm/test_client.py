@@ -1,0 +1,104 @@
+"""``OpenAICompatLlm.context_window``: read once from ``/v1/models`` (``max_model_len``, as
+vLLM and our service report it), never raising. A scripted HTTP transport plays the server
+so every odd answer can be tried; the real service and real vLLM are in test_service.py and
+test_vllm.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from stages.llm.client import OpenAICompatLlm
+
+
+class ModelsServer:
+    """Answers ``GET /v1/models`` with ``answer`` (a response, or an exception to raise)."""
+
+    def __init__(self, answer: Callable[[], httpx.Response]) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        assert request.method == "GET"
+        assert request.url.path == "/v1/models"
+        self.calls += 1
+        return self.answer()
+
+
+def models(*entries: dict[str, object]) -> Callable[[], httpx.Response]:
+    return lambda: httpx.Response(200, json={"object": "list", "data": list(entries)})
+
+
+async def window_of(server: ModelsServer, model: str = "smol") -> int | None:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as http:
+        client = OpenAICompatLlm("http://llm:8000", model=model, http_client=http)
+        return await client.context_window()
+
+
+async def test_reads_max_model_len_once() -> None:
+    server = ModelsServer(models({"id": "smol", "object": "model", "max_model_len": 8192}))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as http:
+        client = OpenAICompatLlm("http://llm:8000", model="smol", http_client=http)
+        assert await client.context_window() == 8192
+        assert await client.context_window() == 8192
+    assert server.calls == 1
+
+
+async def test_picks_the_served_model_among_several() -> None:
+    server = ModelsServer(models({"id": "other", "max_model_len": 1000},
+                                 {"id": "smol", "max_model_len": 2048}))
+    assert await window_of(server) == 2048
+    # a single model under another name is the one being served
+    assert await window_of(ModelsServer(models({"id": "x", "max_model_len": 512}))) == 512
+    # several, none ours: no guess
+    assert await window_of(ModelsServer(models({"id": "a", "max_model_len": 1},
+                                               {"id": "b", "max_model_len": 2}))) is None
+
+
+@pytest.mark.parametrize("answer", [
+    models({"id": "smol", "object": "model"}),  # an OpenAI-style server: no max_model_len
+    models({"id": "smol", "max_model_len": "2048"}),
+    models({"id": "smol", "max_model_len": 0}),
+    models({"id": "smol", "max_model_len": True}),
+    models(),
+    lambda: httpx.Response(200, json={"data": "nope"}),
+    lambda: httpx.Response(200, json=["not", "an", "object"]),
+    lambda: httpx.Response(200, content=b"<html>not json</html>"),
+    lambda: httpx.Response(404, json={"error": {"message": "not found"}}),
+    lambda: httpx.Response(500, content=b"boom"),
+])
+async def test_unknown_window_is_none_and_cached(answer: Callable[[], httpx.Response]) -> None:
+    server = ModelsServer(answer)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as http:
+        client = OpenAICompatLlm("http://llm:8000", model="smol", http_client=http)
+        assert await client.context_window() is None
+        assert await client.context_window() is None
+    assert server.calls == 1  # the server answered: no point asking again
+
+
+async def test_unreachable_server_gives_none_and_is_asked_again() -> None:
+    up = False
+
+    def answer() -> httpx.Response:
+        if not up:
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(200, json={"data": [{"id": "smol", "max_model_len": 2048}]})
+
+    server = ModelsServer(answer)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as http:
+        client = OpenAICompatLlm("http://llm:8000", model="smol", http_client=http)
+        assert await client.context_window() is None
+        up = True
+        assert await client.context_window() == 2048
+        assert await client.context_window() == 2048
+    assert server.calls == 2
+
+
+async def test_a_real_closed_port_gives_none() -> None:
+    client = OpenAICompatLlm("http://127.0.0.1:9", timeout=2)
+    try:
+        assert await client.context_window() is None
+    finally:
+        await client.aclose()
