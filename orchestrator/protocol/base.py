@@ -4,10 +4,15 @@ Client-event models forbid unknown fields (OpenAI answers an unknown parameter w
 error, and a typo silently ignored is worse than a clear error). Server-event models are
 built by us, so forbidding extras there only catches our own mistakes.
 
-``CompactModel`` drops ``None`` fields when serialized: content parts, tool definitions and
-usage details are sparse and OpenAI omits what does not apply. Top-level events keep
-explicit ``null`` (``previous_item_id: null``, ``turn_detection: null``) because there
-``null`` carries meaning.
+``CompactModel`` drops ``None`` fields when serialized: tool definitions, usage details and
+audio formats are sparse and OpenAI omits what does not apply. Everything else keeps
+explicit ``null`` (``previous_item_id: null``, ``turn_detection: null``, a user audio part's
+``transcript: null``), because OpenAI sends those keys as ``null`` and strict clients
+require them; content parts choose per type (``items``).
+
+A model serialized *for the wire* gets the dialect in the serialization context
+(``wire_context``): a few internal fields that OpenAI's session object does not have
+(``temperature`` in GA) are left out there, but kept when cascade stores the model.
 
 Ids are ``<prefix>_<random>``: unique across processes (orchestrator replicas share
 sessions through the store), cheap enough to call for every audio delta.
@@ -16,9 +21,17 @@ sessions through the store), cheap enough to call for every audio delta.
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
+
+Dialect = Literal["ga", "beta"]
 
 
 class WireModel(BaseModel):
@@ -36,6 +49,21 @@ class CompactModel(WireModel):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None}
         return data
+
+
+def wire_context(dialect: Dialect) -> dict[str, Dialect]:
+    """The serialization context of a model dumped for a client in ``dialect``."""
+    return {"wire": dialect}
+
+
+def wire_dialect(info: SerializationInfo) -> Dialect | None:
+    """The dialect being serialized for (``None``: not for the wire, e.g. the store)."""
+    context = info.context
+    if isinstance(context, dict):
+        dialect = context.get("wire")
+        if dialect in ("ga", "beta"):
+            return dialect  # type: ignore[no-any-return]
+    return None
 
 
 def new_id(prefix: str) -> str:

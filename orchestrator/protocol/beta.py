@@ -8,6 +8,11 @@ session and response objects were flat (``modalities``, ``input_audio_format: "p
 ``turn_detection`` at the top level). ``EventEncoder`` is chosen once per session: in GA
 mode it is a plain ``model_dump_json``; in beta mode it rewrites the dumped dict. Audio
 deltas, the bulk of the traffic, are only renamed.
+
+The beta shapes are exactly the beta schema's (``openai.types.beta.realtime``): fields
+that only GA has are left out (``object`` of the session, ``idle_timeout_ms`` of turn
+detection, ``name`` of ``response.function_call_arguments.done``, ...), and the
+session's ``temperature``, which GA does not send, is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from orchestrator.protocol.base import wire_context
 from orchestrator.protocol.formats import format_to_beta
 from orchestrator.protocol.server_events import ServerEventBase
 
@@ -31,6 +37,38 @@ _BETA_NAMES: dict[str, str | None] = {
     "input_audio_buffer.timeout_triggered": None,
 }
 _BETA_CONTENT = {"output_text": "text", "output_audio": "audio"}
+# GA session keys the beta session object does not have (or has under a flat name).
+_NOT_IN_BETA_SESSION = frozenset(
+    {
+        "type",
+        "object",
+        "audio",
+        "output_modalities",
+        "max_output_tokens",
+        "model",  # a closed enum of OpenAI model names in beta; "cascade" is not one
+        "include",
+        "truncation",
+        "prompt",
+        "reasoning",
+        "parallel_tool_calls",
+    }
+)
+# Beta sub-objects: the keys each one has.
+_BETA_TURN_DETECTION = (
+    "type",
+    "threshold",
+    "prefix_padding_ms",
+    "silence_duration_ms",
+    "create_response",
+    "interrupt_response",
+    "eagerness",
+)
+_BETA_TRANSCRIPTION = ("model", "language", "prompt")
+_BETA_NOISE_REDUCTION = ("type",)
+# Event fields that only GA has, by (GA) event type.
+_NOT_IN_BETA_EVENT: dict[str, tuple[str, ...]] = {
+    "response.function_call_arguments.done": ("name",),
+}
 
 
 def beta_event_type(ga_type: str) -> str | None:
@@ -59,35 +97,28 @@ def _beta_modalities(mods: Any) -> Any:
     return ["text", "audio"] if mods == ["audio"] else mods
 
 
+def _only(obj: Any, keys: tuple[str, ...]) -> Any:
+    """``obj`` (a dict or ``None``) with only ``keys``, those it has."""
+    if not isinstance(obj, dict):
+        return obj
+    return {k: obj[k] for k in keys if k in obj}
+
+
 def beta_session(session: dict[str, Any]) -> dict[str, Any]:
     """A GA session dict in the beta flat shape."""
     audio = session.get("audio") or {}
     inp = audio.get("input") or {}
     out = audio.get("output") or {}
-    flat: dict[str, Any] = {
-        k: v
-        for k, v in session.items()
-        if k
-        not in (
-            "type",
-            "audio",
-            "output_modalities",
-            "max_output_tokens",
-            "model",
-            "include",
-            "truncation",
-            "prompt",
-            "reasoning",
-            "parallel_tool_calls",
-        )
-    }
+    flat: dict[str, Any] = {k: v for k, v in session.items() if k not in _NOT_IN_BETA_SESSION}
     flat["modalities"] = _beta_modalities(session.get("output_modalities"))
     flat["max_response_output_tokens"] = session.get("max_output_tokens")
     flat["input_audio_format"] = _format_name(inp.get("format"))
     flat["output_audio_format"] = _format_name(out.get("format"))
-    flat["input_audio_transcription"] = inp.get("transcription")
-    flat["input_audio_noise_reduction"] = inp.get("noise_reduction")
-    flat["turn_detection"] = inp.get("turn_detection")
+    flat["input_audio_transcription"] = _only(inp.get("transcription"), _BETA_TRANSCRIPTION)
+    flat["input_audio_noise_reduction"] = _only(
+        inp.get("noise_reduction"), _BETA_NOISE_REDUCTION
+    )
+    flat["turn_detection"] = _only(inp.get("turn_detection"), _BETA_TURN_DETECTION)
     flat["voice"] = out.get("voice")
     flat["speed"] = out.get("speed")
     choice = session.get("tool_choice")
@@ -114,7 +145,9 @@ def to_beta(event: dict[str, Any]) -> dict[str, Any] | None:
     name = beta_event_type(event["type"])
     if name is None:
         return None
-    out = {**event, "type": name}
+    dropped = _NOT_IN_BETA_EVENT.get(event["type"], ())
+    out = {k: v for k, v in event.items() if k not in dropped}
+    out["type"] = name
     if isinstance(out.get("session"), dict):
         out["session"] = beta_session(out["session"])
     if isinstance(out.get("response"), dict):
@@ -134,8 +167,8 @@ class EventEncoder:
         """The JSON text frame for ``event``, or ``None`` when this dialect has no such
         event."""
         if not self.beta:
-            return event.model_dump_json()
-        return self.encode_dict(event.model_dump(mode="json"))
+            return event.model_dump_json(context=wire_context("ga"))
+        return self.encode_dict(event.model_dump(mode="json", context=wire_context("beta")))
 
     def encode_dict(self, event: dict[str, Any]) -> str | None:
         beta = to_beta(event)

@@ -6,16 +6,21 @@ parts ``text`` / ``audio``; they are normalized to the GA ``output_text`` / ``ou
 on parse, and a message's parts are checked against its role (a user cannot send
 ``output_audio``, a system message is text only). ``input_image`` is not accepted: the
 cascade has no vision stage, so it is a clear error rather than a silently dropped part.
+
+On the wire a content part carries the key its type is about even when it is ``null``,
+as OpenAI sends it: ``{"type": "input_audio", "transcript": null}`` while a user's audio
+is not transcribed yet, ``{"type": "input_text", "text": "..."}``. Other empty fields
+(``audio`` when the audio is not echoed) are left out.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
-from orchestrator.protocol.base import CompactModel
+from orchestrator.protocol.base import CompactModel, WireModel
 
 ItemStatus = Literal["completed", "incomplete", "in_progress"]
 ContentType = Literal["input_text", "input_audio", "output_text", "output_audio"]
@@ -29,7 +34,25 @@ _ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
-class ContentPart(CompactModel):
+# The field each content type is about: always serialized, as null when unknown.
+_PAYLOAD: dict[str, str] = {
+    "input_text": "text",
+    "output_text": "text",
+    "input_audio": "transcript",
+    "output_audio": "transcript",
+    # response.content_part.* name the assistant's parts "text" / "audio"
+    "text": "text",
+    "audio": "transcript",
+}
+
+
+def keep_payload(data: dict[str, Any], part_type: str) -> dict[str, Any]:
+    """A dumped part without its ``None`` fields, except the one its type is about."""
+    keep = _PAYLOAD.get(part_type)
+    return {k: v for k, v in data.items() if v is not None or k == keep}
+
+
+class ContentPart(WireModel):
     """One part of a message. ``audio`` is base64 in the item's audio format;
     ``transcript`` accompanies audio parts."""
 
@@ -37,6 +60,13 @@ class ContentPart(CompactModel):
     text: str | None = None
     audio: str | None = None
     transcript: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _wire_shape(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if not isinstance(data, dict):
+            return data
+        return keep_payload(data, self.type)
 
     @model_validator(mode="before")
     @classmethod

@@ -13,12 +13,12 @@ into ``created`` and drops ``done``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
-from orchestrator.protocol.base import CompactModel, WireModel, new_event_id
-from orchestrator.protocol.items import ConversationItem
+from orchestrator.protocol.base import CompactModel, WireModel, new_event_id, wire_context
+from orchestrator.protocol.items import ConversationItem, keep_payload
 from orchestrator.protocol.response import Response
 from orchestrator.protocol.session import Session
 
@@ -28,7 +28,8 @@ class ServerEventBase(WireModel):
     event_id: str = Field(default_factory=new_event_id)
 
     def to_json(self) -> str:
-        return self.model_dump_json()
+        """The GA wire form (``EventEncoder`` for a session's own dialect)."""
+        return self.model_dump_json(context=wire_context("ga"))
 
 
 # --- session -----------------------------------------------------------------------------
@@ -188,14 +189,20 @@ class ResponseOutputItemDoneEvent(ServerEventBase):
     item: ConversationItem
 
 
-class Part(CompactModel):
+class Part(WireModel):
     """A content part as announced in ``response.content_part.*`` (the SDK names them
-    ``text`` / ``audio`` here, unlike item content)."""
+    ``text`` / ``audio`` here, unlike item content). Like item content, it always carries
+    the key its type is about (``transcript`` for audio, ``text`` for text)."""
 
     type: Literal["text", "audio"]
     text: str | None = None
     audio: str | None = None
     transcript: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _wire_shape(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        return keep_payload(data, self.type) if isinstance(data, dict) else data
 
 
 class ResponseContentPartAddedEvent(ServerEventBase):

@@ -23,9 +23,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, JsonValue, model_validator
+from pydantic import (
+    Field,
+    JsonValue,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
-from orchestrator.protocol.base import CompactModel, WireModel, new_session_id
+from orchestrator.protocol.base import CompactModel, WireModel, new_session_id, wire_dialect
 from orchestrator.protocol.formats import AudioFormat, AudioPCM, format_from_beta
 
 Modality = Literal["text", "audio"]
@@ -272,6 +279,9 @@ def _default_audio() -> AudioConfig:
     )
 
 
+NOT_IN_GA_SESSION = ("temperature", "parallel_tool_calls")
+
+
 class Session(SessionConfig):
     """The effective session, as sent in ``session.created`` / ``session.updated``."""
 
@@ -287,6 +297,17 @@ class Session(SessionConfig):
     temperature: float = 0.8
     max_output_tokens: MaxTokens = "inf"
     cascade: CascadeOptions = Field(default_factory=CascadeOptions)
+
+    @model_serializer(mode="wrap")
+    def _wire_shape(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        """For a GA client, only what OpenAI's GA session object has: ``temperature`` and
+        ``parallel_tool_calls`` are kept (they steer the LLM and are stored with the
+        session) but not sent. The beta encoder reshapes the full dump itself."""
+        data = handler(self)
+        if wire_dialect(info) == "ga" and isinstance(data, dict):
+            for key in NOT_IN_GA_SESSION:
+                data.pop(key, None)
+        return data
 
     # Convenience accessors with the defaults applied.
     @property

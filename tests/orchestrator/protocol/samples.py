@@ -23,13 +23,24 @@ from orchestrator.protocol.session import Session
 R, ITEM = "resp_1", "item_1"
 
 
-def user_item() -> MessageItem:
+def user_item(transcript: str | None = "hello there") -> MessageItem:
+    """A spoken user turn; ``transcript=None`` is how it is first announced."""
     return MessageItem(
         id="item_u",
         object="realtime.item",
         status="completed",
         role="user",
-        content=[ContentPart(type="input_audio", transcript="hello there")],
+        content=[ContentPart(type="input_audio", transcript=transcript)],
+    )
+
+
+def typed_item() -> MessageItem:
+    return MessageItem(
+        id="item_t",
+        object="realtime.item",
+        status="completed",
+        role="user",
+        content=[ContentPart(type="input_text", text="What is the weather?")],
     )
 
 
@@ -94,7 +105,7 @@ SERVER_SAMPLES: dict[type[se.ServerEventBase], Callable[[], se.ServerEventBase]]
         audio_start_ms=0, audio_end_ms=5000, item_id="item_t"
     ),
     se.ConversationItemAddedEvent: lambda: se.ConversationItemAddedEvent(
-        previous_item_id="item_0", item=user_item()
+        previous_item_id="item_0", item=user_item(transcript=None)
     ),
     se.ConversationItemDoneEvent: lambda: se.ConversationItemDoneEvent(
         previous_item_id="item_0", item=user_item()
@@ -104,7 +115,7 @@ SERVER_SAMPLES: dict[type[se.ServerEventBase], Callable[[], se.ServerEventBase]]
     ),
     se.ConversationItemDeletedEvent: lambda: se.ConversationItemDeletedEvent(item_id="item_u"),
     se.ConversationItemRetrievedEvent: lambda: se.ConversationItemRetrievedEvent(
-        item=assistant_item()
+        item=typed_item()
     ),
     se.ConversationItemTruncatedEvent: lambda: se.ConversationItemTruncatedEvent(
         item_id=ITEM, content_index=0, audio_end_ms=1200

@@ -1,4 +1,6 @@
-"""Every server event serializes to JSON that the openai SDK's own types accept."""
+"""Every server event serializes to JSON that the openai SDK's own types accept, and that
+matches OpenAI's published schema strictly (tests/support/openai_schema.py), in both
+dialects."""
 
 from __future__ import annotations
 
@@ -11,8 +13,15 @@ from openai.types.beta.realtime import realtime_server_event as beta_union_mod
 from openai.types.realtime import realtime_server_event as ga_union_mod
 from pydantic import BaseModel
 
-from orchestrator.protocol import SERVER_EVENT_TYPES, EventEncoder, ServerEventBase
-from tests.orchestrator.protocol.samples import SERVER_SAMPLES
+from orchestrator.protocol import SERVER_EVENT_TYPES, EventEncoder, ServerEventBase, Session
+from orchestrator.protocol.items import ContentPart, MessageItem
+from orchestrator.protocol.server_events import (
+    CascadeTurnTimingsEvent,
+    ConversationItemAddedEvent,
+    SessionCreatedEvent,
+)
+from tests.orchestrator.protocol.samples import SERVER_SAMPLES, user_item
+from tests.support.openai_schema import beta_available, violations
 
 
 def _by_type(union: Any) -> dict[str, type[BaseModel]]:
@@ -60,18 +69,57 @@ def test_beta_encoding_validates_with_the_sdk_beta_type(cls: type[ServerEventBas
     assert parsed.type == wire["type"]  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("cls", SERVER_EVENT_TYPES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("beta", [False, True], ids=["ga", "beta"])
+def test_matches_the_published_schema_strictly(cls: type[ServerEventBase], beta: bool) -> None:
+    if beta and not beta_available():
+        pytest.skip("this openai SDK has no beta realtime types")
+    text = EventEncoder(beta=beta).encode(SERVER_SAMPLES[cls]())
+    if text is None:
+        return  # no such event in beta (checked above)
+    assert violations(json.loads(text), "beta" if beta else "ga") == []
+
+
+def test_cascade_extension_event_is_accepted_as_a_named_extension() -> None:
+    event = CascadeTurnTimingsEvent(response_id="resp_1", pipeline="streaming", status="completed")
+    for beta in (False, True):
+        text = EventEncoder(beta=beta).encode(event)
+        assert text is not None
+        assert violations(json.loads(text), "beta" if beta else "ga") == []
+
+
 def test_event_ids_are_unique() -> None:
     ids = {SERVER_SAMPLES[cls]().event_id for cls in SERVER_EVENT_TYPES for _ in range(3)}
     assert len(ids) == 3 * len(SERVER_EVENT_TYPES)
 
 
-def test_sparse_parts_omit_nulls_but_events_keep_meaningful_nulls() -> None:
+def test_nulls_are_sent_where_openai_sends_them() -> None:
     from orchestrator.protocol.server_events import InputAudioBufferCommittedEvent
 
     committed = json.loads(InputAudioBufferCommittedEvent(item_id="i").to_json())
     assert "previous_item_id" in committed and committed["previous_item_id"] is None
-    added = json.loads(SERVER_SAMPLES[_cls("response.content_part.added")]().to_json())
-    assert added["part"] == {"type": "audio", "transcript": ""}
+    # A spoken turn before its transcript: the part says so with null, as OpenAI does.
+    added = json.loads(ConversationItemAddedEvent(item=user_item(transcript=None)).to_json())
+    assert added["item"]["content"] == [{"type": "input_audio", "transcript": None}]
+    # Each part carries the key its type is about, and no empty others.
+    part = json.loads(SERVER_SAMPLES[_cls("response.content_part.added")]().to_json())
+    assert part["part"] == {"type": "audio", "transcript": ""}
+    text = MessageItem(role="assistant", content=[ContentPart(type="output_text")])
+    assert text.model_dump(mode="json")["content"] == [{"type": "output_text", "text": None}]
+    audio = ContentPart(type="input_audio", audio="AAAA", transcript="hi")
+    assert audio.model_dump() == {"type": "input_audio", "audio": "AAAA", "transcript": "hi"}
+
+
+def test_session_fields_outside_the_ga_schema_stay_internal() -> None:
+    """``temperature`` steers the LLM and is stored with the session, but OpenAI's GA
+    session object has no such key; beta's has, and gets it."""
+    session = Session(temperature=0.6)
+    assert session.model_dump()["temperature"] == 0.6  # what the store keeps
+    assert Session.model_validate(session.model_dump(mode="json")) == session
+    ga = json.loads(SessionCreatedEvent(session=session).to_json())["session"]
+    assert "temperature" not in ga and "parallel_tool_calls" not in ga
+    beta = json.loads(EventEncoder(beta=True).encode(SessionCreatedEvent(session=session)) or "")
+    assert beta["session"]["temperature"] == 0.6 and "object" not in beta["session"]
 
 
 def _cls(type_name: str) -> type[ServerEventBase]:
