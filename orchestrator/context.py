@@ -195,6 +195,11 @@ def fit_messages(
         raise ValueError("fit_messages needs at least the instructions message")
     instructions, history = messages[0], messages[1:]
     input_limit = window_tokens - max_output_tokens
+    if input_limit <= 0:
+        raise ContextOverflow(
+            f"max_output_tokens ({max_output_tokens}) leaves no room for the prompt in the "
+            f"model's context window of {window_tokens} tokens",
+            needed_tokens=max_output_tokens, limit_tokens=window_tokens)
     fixed = count(instructions) + reserved_tokens + GENERATION_PROMPT_TOKENS
     costs = [count(m) for m in history]
     suffix = [0] * (len(history) + 1)  # suffix[c]: tokens of history[c:]

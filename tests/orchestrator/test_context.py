@@ -236,6 +236,12 @@ def test_a_newest_message_too_long_raises_even_with_room_for_history() -> None:
         fit_messages(messages, window_tokens=2048, max_output_tokens=256, truncation="auto")
 
 
+def test_a_reply_reserve_as_large_as_the_window_raises() -> None:
+    with pytest.raises(ContextOverflow, match="leaves no room"):
+        fit_messages([SYSTEM, user("Hi")], window_tokens=2048, max_output_tokens=4096,
+                     truncation="auto")
+
+
 def test_reserved_tokens_count_against_the_budget() -> None:
     messages = [SYSTEM, user("u1"), assistant("a1"), user("u2")]
     fitted = fit_messages(messages, window_tokens=window_for(30), max_output_tokens=100,
