@@ -81,14 +81,16 @@ EXPECTED_GA_TYPES = frozenset(
 
 class ScriptedLlm(FakeLlm):
     """REPLY, unless the last message asks for the weather (a get_weather call, when the
-    tool is offered and has not answered yet) or says "fail" (the stage fails)."""
+    tool is offered and has not answered yet), says "fail" (the stage fails) or "slowly"
+    (no token before the response is cancelled)."""
 
     async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
-        self.requests.append(request)
         last = request.messages[-1]
         text = (last.content or "").lower() if last.role == "user" else ""
         if "fail" in text:
             raise LlmError("the model is unavailable", code="llm_unavailable")
+        if "slowly" in text:
+            await asyncio.sleep(60)  # cancelled long before
         if "weather" in text and request.tools:
             yield LlmDelta(tool_calls=[ToolCallDelta(
                 index=0, id="call_1", type="function",
@@ -99,9 +101,8 @@ class ScriptedLlm(FakeLlm):
             yield LlmDelta(finish_reason="tool_calls",
                            usage=LlmUsage(prompt_tokens=9, completion_tokens=4))
             return
-        async for delta in super().stream(request):
+        async for delta in super().stream(request):  # records the request
             yield delta
-        self.requests.pop()  # recorded once, above
 
 
 class WireClient:
@@ -234,6 +235,7 @@ async def converse(c: WireClient) -> None:
     assert c.of("conversation.item.deleted")
 
     # A response cancelled by the client, and one whose LLM fails.
+    await c.user_text("Think it over slowly")
     before = len(c.of("response.done"))
     await c.send({"type": "response.create"})
     await c.send({"type": "response.cancel"})
