@@ -21,13 +21,14 @@ clients).
 
 The SDK (like the OpenAPI spec it is generated from) marks almost every field of a server
 object optional, although OpenAI always sends many of them, as ``null`` when they do not
-apply; a client that validates against the API reference's shapes needs them. ``ALWAYS_SENT``
-names those keys (from the API reference's event examples): the field a content part's type
-is about (``{"type": "input_audio", "transcript": null}``), ``previous_item_id``, the
-response's ``status_details`` / ``usage`` / ``metadata``, the error's ``code`` / ``param`` /
-``event_id``. A missing one is reported like a missing required key.
+apply; a client that validates against the API reference's shapes needs them.
+``always_sent()`` names those keys (from the API reference's event examples): the field a
+content part's type is about (``{"type": "input_audio", "transcript": null}``),
+``previous_item_id``, the response's ``status_details`` / ``usage`` / ``metadata``, the
+error's ``code`` / ``param`` / ``event_id``. A missing one is reported like a missing
+required key.
 
-Two named departures from the SDK's models, and only these:
+Besides that stricter table, two named departures from the SDK's models, and only these:
 
 * ``EXTENSIONS``: cascade's documented extensions, the ``cascade.turn.timings`` event and
   the ``cascade`` key of a session object. Nothing else may be added.
