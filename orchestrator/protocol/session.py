@@ -12,8 +12,11 @@ Design:
 * Beta clients send a flat session (``modalities``, ``input_audio_format: "pcm16"``,
   ``turn_detection`` at the top level, ...). A ``before`` validator rewrites it into the
   GA shape, so the rest of cascade sees GA only. A GA field wins over its beta twin.
-* Fields that OpenAI defines but cascade does not act on (``tracing``, ``truncation``,
-  ``prompt``, ``include``, ...) are accepted and ignored, so stock clients work; truly
+* ``truncation`` (``"auto"``, ``"disabled"``, ``retention_ratio``) decides how a long
+  conversation is trimmed to the LLM's context window (``orchestrator/context.py``); an
+  update replaces it whole.
+* Fields that OpenAI defines but cascade does not act on (``tracing``, ``prompt``,
+  ``include``, ...) are accepted and ignored, so stock clients work; truly
   unknown fields are rejected.
 * ``cascade`` is our extension (``{"pipeline": "streaming" | "serial"}``). Standard clients
   never send it, and the SDK's models tolerate it as an extra field in ``session.updated``.
@@ -296,6 +299,7 @@ class Session(SessionConfig):
     tool_choice: ToolChoice = "auto"
     temperature: float = 0.8
     max_output_tokens: MaxTokens = "inf"
+    truncation: Truncation = "auto"
     cascade: CascadeOptions = Field(default_factory=CascadeOptions)
 
     @model_serializer(mode="wrap")
@@ -334,6 +338,9 @@ class Session(SessionConfig):
 _M = TypeVar("_M", bound=WireModel)
 
 
+_REPLACED_WHOLE = frozenset({"truncation"})  # a policy, not a bag of settings
+
+
 def _merge(base: _M, update: WireModel) -> _M:
     changes: dict[str, Any] = {}
     for name in update.model_fields_set:
@@ -343,7 +350,8 @@ def _merge(base: _M, update: WireModel) -> _M:
             continue
         new = getattr(update, name)
         old = getattr(base, name)
-        if isinstance(new, WireModel) and isinstance(old, WireModel) and type(old) is type(new):
+        if (isinstance(new, WireModel) and isinstance(old, WireModel) and type(old) is type(new)
+                and name not in _REPLACED_WHOLE):
             new = _merge(old, new)
         changes[name] = new
     return base.model_copy(update=changes)

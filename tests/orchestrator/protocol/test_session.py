@@ -105,3 +105,21 @@ def test_cascade_pipeline_update_and_sdk_acceptance() -> None:
     assert wire["session"]["cascade"] == {"pipeline": "serial", "timings": False}
     s = apply_update(s, _update({"type": "realtime", "cascade": {"timings": True}}))
     assert s.cascade.timings and s.cascade.pipeline == "serial"
+
+
+def test_truncation_defaults_to_auto_and_an_update_replaces_it_whole() -> None:
+    s = Session()
+    assert s.truncation == "auto"  # as OpenAI's session.created says
+    s = apply_update(s, _update({"type": "realtime", "truncation": {
+        "type": "retention_ratio", "retention_ratio": 0.5,
+        "token_limits": {"post_instructions": 800}}}))
+    assert s.model_dump(mode="json")["truncation"] == {
+        "type": "retention_ratio", "retention_ratio": 0.5,
+        "token_limits": {"post_instructions": 800}}
+    s = apply_update(s, _update({"type": "realtime", "truncation": {
+        "type": "retention_ratio", "retention_ratio": 0.8}}))
+    # A new policy does not inherit the old one's token limit.
+    assert s.model_dump(mode="json")["truncation"] == {
+        "type": "retention_ratio", "retention_ratio": 0.8}
+    s = apply_update(s, _update({"type": "realtime", "instructions": "x"}))
+    assert s.model_dump(mode="json")["truncation"]["retention_ratio"] == 0.8
