@@ -30,6 +30,7 @@ from orchestrator.backends import Backends
 from orchestrator.context import ContextOverflow, estimate_tools_tokens, fit_messages
 from orchestrator.policy import OverlapPolicy
 from orchestrator.protocol import (
+    ContentPart,
     ConversationItem,
     ConversationItemAddedEvent,
     ConversationItemCreateEvent,
@@ -498,7 +499,7 @@ class RealtimeSession:
                                                         item_id=turn.item_id))
         item = MessageItem(id=turn.item_id, role="user", status="completed",
                            object="realtime.item",
-                           content=[{"type": "input_audio", "transcript": None}])  # type: ignore[list-item]
+                           content=[ContentPart(type="input_audio", transcript=None)])
         await self._add_item(item, previous)
 
     async def _user_transcript_done(self, number: int, text: str, error: str | None) -> None:
@@ -517,7 +518,7 @@ class RealtimeSession:
             usage=TranscriptionDurationUsage(seconds=0.0)))
         item = MessageItem(id=turn.item_id, role="user", status="completed",
                            object="realtime.item",
-                           content=[{"type": "input_audio", "transcript": text}])  # type: ignore[list-item]
+                           content=[ContentPart(type="input_audio", transcript=text)])
         await self._replace_item(item)
         await self._send(ConversationItemDoneEvent(previous_item_id=self._previous_of(turn.item_id),
                                                    item=item))
