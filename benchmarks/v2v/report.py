@@ -46,6 +46,8 @@ TERMINAL_METRICS: tuple[str, ...] = (
     "speech_stopped_ms", "final_transcript_ms", "first_text_ms", "first_audio_ms", "done_ms",
     "after_endpoint_ms", "gap_total_ms",
 )
+# Shorter row labels where the terminal table needs them.
+TERMINAL_LABELS: dict[str, str] = {"after_endpoint_ms": "work after the endpoint"}
 NOT_AVAILABLE = "n/a"  # the server did not report it
 MAX_FAILURE_LINES = 8  # failed conversation turns listed under the terminal tables
 PLOT_TITLES: dict[str, str] = {
@@ -247,6 +249,15 @@ CONVERSATION_HEADER = ("mode", "replied", "failed", "turn 1 p50", "turn 1 p90",
                        "later turns p50", "later turns p90",
                        f"after a gap >= {LONG_GAP_S:.0f} s", "speculation hits",
                        "after endpoint p50")
+# The same numbers, narrow enough for a 120-column terminal (p50 / p90 in one cell).
+CONVERSATION_TERMINAL_HEADER = ("mode", "replied", "failed", "turn 1 p50 / p90",
+                                "later turns p50 / p90", f"after a {LONG_GAP_S:.0f} s+ gap",
+                                "speculation hits", "after endpoint p50")
+
+
+def _terminal_conversation_row(row: tuple[str, ...]) -> tuple[str, ...]:
+    mode, replied, failed, first50, first90, later50, later90, *rest = row
+    return (mode, replied, failed, f"{first50} / {first90}", f"{later50} / {later90}", *rest)
 
 
 def _gaps_text(gaps: Sequence[float]) -> str:
@@ -426,7 +437,7 @@ def terminal_table(report: Report) -> list[Table]:
             cells = [fmt_value(metric, _stat(g, metric, q)) for g in groups for q in ("p50", "p90")]
             if report.ratio:
                 cells.append(fmt_ratio(report.ratio.get(metric)))
-            label = LABELS[metric]
+            label = TERMINAL_LABELS.get(metric, LABELS[metric])
             if metric == "first_audio_ms":
                 label, cells = f"[bold]{label}[/bold]", [f"[bold]{c}[/bold]" for c in cells]
             latency.add_row(label, *cells)
@@ -437,10 +448,10 @@ def terminal_table(report: Report) -> list[Table]:
     if report.conversation:
         talk = Table(title="Conversation: voice-to-voice by turn (ms after end of speech)",
                      title_justify="left")
-        for name in CONVERSATION_HEADER:
+        for name in CONVERSATION_TERMINAL_HEADER:
             talk.add_column(escape(name), justify="left" if name == "mode" else "right")
         for row, summary in zip(_conversation_rows(report), report.conversation, strict=True):
-            cells = [escape(c) for c in row]
+            cells = [escape(c) for c in _terminal_conversation_row(row)]
             if summary.failed:
                 cells[2] = f"[red]{cells[2]}[/red]"
             talk.add_row(*cells)

@@ -51,6 +51,7 @@ def _check_conversation(report: Report) -> None:
         assert summary.long_gap_turns == 0  # --quick has no long gap
 
 
+@pytest.mark.timeout(660)  # the run itself is bounded by the subprocess timeout below
 def test_quick_embedded_run_writes_a_complete_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}

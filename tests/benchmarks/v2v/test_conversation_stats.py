@@ -124,7 +124,8 @@ def test_terminal_table_shows_conversation_and_failures() -> None:
     rep.print_summary(conversation_report(), console)
     text = console.export_text()
     assert "Conversation: voice-to-voice by turn" in text
-    for needle in ("turn 1 p50", "later turns p90", "2/4 (50 %)", "no reply (0/1)", "n/a",
+    for needle in ("turn 1 p50 / p90", "1000 / 1000", "1350 / 1470", "2300 / 2380",
+                   "after a 60 s+ gap", "2/4 (50 %)", "no reply (0/1)", "n/a",
                    "serial serial-1 turn 4", "work after the endpoint"):
         assert needle in text, needle
 
