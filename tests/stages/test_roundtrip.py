@@ -1,7 +1,9 @@
-"""TTS speaks a sentence, streaming ASR transcribes it back word for word."""
+"""TTS speaks a sentence, streaming ASR transcribes it back word for word (within a
+stated tolerance: one word in a sentence)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,6 +13,7 @@ from stages.common.audio import ASR_RATE
 from stages.common.text import normalize
 from stages.tts.engine import PiperTts
 from stages.tts.settings import TtsSettings
+from tests.support.speech import near_word_errors
 
 SENTENCES = (
     "Please turn on the lights in the kitchen.",
@@ -45,5 +48,13 @@ async def test_tts_then_streaming_asr_round_trip(engines: tuple[PiperTts, Whispe
     final = await stream.finalize()
     await stream.aclose()
 
-    assert normalize(final.text) == normalize(sentence)
-    assert [normalize(w.word)[0] for w in final.words if normalize(w.word)] == normalize(sentence)
+    # Word for word, within a stated tolerance: at most one of the 8-10 words heard as
+    # another word, and a word heard with another ending ("lights"/"light") counts as
+    # right. Synthesis is reproducible, but streaming decodes windows that depend on
+    # timing (a loaded CPU decodes less often), and Whisper's int8 kernels differ by CPU.
+    assert near_word_errors(sentence, final.text) <= 1, final.text
+    # The word list is the text, word by word, in time order (no model tolerance needed).
+    heard = [w for word in final.words for w in normalize(word.word)]
+    assert heard == normalize(final.text)
+    assert all(a.start <= b.start for a, b in itertools.pairwise(final.words))
+    assert all(w.start <= w.end for w in final.words)

@@ -19,7 +19,7 @@ from stages.common.audio import wav_bytes
 from stages.common.text import wer
 from tests.stages.asr.helpers import check_stability, stream_clip
 from tests.support.procs import stage_process
-from tests.support.speech import SENTENCES, espeak_clip, piper_clip, with_silence
+from tests.support.speech import SENTENCES, espeak_clip, piper_clip, with_silence, word_errors
 
 MAX_BYTES = 256 * 1024
 
@@ -43,7 +43,9 @@ async def test_client_streaming_over_websocket(base_url: str) -> None:
             partials, final, _ = await stream_clip(client, with_silence(piper_clip(text)))
             assert partials and partials[0].audio_ms < final.audio_ms
             check_stability(partials, final)
-            assert wer(text, final.text) <= 0.10, final.text
+            # At most one word of the 8-9 wrong: which windows a streaming decoder sees
+            # depends on timing (load), and Whisper may then hear one word differently.
+            assert word_errors(text, final.text) <= 1, final.text
             assert final.words and final.audio_ms > 1000
         # The same backend's one-shot path (OpenAI endpoint), at 8 kHz.
         clip = piper_clip(SENTENCES[3], 8000)
@@ -71,6 +73,7 @@ def test_openai_client_transcription(base_url: str) -> None:
     oa = OpenAI(base_url=base_url + "/v1", api_key="unused")
     wav = wav_bytes(espeak_clip(SENTENCES[3], 24_000), 24_000)
     result = oa.audio.transcriptions.create(model="whisper-1", file=("q.wav", wav, "audio/wav"))
+    # espeak's robotic voice: tiny.en gets up to a quarter of the words wrong.
     assert wer(SENTENCES[3], result.text) <= 0.25, result.text
     verbose = oa.audio.transcriptions.create(
         model="whisper-1", file=("q.wav", wav, "audio/wav"), response_format="verbose_json",
@@ -80,7 +83,9 @@ def test_openai_client_transcription(base_url: str) -> None:
     assert all(a.start <= b.start for a, b in itertools.pairwise(words))
     text = oa.audio.transcriptions.create(model="whisper-1", file=("q.wav", wav, "audio/wav"),
                                           response_format="text")
-    assert "table" in str(text).lower()
+    # Plain text, the same transcript (not one exact word: any word may be misheard).
+    assert isinstance(text, str) and not text.lstrip().startswith("{")
+    assert wer(SENTENCES[3], text) <= 0.25, text
 
 
 def test_http_bad_inputs(base_url: str) -> None:
@@ -163,7 +168,15 @@ async def test_vanishing_client_and_stream_limit(base_url: str) -> None:
     async with connect(ws_url(base_url)) as a, connect(ws_url(base_url)) as b:
         await a.send(b"\0\0" * 160)
         await b.send(b"\0\0" * 160)
-        await asyncio.sleep(0.2)
+        # Both streams are open on the server (not "0.2 s have passed": a loaded machine
+        # may not have run the server's handlers by then).
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            for _ in range(600):
+                if "cascade_asr_active_streams 2.0" in (await http.get("/metrics")).text:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the two streams never showed as active")
         async with connect(ws_url(base_url)) as c:
             event = json.loads(await c.recv())
             assert event["code"] == "too_many_streams"

@@ -158,8 +158,8 @@ async def test_finalize_does_not_wait_for_decode_of_silence() -> None:
             break
         await asyncio.sleep(0.01)
     assert dec.in_flight == 1
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
     final = await stream.finalize()
-    assert loop.time() - t0 < 1.0, "finalize waited for the decode in flight"
+    # Not a wall-clock bound (a loaded CI machine stalls any process now and then): the
+    # decode started before finalize is still running when finalize has returned.
+    assert dec.in_flight == 1, "finalize waited for the decode in flight"
     assert final.text == "one two three"

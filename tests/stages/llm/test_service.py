@@ -54,7 +54,9 @@ async def test_client_reads_the_context_window(base: str) -> None:
 async def test_client_streams_deltas_with_usage(base: str) -> None:
     client = OpenAICompatLlm(base, model="anything")
     try:
-        deltas = [d async for d in client.stream(user("Say hello and introduce yourself."))]
+        # Greedy decoding: the same reply in every run (sampled, a reply could be one token).
+        deltas = [d async for d in client.stream(user("Say hello and introduce yourself.",
+                                                      temperature=0.0))]
         assert await client.list_models() == ["smollm2-135m-instruct"]
     finally:
         await client.aclose()
@@ -66,10 +68,20 @@ async def test_client_streams_deltas_with_usage(base: str) -> None:
 
 
 async def test_client_disconnect_stops_generation(base: str) -> None:
+    """The server stops generating when the client goes away, long before max_tokens.
+
+    Measured in tokens, not seconds (a loaded CPU makes every token slower, and the time
+    to notice a disconnect with it): of the 600 tokens asked for, the client read 4; the
+    server may have generated some more ahead of it while it noticed the disconnect
+    (~10 on an idle machine), but never more than ``max_after`` (measured < 30 under
+    load). A server that ignores the disconnect generates all 600.
+    """
+    max_after = 100
     cancelled = metric(base, "cascade_llm_cancelled_total")
+    tokens_before = metric(base, "cascade_llm_tokens_total")
     client = OpenAICompatLlm(base)
     try:
-        gen = client.stream(user(LONG_PROMPT, max_tokens=600))
+        gen = client.stream(user(LONG_PROMPT, max_tokens=600, temperature=0.0))
         n = 0
         async for _ in gen:
             n += 1
@@ -78,14 +90,14 @@ async def test_client_disconnect_stops_generation(base: str) -> None:
         cancel_at = time.monotonic()
         await gen.aclose()  # type: ignore[attr-defined]
         while metric(base, "cascade_llm_cancelled_total") < cancelled + 1:
-            assert time.monotonic() - cancel_at < 5.0, "server never noticed the disconnect"
+            # A hang guard, not a speed bound: the token count below is the real check.
+            assert time.monotonic() - cancel_at < 60.0, "server never noticed the disconnect"
             await asyncio.sleep(0.02)
-        stopped_after = time.monotonic() - cancel_at
         assert metric(base, "cascade_llm_active_requests") == 0
         tokens = metric(base, "cascade_llm_tokens_total")
         await asyncio.sleep(0.3)
         assert metric(base, "cascade_llm_tokens_total") == tokens  # nothing generated since
-        assert stopped_after < 1.0
+        assert tokens - tokens_before < n + max_after, tokens - tokens_before
     finally:
         await client.aclose()
 
@@ -94,7 +106,7 @@ async def test_two_concurrent_requests_over_http(base: str) -> None:
     client = OpenAICompatLlm(base)
 
     async def run(prompt: str) -> list[LlmDelta]:
-        return [d async for d in client.stream(user(prompt, max_tokens=16))]
+        return [d async for d in client.stream(user(prompt, max_tokens=16, temperature=0.0))]
 
     try:
         a, b = await asyncio.gather(run("Name a color."), run("Name an animal."))
@@ -127,9 +139,10 @@ async def test_client_reports_http_errors(base: str) -> None:
 def test_openai_sdk_streaming_and_not(base: str) -> None:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
     assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
+    # Greedy decoding (temperature 0): the same reply in every run, several tokens long.
     chunks = list(client.chat.completions.create(
         model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hello!"}],
-        stream=True, max_tokens=12, stream_options={"include_usage": True}))
+        stream=True, max_tokens=12, stream_options={"include_usage": True}, temperature=0.0))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 3
@@ -140,7 +153,7 @@ def test_openai_sdk_streaming_and_not(base: str) -> None:
     resp = client.chat.completions.create(
         model="smollm2-135m-instruct",
         messages=[{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": "Hello!"}], max_tokens=12)
+                  {"role": "user", "content": "Hello!"}], max_tokens=12, temperature=0.0)
     assert resp.object == "chat.completion"
     assert resp.choices[0].message.role == "assistant"
     assert (resp.choices[0].message.content or "").strip()

@@ -82,8 +82,9 @@ def _metric(url: str, name: str) -> float:
 async def test_client_streams_tokens_from_vllm(vllm_url: str) -> None:
     client = OpenAICompatLlm(vllm_url, model=MODEL)
     try:
+        # Greedy decoding: the same reply in every run (sampled, it could be one token).
         deltas = [d async for d in client.stream(user("Say hello in one sentence.",
-                                                       max_tokens=30))]
+                                                       max_tokens=30, temperature=0.0))]
     finally:
         await client.aclose()
     texts = [d.text for d in deltas if d.text]
@@ -114,7 +115,8 @@ async def test_closing_the_stream_aborts_generation_in_vllm(vllm_url: str) -> No
         cancelled_at = time.monotonic()
         # vLLM notices the disconnect and frees the request.
         while _metric(vllm_url, "vllm:num_requests_running") > 0:
-            assert time.monotonic() - cancelled_at < 5.0, "vLLM kept generating"
+            # A hang guard, not a speed bound (the token count below is the real check).
+            assert time.monotonic() - cancelled_at < 60.0, "vLLM kept generating"
             await asyncio.sleep(0.05)
     finally:
         await client.aclose()
