@@ -82,7 +82,7 @@ class StageDeadlines:
     default under a few concurrent sessions; GPU deployments can cut them."""
 
     asr_open_s: float = 5.0  # open a streaming ASR session
-    asr_finalize_s: float = 3.0  # final transcript after the endpoint
+    asr_finalize_s: float = 5.0  # final transcript after the endpoint
     asr_max_backlog_ms: int = 30_000  # audio queued for an ASR stage that is not reading
     llm_first_token_s: float = 15.0  # first token (or tool call) of a reply
     llm_stall_s: float = 10.0  # between two tokens

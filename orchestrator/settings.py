@@ -81,7 +81,7 @@ class ServeSettings(BaseSettings):
     # A stage past its deadline fails only what waited on it (the turn's transcript falls
     # back to the newest hypothesis; a reply ends "failed" with an error event).
     asr_open_timeout_s: float = Field(default=5.0, gt=0)
-    asr_finalize_timeout_s: float = Field(default=3.0, gt=0)
+    asr_finalize_timeout_s: float = Field(default=5.0, gt=0)
     llm_first_token_timeout_s: float = Field(default=15.0, gt=0)
     llm_stall_timeout_s: float = Field(default=10.0, gt=0)
     tts_timeout_s: float = Field(default=10.0, gt=0)
