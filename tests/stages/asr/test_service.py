@@ -155,7 +155,9 @@ async def test_vanishing_client_and_stream_limit(base_url: str) -> None:
     ws.transport.abort()
     # The server cleans up: the active-stream gauge returns to 0.
     async with httpx.AsyncClient(base_url=base_url) as http:
-        for _ in range(100):
+        # Poll until cleaned up; the bound is a hang guard (a loaded CPU finishes the
+        # stream's decode/synthesis in flight first), not a speed requirement.
+        for _ in range(600):
             metrics = (await http.get("/metrics")).text
             if "cascade_asr_active_streams 0.0" in metrics:
                 break
