@@ -160,6 +160,7 @@ class RealtimeSession:
         self._close = close  # ends the connection (after flushing what was sent)
         self._taking_over = False
         self._context_window: int | None = None  # LLM context in tokens (None: unknown)
+        self._lease_watch: asyncio.Task[None] | None = None
         self._encoder = EventEncoder(beta)
         self.session = Session()
         self.session_id = ""
@@ -202,6 +203,8 @@ class RealtimeSession:
         self._lease = LeaseKeeper(self._store, self.session_id, self._owner,
                                   self._settings.store_settings().lease_ttl_s)
         await self._lease.__aenter__()
+        self._lease_watch = asyncio.create_task(self._watch_lease(self._lease),
+                                                name=f"lease-watch-{self.session_id}")
         self._configure_audio()
         shown = self.session.model_copy(update={
             "cascade": self.session.cascade.model_copy(update={"resume_token": token})})
@@ -219,9 +222,17 @@ class RealtimeSession:
             log.warning("LLM context window unknown: %r", exc)
             return None
 
+    async def _watch_lease(self, lease: LeaseKeeper) -> None:
+        """The renewal found the lease gone: tell the client now, not at its next frame (a
+        connection that only listens would otherwise never learn it was taken over)."""
+        await lease.lost.wait()
+        await self._taken_over()
+
     async def aclose(self) -> None:
         """Connection gone: stop work now; the conversation stays in the store."""
         self._closed = True
+        if self._lease_watch is not None and not self._lease_watch.done():
+            self._lease_watch.cancel()
         if self._lease is not None:
             await self._lease.stop(release=True)
         if self._responder is not None:

@@ -221,8 +221,9 @@ class ReplyRun:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a stage failed: the reply ends with an error
+            named = getattr(exc, "code", None)  # a stage error's name (not a close code)
             done = ReplyDone(finish_reason="error", error=f"{type(exc).__name__}: {exc}",
-                             code=str(getattr(exc, "code", "") or "stage_error"))
+                             code=named if isinstance(named, str) and named else "stage_error")
         finally:
             self._deadline = None
         self.timings.done = time.monotonic()
@@ -274,10 +275,11 @@ class ReplyRun:
             self._tts_owed_since = None
             return ReplyDone(finish_reason=finish, usage=usage)
         finally:
-            if pump is not None and not pump.done():
-                pump.cancel()
+            if pump is not None:
+                if not pump.done():
+                    pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pump
+                    await pump  # also retrieves the failure of a pump that ended on its own
             if tts is not None:
                 _close_later(tts)
 

@@ -235,14 +235,15 @@ class Responder:
             await asyncio.shield(self._finish(status, details, usage))
             raise
         except Exception as exc:  # item limit, store error, a bug: fail this response only
-            code = str(getattr(exc, "code", "") or "server_error")
-            log.warning("response %s failed: %r", self.response.id, exc)
+            named = getattr(exc, "code", None)
+            code = named if isinstance(named, str) and named else "server_error"
             await self.run.cancel()
             status, details = await self._failed(code, str(exc) or type(exc).__name__)
         await self._finish(status, details, usage)
 
     async def _failed(self, code: str, message: str) -> tuple[Status, StatusDetails]:
         """Tell the client why (an ``error`` event), and the ``failed`` status to end on."""
+        log.warning("response %s failed: %s: %s", self.response.id, code, message)
         await self._send(ErrorEvent(error=ErrorDetail(type="server_error", code=code,
                                                       message=message, param=None,
                                                       event_id=None)))
@@ -268,8 +269,9 @@ class Responder:
         except Exception as exc:
             log.warning("response %s: finishing its items failed: %r", self.response.id, exc)
             if status != "failed":
+                named = getattr(exc, "code", None)
                 status, details = await self._failed(
-                    str(getattr(exc, "code", "") or "server_error"), str(exc))
+                    named if isinstance(named, str) and named else "server_error", str(exc))
         outputs: list[ConversationItem] = [c.item for c in self._calls.values()]
         if self._message_open:
             outputs.insert(0, self.item)

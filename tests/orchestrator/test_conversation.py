@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from prometheus_client import REGISTRY
 
 from orchestrator.backends import Backends
@@ -236,3 +237,21 @@ async def test_truncation_disabled_fails_the_reply_with_a_clear_error() -> None:
     assert [e["code"] for e in _errors(c)] == ["context_length_exceeded"]
     assert c.llm.requests == []  # nothing was sent to the model
     await c.session.aclose()
+
+
+async def test_a_listening_connection_is_told_of_the_takeover_without_sending(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_STORE_LEASE_TTL_S", "0.3")  # renewals every 0.1 s
+    closed: list[tuple[int, str]] = []
+    first = Client(session_kwargs={"close": lambda code, reason: closed.append((code, reason))})
+    await first.session.start()
+    created = first.of("session.created")[0]["session"]
+    second = Client()
+    second.session._store = first.session._store
+    await second.session.start(resume_id=created["id"],
+                               resume_token=created["cascade"]["resume_token"])
+    await first.wait_for("error", limit_s=5.0)  # the old connection sent nothing
+    assert [e["code"] for e in _errors(first)] == ["session_taken_over"]
+    assert closed and closed[0][0] == 1008
+    await first.session.aclose()
+    await second.session.aclose()
