@@ -30,9 +30,9 @@ class CascadeProcess:
     """One ``cascade <command...> --host H --port P`` child process on a free port."""
 
     def __init__(self, name: str, command: list[str], *extra: str,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", port: int | None = None) -> None:
         self.name = name
-        self.port = free_port(host)
+        self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix=f"cascade-{name}-", suffix=".log",
                                                 delete=False)
@@ -75,8 +75,9 @@ class CascadeProcess:
 class StageProcess(CascadeProcess):
     """``cascade stage NAME`` as a child process."""
 
-    def __init__(self, name: str, *extra: str, host: str = "127.0.0.1") -> None:
-        super().__init__(name, ["stage", name], *extra, host=host)
+    def __init__(self, name: str, *extra: str, host: str = "127.0.0.1",
+                 port: int | None = None) -> None:
+        super().__init__(name, ["stage", name], *extra, host=host, port=port)
 
 
 @contextlib.contextmanager

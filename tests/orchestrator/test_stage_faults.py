@@ -31,7 +31,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -91,8 +90,7 @@ class Cluster:
         returns it without waiting for it to be ready."""
         old = self.stages[name]
         assert old.proc.poll() is not None, f"{name} is still running"
-        with mock.patch("orchestrator.launcher.free_port", return_value=old.port):
-            new = StageProcess(name)
+        new = StageProcess(name, port=old.port)
         self.retired.append(old)
         self.stages[name] = new
         return new
