@@ -155,10 +155,11 @@ async def test_a_tts_that_owes_audio_fails_the_reply(serial: bool) -> None:
 async def test_waiting_on_our_own_consumer_never_counts_against_a_stage() -> None:
     """A speculative run held at the gate (queue full) for longer than every deadline is
     not a stage failure: it completes normally once released."""
+    patient = StageDeadlines(llm_first_token_s=0.5, llm_stall_s=0.5, tts_s=0.5)
     run = ReplyRun(FakeLlm(TOKENS, interval_s=0.0), FakeTts(), REQUEST, max_buffered=2,
-                   deadlines=SHORT)
+                   deadlines=patient)
     run.start()
-    await asyncio.sleep(0.4)  # 4x every deadline, blocked on our queue
+    await asyncio.sleep(2.0)  # 4x every deadline, blocked on our queue
     run.release()
     events = await asyncio.wait_for(_drain(run), 5)
     done = events[-1]

