@@ -219,19 +219,19 @@ async def test_delete_session(make_store: StoreFactory) -> None:
 
 
 async def test_idle_ttl_expiry_and_refresh(make_store: StoreFactory) -> None:
-    store = await make_store(session_ttl_s=1.5)
+    store = await make_store(session_ttl_s=3.0)
     sid, token = await store.create_session(CONFIG)
     idle_sid, idle_token = await store.create_session(CONFIG)
     await store.append_item(sid, msg("a"))
-    await asyncio.sleep(0.9)
+    await asyncio.sleep(1.8)
     await store.touch(sid)
-    await asyncio.sleep(0.9)  # 1.8 s since creation, 0.9 s since the touch
+    await asyncio.sleep(1.8)  # 3.6 s since creation, 1.8 s since the touch
     await store.append_item(sid, msg("b"))  # a write refreshes the TTL as well
     with pytest.raises(SessionNotFound):
         await store.resume(idle_sid, idle_token)
-    await asyncio.sleep(0.9)
-    assert ids((await store.resume(sid, token)).items) == ["a", "b"]
     await asyncio.sleep(1.8)
+    assert ids((await store.resume(sid, token)).items) == ["a", "b"]
+    await asyncio.sleep(3.6)
     with pytest.raises(SessionNotFound):
         await store.resume(sid, token)
     with pytest.raises(SessionNotFound):
@@ -272,14 +272,14 @@ async def test_lease_busy_takeover_release(make_store: StoreFactory) -> None:
 
 
 async def test_lease_expires_when_the_owner_stops_renewing(make_store: StoreFactory) -> None:
-    store = await make_store(lease_ttl_s=1.0)
+    store = await make_store(lease_ttl_s=2.0)
     sid, token = await store.create_session(CONFIG, owner="conn-1")
     for _ in range(5):  # renewing keeps it for well past one lease TTL
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.6)
         await store.renew_lease(sid, "conn-1")
     with pytest.raises(SessionBusy):
         await store.resume(sid, token, owner="conn-2")
-    await asyncio.sleep(1.3)  # the owner "died": no renewals
+    await asyncio.sleep(2.6)  # the owner "died": no renewals
     assert await store.lease_owner(sid) is None
     await store.resume(sid, token, owner="conn-2")
     assert await store.lease_owner(sid) == "conn-2"
