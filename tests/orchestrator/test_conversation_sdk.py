@@ -112,7 +112,7 @@ class Listener:
         try:
             return await asyncio.wait_for(wait(), limit_s)
         except TimeoutError:
-                raise AssertionError(f"no {kind} in {limit_s:.0f}s; last events: "
+            raise AssertionError(f"no {kind} in {limit_s:.0f}s; last events: "
                                  f"{[e.type for e in self.events[-8:]]}") from None
 
     async def close(self) -> None:
@@ -240,8 +240,10 @@ async def test_thirty_voice_and_text_turns_on_one_connection(server: str) -> Non
         dones: list[Any] = []
         heard: list[tuple[str, str]] = []  # (question, transcript) of the voice turns
         modality: Literal["text", "audio"] | None = None
+        turn_s: list[float] = []
         try:
             for n in range(30):
+                turn_started = time.monotonic()
                 wanted: Literal["text", "audio"] = "audio" if n in AUDIO_REPLY_TURNS else "text"
                 if wanted != modality:  # as a client that mutes the speaker does
                     modality = wanted
@@ -267,10 +269,14 @@ async def test_thirty_voice_and_text_turns_on_one_connection(server: str) -> Non
                     await conn.response.create()
                     got = await events.until("response.done")
                 done = got[-1]
+                # Every turn answered, with no error event: before the context fix, from
+                # about turn 20 here every reply failed ("Requested tokens (2083) exceed
+                # context window of 2048").
                 assert answered(done), (n, done.response.status, done.response.status_details)
                 assert reply_text(done).strip(), (n, done.response)
                 assert not events.errors, (n, events.errors)
                 dones.append(done)
+                turn_s.append(round(time.monotonic() - turn_started, 1))
                 history += [("user", user), ("assistant", reply_text(done))]
         finally:
             await mic.close()
@@ -278,7 +284,7 @@ async def test_thirty_voice_and_text_turns_on_one_connection(server: str) -> Non
     elapsed = time.monotonic() - started
 
     assert len(dones) == 30 and not events.errors
-    # Audio replies on voice turns, text replies on text turns, all answered.
+    # Each reply in the modality the session asked for at its turn.
     assert [d.response.output[0].content[0].type for d in dones] == [
         "output_audio" if n in AUDIO_REPLY_TURNS else "output_text" for n in range(30)]
     # What was said was heard: tiny.en on a loaded CPU may miss a word now and then.
@@ -300,8 +306,8 @@ async def test_thirty_voice_and_text_turns_on_one_connection(server: str) -> Non
     assert len(over) >= 5, (untrimmed, prompts)
     assert max(prompts) + MAX_OUTPUT_TOKENS <= N_CTX, prompts
     assert prompts[-1] > prompts[0], prompts  # the prompt carries the conversation
-    print(f"\n30 turns in {elapsed:.0f}s; prompt tokens sent {prompts}; untrimmed {untrimmed}; "
-          f"silence streamed {mic.silence_ms / 1000:.0f}s; voice WER "
+    print(f"\n30 turns in {elapsed:.0f}s ({turn_s}); prompt tokens sent {prompts}; "
+          f"untrimmed {untrimmed}; silence streamed {mic.silence_ms / 1000:.0f}s; voice WER "
           f"{[round(r, 2) for r in rates]}")
 
 
@@ -337,7 +343,7 @@ async def test_a_turn_after_ninety_seconds_of_streamed_silence(server: str) -> N
     transcripts = [e.transcript for e in got
                    if e.type == "conversation.item.input_audio_transcription.completed"]
     assert len(transcripts) == 1 and wer(question, transcripts[0]) <= 0.3, transcripts
-    assert got[-1].response.status == "completed"
+    assert answered(got[-1]), got[-1].response.status_details
     assert reply_text(got[-1]).strip()
 
 
@@ -375,7 +381,7 @@ async def test_manual_turns_transcribe_only_their_own_audio(server: str) -> None
                 transcripts.append(got[-1].transcript)
                 await conn.response.create()
                 done = (await events.until("response.done"))[-1]
-                assert done.response.status == "completed", done.response.status_details
+                assert answered(done), done.response.status_details
                 assert reply_text(done).strip()
         finally:
             await events.close()
