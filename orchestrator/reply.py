@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from orchestrator.policy import StageDeadlines
-from stages.llm.types import LlmBackend, LlmRequest, LlmUsage, ToolCallDelta
+from stages.llm.types import LlmBackend, LlmDelta, LlmRequest, LlmUsage, ToolCallDelta
 from stages.tts.types import TtsBackend, TtsChunk, TtsStream
 
 
@@ -234,6 +234,19 @@ class ReplyRun:
         self._held.clear()
         await self._out.put(done)
 
+    async def _llm_deltas(self) -> AsyncIterator[LlmDelta]:
+        """The LLM's deltas, with the text collected, the first token stamped and the LLM's
+        deadline running only while we wait on it (not while the caller handles a delta)."""
+        self._waiting_llm(True)
+        async for delta in self._llm.stream(self.request):
+            self._waiting_llm(False)
+            if (delta.text or delta.tool_calls) and self.timings.first_token is None:
+                self.timings.first_token = time.monotonic()
+            self.text += delta.text
+            yield delta
+            self._waiting_llm(True)
+        self._waiting_llm(False)
+
     async def _work_streaming(self) -> ReplyDone:
         tts: TtsStream | None = None
         pump: asyncio.Task[None] | None = None
@@ -245,25 +258,16 @@ class ReplyRun:
                     tts = await self._tts.open_stream(voice=self._voice,
                                                       sample_rate=self._sample_rate)
                 pump = asyncio.create_task(self._pump_audio(tts), name="reply-audio")
-            self._waiting_llm(True)
-            async for delta in self._llm.stream(self.request):
-                self._waiting_llm(False)
+            async for delta in self._llm_deltas():
                 if delta.text:
-                    if self.timings.first_token is None:
-                        self.timings.first_token = time.monotonic()
-                    self.text += delta.text
                     await self._out.put(ReplyText(delta.text))
                     if tts is not None:
                         async with self._tts_call():
                             await tts.push_text(delta.text)
                 if delta.tool_calls:
-                    if self.timings.first_token is None:
-                        self.timings.first_token = time.monotonic()
                     await self._out.put(ReplyToolCall(list(delta.tool_calls)))
                 finish = delta.finish_reason or finish
                 usage = delta.usage or usage
-                self._waiting_llm(True)
-            self._waiting_llm(False)
             if tts is not None and pump is not None:
                 if self.text.strip():
                     async with self._tts_call():
@@ -288,22 +292,13 @@ class ReplyRun:
         held = self._held
         finish: str | None = None
         usage: LlmUsage | None = None
-        self._waiting_llm(True)
-        async for delta in self._llm.stream(self.request):
-            self._waiting_llm(False)
+        async for delta in self._llm_deltas():
             if delta.text:
-                if self.timings.first_token is None:
-                    self.timings.first_token = time.monotonic()
-                self.text += delta.text
                 held.append(ReplyText(delta.text))
             if delta.tool_calls:
-                if self.timings.first_token is None:
-                    self.timings.first_token = time.monotonic()
                 held.append(ReplyToolCall(list(delta.tool_calls)))
             finish = delta.finish_reason or finish
             usage = delta.usage or usage
-            self._waiting_llm(True)
-        self._waiting_llm(False)
         if self._tts is not None and self.text.strip():
             async with self._tts_call():
                 chunks = await self._tts.synthesize(self.text, voice=self._voice,
