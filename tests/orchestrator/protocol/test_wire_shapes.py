@@ -33,7 +33,7 @@ from stages.llm.types import (
     ToolCallDelta,
 )
 from tests.orchestrator.fakes import FakeAsr, FakeLlm, FakeTts, FakeVad, silence, tone
-from tests.support.openai_schema import Dialect, beta_available, violations
+from tests.support.openai_schema import Dialect, violations
 
 REPLY = ["Sure", ",", " the", " lights", " are", " on", " now", "."]
 WEATHER_TOOL = {
@@ -276,8 +276,6 @@ async def converse(c: WireClient) -> None:
 async def conversation(request: pytest.FixtureRequest) -> AsyncIterator[WireClient]:
     """One recorded conversation per dialect, shared by the tests below."""
     dialect: Dialect = request.param
-    if dialect == "beta" and not beta_available():
-        pytest.skip("this openai SDK has no beta realtime types")
     client = WireClient(dialect)
     try:
         await converse(client)
