@@ -258,13 +258,8 @@ class RealtimeSession:
             event = parse_client_event(raw, self._settings.max_event_bytes)
             event_id = event.event_id
             await self._dispatch(event)
-        except ProtocolError as err:
-            metrics.ERROR_EVENTS.labels(err.code).inc()
-            await self._send(error_event(err))
-        except LeaseLost:
-            await self._taken_over()
-        except StoreError as err:
-            await self._error(getattr(err, "code", "store_error"), str(err), event_id)
+        except (ProtocolError, StoreError) as err:
+            await self._report(err, event_id)
         except AudioFormatError as err:
             await self._error("invalid_audio", str(err), event_id, "audio")
         except Exception as exc:  # a bug: this event fails, the session carries on
@@ -450,14 +445,19 @@ class RealtimeSession:
         limit, a store error) is the client's ``error`` event, and turn-taking goes on."""
         try:
             await self._turn_event(event)
-        except ProtocolError as err:
+        except (ProtocolError, StoreError) as err:
+            await self._report(err, None)
+
+    async def _report(self, err: ProtocolError | StoreError, event_id: str | None) -> None:
+        """A refused request (protocol or store limit) as the client's ``error`` event; a
+        lost lease ends the connection."""
+        if isinstance(err, LeaseLost):
+            await self._taken_over()
+        elif isinstance(err, ProtocolError):
             metrics.ERROR_EVENTS.labels(err.code).inc()
             await self._send(error_event(err))
-        except LeaseLost:
-            await self._taken_over()
-        except StoreError as err:
-            await self._error(getattr(err, "code", "store_error"), str(err), None,
-                              type="server_error")
+        else:
+            await self._error(err.code, str(err), event_id)
 
     async def _turn_event(self, event: TurnEvent) -> None:
         if isinstance(event, SpeechStarted):
