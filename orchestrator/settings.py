@@ -35,6 +35,30 @@ class ServeSettings(BaseSettings):
     # subprotocol "openai-insecure-api-key.<key>". Empty: no authentication.
     api_key: str = ""
 
+    # Browser origins allowed to call the API cross-origin (CORS), e.g.
+    # ["https://app.example.com"]; empty: no CORS headers (same-origin pages only).
+    cors_origins: list[str] = Field(default_factory=list)
+
+    # --- browser demo page (served at /) ----------------------------------------------------
+    # The page at / and its token endpoint POST /demo/token, which mints short-lived ek_
+    # keys with the server's own key. The token endpoint answers loopback clients only
+    # unless demo_public is set: anyone who can reach it can talk to the agent.
+    demo: bool = True
+    demo_public: bool = False
+
+    # --- WebRTC (POST /v1/realtime/calls) ----------------------------------------------------
+    # ICE servers as RTCIceServer dicts: [{"urls": "stun:stun.example.org:3478"},
+    # {"urls": "turn:turn.example.org:3478", "username": "u", "credential": "p"}].
+    # Empty (default): host candidates only (no third-party STUN is contacted).
+    ice_servers: list[dict[str, str | list[str]]] = Field(default_factory=list)
+    # Host addresses offered as ICE candidates; empty: every non-loopback interface address.
+    # Set it to the address clients can reach (e.g. a node's IP); "127.0.0.1" serves
+    # clients on this machine only (tests, a loopback-only network namespace).
+    ice_host_addresses: list[str] = Field(default_factory=list)
+    # A call that has not connected after this many seconds is closed and cleaned up.
+    webrtc_connect_timeout_s: float = Field(default=20.0, gt=0)
+    # Concurrent WebRTC calls count against max_sessions like WebSocket sessions.
+
     # --- session store -------------------------------------------------------------------
     # redis://host:port/db; empty: the in-process memory store (no resume across processes).
     redis_url: str = ""
