@@ -1,10 +1,15 @@
 """One Realtime API session: client events in, server events out.
 
-Transport-agnostic (the server hands frames to :meth:`RealtimeSession.handle` and gives a
-``send`` callable). The session owns the conversation (mirrored to the store, so another
-process can resume it), the input audio path (decode -> resample once to 16 kHz -> turn
-controller) and the active response. Turn timing lives in ``turn.py`` and ``policy.py``;
-streaming a reply to the client in ``responder.py``.
+The transport-independent core. Its ports: events in (:meth:`RealtimeSession.handle`,
+called by one task at a time in arrival order), events out (the ``send`` callable), audio
+in (:meth:`RealtimeSession.push_audio`, pcm at a known rate; the WebSocket's append
+events feed the same path) and audio out (``media``: absent for the WebSocket, whose audio
+travels in events; a WebRTC call's ``MediaPort`` otherwise, which owns pacing, clearing
+and the played position). The WebSocket (``server.py``) and WebRTC (``webrtc/``)
+transports are adapters over it. The session owns the conversation (mirrored to the
+store, so another process can resume it), the input audio path (decode -> resample once
+to 16 kHz -> turn controller) and the active response. Turn timing lives in ``turn.py``
+and ``policy.py``; streaming a reply to the client in ``responder.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pydantic import TypeAdapter, ValidationError
 from orchestrator import audio_codecs, metrics
 from orchestrator.backends import Backends
 from orchestrator.context import ContextOverflow, estimate_tools_tokens, fit_messages
+from orchestrator.playout import AudioOut, MediaPort
 from orchestrator.policy import OverlapPolicy
 from orchestrator.protocol import (
     ContentPart,
@@ -75,7 +81,7 @@ from orchestrator.protocol.server_events import (
     TranscriptionDurationUsage,
     TranscriptionError,
 )
-from orchestrator.protocol.session import ServerVad, Session, apply_update
+from orchestrator.protocol.session import ServerVad, Session, SessionConfig, apply_update
 from orchestrator.reply import ReplyRun
 from orchestrator.responder import Responder
 from orchestrator.settings import ServeSettings
@@ -146,7 +152,8 @@ class RealtimeSession:
     def __init__(self, *, backends: Backends, vad: SileroVadModel | None, store: SessionStore,
                  settings: ServeSettings, send: Callable[[str], Awaitable[None]],
                  beta: bool = False, make_vad: Callable[[], VadLike] | None = None,
-                 close: Callable[[int, str], None] | None = None) -> None:
+                 close: Callable[[int, str], None] | None = None,
+                 media: MediaPort | None = None) -> None:
         self._backends = backends
         if make_vad is None:
             if vad is None:
@@ -166,7 +173,8 @@ class RealtimeSession:
         self.session_id = ""
         self.items: list[ConversationItem] = []
         self._controller: TurnController | None = None
-        self._resampler: StreamResampler | None = None
+        self._media = media
+        self._resamplers: dict[int, StreamResampler] = {}  # input rate -> pipeline rate
         self._input_format = ""
         self._responder: Responder | None = None
         self._turns: dict[int, UserTurn] = {}  # open user turns by the controller's number
@@ -180,7 +188,10 @@ class RealtimeSession:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, *, resume_id: str | None = None,
-                    resume_token: str | None = None) -> None:
+                    resume_token: str | None = None,
+                    config: SessionConfig | None = None) -> None:
+        """Create (or resume) the session and announce it. ``config`` (an ephemeral key's
+        session, or a WebRTC call's) is applied to a new session before it is announced."""
         # The connection holds the session's lease while it lives; a reconnect with the
         # token takes it over (the old connection may be dead without having released it).
         if resume_id:
@@ -194,6 +205,11 @@ class RealtimeSession:
             pipeline = self._settings.pipeline
             self.session = self.session.model_copy(update={
                 "cascade": self.session.cascade.model_copy(update={"pipeline": pipeline})})
+            if config is not None:
+                try:
+                    self.session = apply_update(self.session, config)
+                except ValidationError as exc:
+                    raise ProtocolError("invalid_value", str(exc), None, "session") from exc
             created = await self._store.create_session(self._stored_config(), owner=self._owner)
             self.session_id, token = created.session_id, created.resume_token
             self.session = self.session.model_copy(update={"id": self.session_id})
@@ -252,8 +268,9 @@ class RealtimeSession:
             return
         try:
             if isinstance(raw, bytes | bytearray | memoryview):
+                self._audio_in_events(None)
                 samples = audio_codecs.decode(raw, self._input_format)
-                await self._append_samples(samples, None)
+                await self._append_samples(samples, self._input_rate(), None)
                 return
             event = parse_client_event(raw, self._settings.max_event_bytes)
             event_id = event.event_id
@@ -266,6 +283,26 @@ class RealtimeSession:
             log.exception("session %s: event failed", self.session_id)
             await self._error("server_error", f"the event could not be processed: "
                               f"{type(exc).__name__}", event_id, type="server_error")
+
+    async def push_audio(self, samples: npt.NDArray[np.int16], rate: int) -> None:
+        """The audio-in port: mono pcm16 at ``rate`` (a WebRTC call's decoded track)."""
+        if self._closed or (self._lease is not None and self._lease.lost.is_set()):
+            return
+        try:
+            await self._append_samples(samples, rate, None)
+        except (ProtocolError, StoreError) as err:
+            await self._report(err, None)
+
+    def _audio_in_events(self, event_id: str | None) -> None:
+        """Audio inside events is the WebSocket's; a WebRTC call's audio is its track."""
+        if self._media is not None:
+            raise ProtocolError("invalid_event_for_transport", "input audio travels on the "
+                                "WebRTC call's audio track; input_audio_buffer.append (and "
+                                "binary audio frames) are for WebSocket sessions", event_id,
+                                "type")
+
+    def _input_rate(self) -> int:
+        return audio_codecs.sample_rate(self._input_format)
 
     async def _taken_over(self) -> None:
         """Another connection resumed this session: say so once, stop, and close."""
@@ -306,6 +343,8 @@ class RealtimeSession:
         elif isinstance(event, OutputAudioBufferClearEvent):
             if self._responder is not None and not self._responder.done:
                 await self._responder.cancel("client_cancelled")
+            elif self._responder is not None:  # done, but its audio may still be playing
+                self._responder.playout.clear()
 
     async def _session_update(self, event: SessionUpdateEvent) -> None:
         try:
@@ -326,10 +365,7 @@ class RealtimeSession:
 
     def _configure_audio(self) -> None:
         """(Re)build the input path and the turn controller from the session config."""
-        fmt = self.session.input_format.type
-        if fmt != self._input_format:
-            self._input_format = fmt
-            self._resampler = StreamResampler(audio_codecs.sample_rate(fmt), ASR_RATE)
+        self._input_format = self.session.input_format.type
         policy = self._policy()
         auto = self.session.turn_detection is not None
         if self._controller is None:
@@ -360,12 +396,14 @@ class RealtimeSession:
         return OverlapPolicy(serial=serial, create_response=False, max_turn_ms=max_turn)
 
     async def _append(self, event: InputAudioBufferAppendEvent) -> None:
+        self._audio_in_events(event.event_id)
         samples = audio_codecs.decode_base64(event.audio, self._input_format)
-        await self._append_samples(samples, event.event_id)
+        await self._append_samples(samples, self._input_rate(), event.event_id)
 
-    async def _append_samples(self, samples: npt.NDArray[np.int16],
+    async def _append_samples(self, samples: npt.NDArray[np.int16], rate: int,
                               event_id: str | None) -> None:
-        """Input audio (in the session's input format, decoded) into the turn logic.
+        """Input audio (mono pcm16 at ``rate``) into the turn logic, resampled once to
+        the pipeline rate by a stream resampler kept per input rate.
 
         Buffer rules: with turn detection, only the current turn's audio is "buffered"
         (silence between turns is scored by the VAD and dropped, keeping just
@@ -374,13 +412,13 @@ class RealtimeSession:
         for the session's whole life. With manual turns (turn_detection null) the client
         owns the buffer: everything since the last commit/clear counts, and an append
         past ``max_buffer_ms`` is refused until it commits or clears."""
-        ms = samples.size * 1000.0 / audio_codecs.sample_rate(self._input_format)
+        ms = samples.size * 1000.0 / rate
         limits = self._settings
         if ms > limits.max_append_ms:
             await self._error("audio_too_large", f"one append carries {ms:.0f} ms of audio; "
                               f"the limit is {limits.max_append_ms} ms", event_id, "audio")
             return
-        assert self._resampler is not None and self._controller is not None
+        assert self._controller is not None
         manual = not self._controller.auto_turns
         if manual and self._manual_ms + ms > limits.max_buffer_ms:
             await self._error("input_audio_buffer_full",
@@ -399,7 +437,10 @@ class RealtimeSession:
         self._audio_received_ms += ms
         if manual:
             self._manual_ms += ms
-        pcm16 = float_to_pcm16(self._resampler.process(pcm16_to_float(samples))).tobytes()
+        resampler = self._resamplers.get(rate)
+        if resampler is None:
+            resampler = self._resamplers[rate] = StreamResampler(rate, ASR_RATE)
+        pcm16 = float_to_pcm16(resampler.process(pcm16_to_float(samples))).tobytes()
         await self._controller.push_audio(pcm16)
 
     def _buffered_ms(self) -> float:
@@ -583,7 +624,8 @@ class RealtimeSession:
                  for t in session_tools] or None
         choice = cfg.tool_choice if cfg.tool_choice is not None else self.session.tool_choice
         audio = self._wants_audio(cfg)
-        rate = audio_codecs.sample_rate(self.session.output_format.type)
+        rate = (self._media.output_rate if self._media is not None
+                else audio_codecs.sample_rate(self.session.output_format.type))
         failure: tuple[str, str] | None = None
         if self._context_window is not None:  # the history must fit the model (context.py)
             try:
@@ -624,7 +666,7 @@ class RealtimeSession:
                               on_item_added=_ignore if out_of_band else self._assistant_item_added,
                               on_item_done=_ignore if out_of_band else self._replace_item,
                               audio_format=self.session.output_format.type,
-                              audio=self._wants_audio(config))
+                              audio=self._wants_audio(config), audio_out=self._audio_out())
         if config is not None and config.metadata is not None:
             responder.response = responder.response.model_copy(
                 update={"metadata": config.metadata})
@@ -635,6 +677,17 @@ class RealtimeSession:
         task.add_done_callback(lambda _t: self._reply_finished(responder))
         if timing is not None and timing.eos is not None:
             task.add_done_callback(lambda _t: self._turn_done(timing, responder))
+
+    def _audio_out(self) -> Callable[[str], AudioOut] | None:
+        """The transport's audio-out port for a new response (None: audio in events)."""
+        media = self._media
+        if media is None:
+            return None
+        return lambda response_id: media.playout(response_id, self._emit_soon)
+
+    def _emit_soon(self, event: ServerEventBase) -> None:
+        """Send from synchronous code (the media track): queued in order, never awaited."""
+        self._spawn(self._send(event))
 
     def _reply_finished(self, responder: Responder) -> None:
         """The reply stops counting as playing (for barge-in) once the listener has heard

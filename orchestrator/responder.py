@@ -27,7 +27,7 @@ from typing import Literal, TypedDict
 import numpy as np
 
 from orchestrator import audio_codecs
-from orchestrator.playout import Playout
+from orchestrator.playout import AudioOut, Playout
 from orchestrator.protocol import (
     ContentPart,
     ConversationItem,
@@ -92,16 +92,21 @@ class Responder:
 
     def __init__(self, run: ReplyRun, *, send: Send, on_item_added: ItemHook,
                  on_item_done: ItemHook, audio_format: str, audio: bool = True,
-                 lead_ms: float = 300.0) -> None:
+                 lead_ms: float = 300.0,
+                 audio_out: Callable[[str], AudioOut] | None = None) -> None:
         self.run = run
         self._send = send
         self._on_item_added = on_item_added
         self._on_item_done = on_item_done
         self._format = audio_format
         self._audio = audio
-        self.rate = audio_codecs.sample_rate(audio_format)
-        self.playout = Playout(self.rate, lead_ms=lead_ms)
         self.response = Response(output_modalities=["audio" if audio else "text"])
+        # Where the audio goes: WebSocket events by default, or the transport's own port
+        # (a WebRTC call's track), which then emits no output_audio.delta events.
+        self.playout: AudioOut = (
+            audio_out(self.response.id) if audio_out is not None
+            else Playout(audio_codecs.sample_rate(audio_format), lead_ms=lead_ms))
+        self.rate = self.playout.sample_rate
         self.item = MessageItem(id=new_item_id(), role="assistant", status="in_progress",
                                 content=[], object="realtime.item")
         self._message_open = False  # the message item is announced with its first content
@@ -111,9 +116,13 @@ class Responder:
         self.spoken = ""  # transcript of the audio sent so far
         self.text = ""
         self._task: asyncio.Task[None] | None = None
-        self.first_audio_at: float | None = None
         self.cancel_reason: CancelReason = "client_cancelled"
         self._cut_ms: float | None = None
+
+    @property
+    def first_audio_at(self) -> float | None:
+        """When the first reply audio went out (time.monotonic)."""
+        return self.playout.first_audio_at
 
     @property
     def item_id(self) -> str:
@@ -133,6 +142,7 @@ class Responder:
         (``turn_detected``) also announces the truncation, before ``response.done``."""
         self.cancel_reason = reason
         self._cut_ms = audio_end_ms
+        self.playout.clear()  # what the server still holds is never played
         await self.run.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -251,8 +261,6 @@ class Responder:
             type="server_error", code=code, message=message))
 
     async def _send_audio(self, pcm16: bytes) -> None:
-        if self.first_audio_at is None:
-            self.first_audio_at = asyncio.get_running_loop().time()
         samples = np.frombuffer(pcm16, dtype="<i2")
         await self._send(ResponseOutputAudioDeltaEvent(
             **self._ids(), delta=audio_codecs.encode_base64(samples, self._format)))
@@ -278,6 +286,7 @@ class Responder:
         self.response = self.response.model_copy(update={
             "status": status, "status_details": details, "output": outputs, "usage": usage})
         await self._send(ResponseDoneEvent(response=self.response))
+        self.playout.finish()
 
     async def _finish_message(self, cancelled: bool) -> None:
         transcript = self.spoken
