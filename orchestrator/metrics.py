@@ -67,3 +67,14 @@ REJECTED_CONNECTIONS = Counter(
     "Realtime connections refused or cut by the server",
     ["reason"],  # auth, capacity, not_ready, resume, slow_client, expired
 )
+INBOX_DROPPED = Counter(
+    "cascade_inbox_dropped_total",
+    "Client input dropped because a session's inbox was full (WebRTC calls)",
+    ["kind"],  # event, audio
+)
+WEBRTC_CALLS = Gauge("cascade_webrtc_calls", "Live WebRTC calls in this process")
+WEBRTC_CALLS_ENDED = Counter(
+    "cascade_webrtc_calls_ended_total",
+    "WebRTC calls ended, by why",
+    ["reason"],  # hangup, client_left, connect_timeout, failed, shutdown, taken_over, error
+)

@@ -45,6 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from orchestrator.backends import Backends, embedded_backends, remote_backends
 from orchestrator.metrics import ACTIVE_SESSIONS, ERROR_EVENTS, REJECTED_CONNECTIONS
+from orchestrator.outbox import Outbox
 from orchestrator.protocol import ProtocolError, error_event
 from orchestrator.settings import ServeSettings
 from orchestrator.store import SessionStore, StoreError, open_store
@@ -139,92 +140,6 @@ def error_json(code: str, message: str, type: str = "invalid_request_error") -> 
 def error_body(code: str, message: str) -> dict[str, object]:
     return {"error": {"message": message, "type": "invalid_request_error", "code": code,
                       "param": None}}
-
-
-class Outbox:
-    """The single writer of one connection: a bounded queue of text frames."""
-
-    def __init__(self, ws: WebSocket, max_events: int, close_timeout_s: float) -> None:
-        self._ws = ws
-        self._queue: asyncio.Queue[str] = asyncio.Queue(max_events)
-        self._timeout = close_timeout_s
-        self.closing = asyncio.Event()  # no more sends; the connection is ending
-        self.close_code = CLOSE_NORMAL
-        self.close_reason = ""
-        self._gone = False  # the peer is gone: no close frame to send
-        self._writer: asyncio.Task[None] | None = None
-        self._closed = False
-        self._finishing: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._writer = asyncio.create_task(self._write_loop(), name="realtime-writer")
-
-    async def send(self, text: str) -> None:
-        """Queue one event; never waits on the client. Dropped once the connection ends."""
-        if self.closing.is_set():
-            return
-        try:
-            self._queue.put_nowait(text)
-        except asyncio.QueueFull:
-            REJECTED_CONNECTIONS.labels("slow_client").inc()
-            log.warning("client too slow: %d events queued; closing", self._queue.maxsize)
-            self.abort(CLOSE_POLICY, "client is not reading events fast enough")
-
-    def abort(self, code: int, reason: str) -> None:
-        """End now: queued events are dropped, the close frame follows."""
-        if self.closing.is_set():
-            return
-        self.close_code, self.close_reason = code, reason
-        self.closing.set()
-        if self._writer is not None:
-            self._writer.cancel()
-
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                text = await self._queue.get()
-                await self._ws.send_text(text)
-                self._queue.task_done()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the peer went away (ClientDisconnected, closed state)
-            log.debug("writer stopped: %r", exc)
-            self._gone = True
-            self.closing.set()
-
-    def close_soon(self, code: int, reason: str) -> None:
-        """The session ends the connection: what it queued is flushed, then ``code``."""
-        if self._finishing is None:
-            self._finishing = asyncio.get_running_loop().create_task(
-                self.finish(code, reason), name="realtime-close")
-
-    async def finish(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Flush what is queued (bounded by the close timeout), then close with ``code``
-        unless the connection is already ending with its own code. Idempotent."""
-        if self._closed:
-            finishing = self._finishing
-            if finishing is not None and finishing is not asyncio.current_task():
-                await asyncio.shield(finishing)
-            return
-        self._closed = True
-        if not self.closing.is_set():
-            flushed = asyncio.create_task(self._queue.join())
-            ended = asyncio.create_task(self.closing.wait())
-            await asyncio.wait({flushed, ended}, timeout=self._timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-            flushed.cancel()
-            ended.cancel()
-            if not self.closing.is_set():
-                self.close_code, self.close_reason = code, reason
-                self.closing.set()
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
-        if not self._gone:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self._ws.close(self.close_code, self.close_reason), self._timeout
-                )
 
 
 class _ServerState:
@@ -350,7 +265,8 @@ async def _serve_connection(state: _ServerState, ws: WebSocket) -> None:
     state.active += 1  # no await since the check above: the cap holds
     ACTIVE_SESSIONS.inc()
     await ws.accept(subprotocol=subprotocol)
-    outbox = Outbox(ws, settings.send_queue_events, settings.close_timeout_s)
+    outbox = Outbox(ws.send_text, ws.close, settings.send_queue_events,
+                    settings.close_timeout_s)
     state.outboxes.add(outbox)
     outbox.start()
     session: RealtimeSessionLike | None = None

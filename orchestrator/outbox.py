@@ -1,0 +1,111 @@
+"""One connection's outgoing events: a bounded queue drained by a single writer task, so
+sends never interleave and the session never waits on the client. A client that reads
+slower than its session produces fills the queue and is disconnected (close 1008)
+instead of being buffered without bound. Transport-independent: the WebSocket and a
+WebRTC call's data channel each give their own ``write`` and ``close``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from orchestrator.metrics import REJECTED_CONNECTIONS
+
+log = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+
+
+class Outbox:
+    """The single writer of one connection: a bounded queue of text frames.
+
+    ``write`` sends one frame (a WebSocket's ``send_text``, a data channel's send);
+    ``close`` ends the connection with a code and reason once the queue is flushed."""
+
+    def __init__(self, write: Callable[[str], Awaitable[None]],
+                 close: Callable[[int, str], Awaitable[None]], max_events: int,
+                 close_timeout_s: float) -> None:
+        self._write = write
+        self._close = close
+        self._queue: asyncio.Queue[str] = asyncio.Queue(max_events)
+        self._timeout = close_timeout_s
+        self.closing = asyncio.Event()  # no more sends; the connection is ending
+        self.close_code = CLOSE_NORMAL
+        self.close_reason = ""
+        self._gone = False  # the peer is gone: no close frame to send
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._finishing: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name="realtime-writer")
+
+    async def send(self, text: str) -> None:
+        """Queue one event; never waits on the client. Dropped once the connection ends."""
+        if self.closing.is_set():
+            return
+        try:
+            self._queue.put_nowait(text)
+        except asyncio.QueueFull:
+            REJECTED_CONNECTIONS.labels("slow_client").inc()
+            log.warning("client too slow: %d events queued; closing", self._queue.maxsize)
+            self.abort(CLOSE_POLICY, "client is not reading events fast enough")
+
+    def abort(self, code: int, reason: str) -> None:
+        """End now: queued events are dropped, the close frame follows."""
+        if self.closing.is_set():
+            return
+        self.close_code, self.close_reason = code, reason
+        self.closing.set()
+        if self._writer is not None:
+            self._writer.cancel()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                text = await self._queue.get()
+                await self._write(text)
+                self._queue.task_done()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer went away (ClientDisconnected, closed state)
+            log.debug("writer stopped: %r", exc)
+            self._gone = True
+            self.closing.set()
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """The session ends the connection: what it queued is flushed, then ``code``."""
+        if self._finishing is None:
+            self._finishing = asyncio.get_running_loop().create_task(
+                self.finish(code, reason), name="realtime-close")
+
+    async def finish(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Flush what is queued (bounded by the close timeout), then close with ``code``
+        unless the connection is already ending with its own code. Idempotent."""
+        if self._closed:
+            finishing = self._finishing
+            if finishing is not None and finishing is not asyncio.current_task():
+                await asyncio.shield(finishing)
+            return
+        self._closed = True
+        if not self.closing.is_set():
+            flushed = asyncio.create_task(self._queue.join())
+            ended = asyncio.create_task(self.closing.wait())
+            await asyncio.wait({flushed, ended}, timeout=self._timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            flushed.cancel()
+            ended.cancel()
+            if not self.closing.is_set():
+                self.close_code, self.close_reason = code, reason
+                self.closing.set()
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if not self._gone:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self._close(self.close_code, self.close_reason), self._timeout
+                )
