@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ from orchestrator.store.errors import InvalidItem, SessionNotFound, StoreLimitEr
 ROOT = "root"
 # Session ids end up inside Redis keys (and their ``{...}`` hash tag): a strict alphabet.
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Client secret ids (a SHA-256 hex digest in practice) end up inside Redis keys too.
+_SECRET_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_ITEM_ID_CHARS = 128
 MAX_TOKEN_CHARS = 256
 MAX_OWNER_CHARS = 256
@@ -55,6 +58,26 @@ def check_session_id(session_id: object) -> str:
     if not isinstance(session_id, str) or not _SESSION_ID.match(session_id):
         raise SessionNotFound(f"malformed session id {str(session_id)[:80]!r}")
     return session_id
+
+
+def valid_secret_id(key_id: object) -> bool:
+    return isinstance(key_id, str) and _SECRET_ID.match(key_id) is not None
+
+
+def check_secret_id(key_id: object) -> str:
+    """A client secret's id; a programming error if malformed (callers store a digest)."""
+    if not valid_secret_id(key_id):
+        raise ValueError(f"client secret id must match {_SECRET_ID.pattern}")
+    assert isinstance(key_id, str)
+    return key_id
+
+
+def check_ttl(ttl_s: object) -> float:
+    """A positive, finite lifetime in seconds."""
+    if (isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float)
+            or not math.isfinite(ttl_s) or ttl_s <= 0):
+        raise ValueError(f"ttl_s must be a positive finite number of seconds, got {ttl_s!r}")
+    return float(ttl_s)
 
 
 def check_owner(owner: object) -> str:

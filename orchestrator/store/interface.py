@@ -100,4 +100,21 @@ class SessionStore(Protocol):
 
     async def lease_owner(self, session_id: str) -> str | None: ...
 
+    # Client secrets (ephemeral ``ek_`` keys, see orchestrator/keys.py): small JSON
+    # records under an id, each with its own expiry, shared by every process using the
+    # store. The id is a digest of the key (never the key itself), so a dump of the store
+    # holds nothing a client could present.
+
+    async def put_client_secret(self, key_id: str, record: JsonObject, ttl_s: float) -> None:
+        """Store ``record`` under ``key_id`` for ``ttl_s`` seconds (replacing any record
+        of that id). ``ValueError`` for a malformed id or a non-positive TTL,
+        ``StoreLimitError`` when the record or the number of live secrets is over its
+        bound."""
+        ...
+
+    async def get_client_secret(self, key_id: str) -> dict[str, Any] | None:
+        """The live record stored under ``key_id``; None when unknown, expired or
+        malformed."""
+        ...
+
     async def aclose(self) -> None: ...

@@ -2,7 +2,9 @@
 
 Same semantics as the Redis backend, including idle TTLs and leases. Expiry is lazy: a
 session past its deadline is dropped when next touched, and all expired sessions are swept
-when the ``max_sessions`` bound is reached. One ``asyncio.Lock`` makes every operation
+when the ``max_sessions`` bound is reached. Client secrets keep a heap of their deadlines:
+every put first drops those that expired (O(log n) each), so the live ones alone count
+against ``max_client_secrets``. One ``asyncio.Lock`` makes every operation
 atomic; none of them awaits anything else while holding it, and each costs at most
 O(max_items) (an insert into a bounded list), so the lock is never held for long. A fenced
 write (``owner=...``) checks the lease under that same lock, before it changes anything.
@@ -11,6 +13,7 @@ write (``owner=...``) checks the lease under that same lock, before it changes a
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +24,9 @@ from orchestrator.store.codec import (
     JsonObject,
     as_dict,
     check_owner,
+    check_secret_id,
     check_session_id,
+    check_ttl,
     decode,
     encode,
     encode_item,
@@ -29,6 +34,7 @@ from orchestrator.store.codec import (
     new_resume_token,
     new_session_id,
     token_matches,
+    valid_secret_id,
 )
 from orchestrator.store.errors import (
     InvalidResumeToken,
@@ -69,6 +75,10 @@ class MemoryStore:
         self.settings = settings or StoreSettings()
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
+        # Client secrets: id -> (record JSON, deadline), and a min-heap of (deadline, id)
+        # that may hold stale entries for replaced records (checked against the dict).
+        self._secrets: dict[str, tuple[str, float]] = {}
+        self._secret_deadlines: list[tuple[float, str]] = []
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -312,7 +322,53 @@ class MemoryStore:
             lease = self._live_lease(self._get(session_id))
         return lease.owner if lease is not None else None
 
+    # -- client secrets ---------------------------------------------------------------
+
+    def _drop_expired_secrets(self) -> None:
+        now = self._clock()
+        heap = self._secret_deadlines
+        while heap and heap[0][0] <= now:
+            deadline, key_id = heapq.heappop(heap)
+            entry = self._secrets.get(key_id)
+            if entry is not None and entry[1] == deadline:
+                del self._secrets[key_id]
+
+    async def put_client_secret(self, key_id: str, record: JsonObject, ttl_s: float) -> None:
+        check_secret_id(key_id)
+        ttl = check_ttl(ttl_s)
+        text = encode(as_dict(record, "client secret"), "client secret",
+                      self.settings.max_client_secret_bytes)
+        async with self._lock:
+            self._check_open()
+            self._drop_expired_secrets()
+            limit = self.settings.max_client_secrets
+            if key_id not in self._secrets and len(self._secrets) >= limit:
+                raise StoreLimitError(f"too many live client secrets (limit {limit})")
+            deadline = self._clock() + ttl
+            self._secrets[key_id] = (text, deadline)
+            heapq.heappush(self._secret_deadlines, (deadline, key_id))
+            if len(self._secret_deadlines) > 2 * len(self._secrets) + 1024:
+                # Replaced records left stale entries: rebuild from the live ones.
+                self._secret_deadlines = [(d, k) for k, (_, d) in self._secrets.items()]
+                heapq.heapify(self._secret_deadlines)
+
+    async def get_client_secret(self, key_id: str) -> dict[str, Any] | None:
+        if not valid_secret_id(key_id):
+            return None
+        async with self._lock:
+            self._check_open()
+            entry = self._secrets.get(key_id)
+            if entry is None:
+                return None
+            text, deadline = entry
+            if deadline <= self._clock():
+                del self._secrets[key_id]  # its heap entry goes at the next put
+                return None
+        return decode(text)
+
     async def aclose(self) -> None:
         async with self._lock:
             self._closed = True
             self._sessions.clear()
+            self._secrets.clear()
+            self._secret_deadlines.clear()

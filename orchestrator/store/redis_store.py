@@ -8,12 +8,16 @@ keys in the same step. Item order is a list of ids (insert-after is ``LINSERT``,
 by ``max_items``), item bodies a hash. A write with ``owner=`` is fenced inside its script:
 the lease key is compared with the owner in the same atomic step as the write.
 
+Client secrets are plain string keys ``{prefix}:ek:{key_id}`` (the id a digest of the key)
+set with ``PX``: Redis drops them at expiry, for every process at once.
+
 Connection failures surface as ``StoreUnavailable``; after ``aclose()`` every call raises
 ``StoreClosed`` instead of silently reconnecting.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,7 +29,9 @@ from orchestrator.store.codec import (
     JsonObject,
     as_dict,
     check_owner,
+    check_secret_id,
     check_session_id,
+    check_ttl,
     decode,
     encode,
     encode_item,
@@ -33,6 +39,7 @@ from orchestrator.store.codec import (
     new_resume_token,
     new_session_id,
     token_matches,
+    valid_secret_id,
 )
 from orchestrator.store.errors import (
     InvalidResumeToken,
@@ -255,6 +262,39 @@ class RedisStore:
     async def lease_owner(self, session_id: str) -> str | None:
         reply = await self._run("LEASE_OWNER", session_id)
         return reply[1] or None
+
+    # -- client secrets ---------------------------------------------------------------
+
+    def _secret_key(self, key_id: str) -> str:
+        return f"{self.settings.key_prefix}:ek:{key_id}"
+
+    async def put_client_secret(self, key_id: str, record: JsonObject, ttl_s: float) -> None:
+        check_secret_id(key_id)
+        ttl_ms = max(1, math.ceil(check_ttl(ttl_s) * 1000))
+        text = encode(as_dict(record, "client secret"), "client secret",
+                      self.settings.max_client_secret_bytes)
+        if self._closed:
+            raise StoreClosed("the session store is closed")
+        try:
+            await self._redis.set(self._secret_key(key_id), text, px=ttl_ms)
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+
+    async def get_client_secret(self, key_id: str) -> dict[str, Any] | None:
+        if not valid_secret_id(key_id):
+            return None
+        if self._closed:
+            raise StoreClosed("the session store is closed")
+        try:
+            text = await self._redis.get(self._secret_key(key_id))
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return decode(text) if isinstance(text, str) else None
+
+    def _unavailable(self, exc: RedisError) -> StoreUnavailable:
+        if self._closed:
+            return StoreClosed("the session store is closed")
+        return StoreUnavailable(f"redis: {exc}")
 
     async def aclose(self) -> None:
         if self._closed:

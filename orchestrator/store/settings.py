@@ -31,6 +31,10 @@ class StoreSettings(BaseSettings):
     max_turn_state_bytes: int = Field(default=64 * 1024, ge=64)
     # Memory backend only: live sessions held by this process.
     max_sessions: int = Field(default=10_000, ge=1)
+    # Client secrets (ephemeral ``ek_`` keys, orchestrator/keys.py): the largest record
+    # (its session config) and, memory backend only, how many live ones this process holds.
+    max_client_secret_bytes: int = Field(default=256 * 1024, ge=64)
+    max_client_secrets: int = Field(default=100_000, ge=1)
     # Redis: socket timeout for connect and each command.
     redis_timeout_s: float = Field(default=5.0, gt=0)
     # Redis: connections per orchestrator process (calls beyond wait for one).
