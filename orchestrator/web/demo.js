@@ -51,6 +51,7 @@
   let dropTimer = null;
   let reconnecting = false;
   let meterRunning = false;
+  let noticeTimer = null;
   const views = new Map(); // turn -> {user, assistant} <li> elements
 
   // ---------------------------------------------------------------- status and notices
@@ -65,7 +66,10 @@
     if (message !== undefined) notify(message, state === 'error' ? 'error' : 'info');
   }
 
-  function notify(message, kind = 'error') {
+  // A notice stays until replaced, or for hideAfterMs (server errors during a call).
+  function notify(message, kind = 'error', hideAfterMs = 0) {
+    clearTimeout(noticeTimer);
+    if (message && hideAfterMs) noticeTimer = setTimeout(() => notify(''), hideAfterMs);
     ui.notice.textContent = message;
     ui.notice.dataset.kind = kind;
     ui.notice.hidden = !message;
@@ -383,7 +387,7 @@
       const turn = byResponse(e.response_id);
       if (turn) { turn.timings = e; renderLatency(); renderAssistant(turn); }
     },
-    error: (e) => notify(e.error?.message || 'The server reported an error.'),
+    error: (e) => notify(e.error?.message || 'The server reported an error.', 'error', 8000),
   };
 
   // ---------------------------------------------------------------- turns
@@ -526,5 +530,6 @@
   ui.connect.addEventListener('click', connect);
   ui.hangup.addEventListener('click', hangup);
   ui.mute.addEventListener('click', toggleMute);
+  ui.notice.addEventListener('click', () => notify(''));
   setState('idle');
 })();
