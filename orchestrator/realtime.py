@@ -22,7 +22,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,9 +189,10 @@ class RealtimeSession:
     # ------------------------------------------------------------------ lifecycle
     async def start(self, *, resume_id: str | None = None,
                     resume_token: str | None = None,
-                    config: SessionConfig | None = None) -> None:
-        """Create (or resume) the session and announce it. ``config`` (an ephemeral key's
-        session, or a WebRTC call's) is applied to a new session before it is announced."""
+                    configs: Sequence[SessionConfig] = ()) -> None:
+        """Create (or resume) the session and announce it. ``configs`` (an ephemeral key's
+        session, a WebRTC call's) are applied in order to a new session before it is
+        announced; a resumed session keeps its stored config."""
         # The connection holds the session's lease while it lives; a reconnect with the
         # token takes it over (the old connection may be dead without having released it).
         if resume_id:
@@ -205,7 +206,7 @@ class RealtimeSession:
             pipeline = self._settings.pipeline
             self.session = self.session.model_copy(update={
                 "cascade": self.session.cascade.model_copy(update={"pipeline": pipeline})})
-            if config is not None:
+            for config in configs:
                 try:
                     self.session = apply_update(self.session, config)
                 except ValidationError as exc:

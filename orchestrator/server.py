@@ -1,7 +1,10 @@
 """The Realtime server process: ``create_app(settings)`` -> FastAPI app.
 
-Routes: ``/v1/realtime`` (WebSocket, OpenAI-Realtime-compatible), ``/healthz``,
-``/readyz``, ``/metrics`` (default Prometheus registry).
+Routes: ``/v1/realtime`` (WebSocket, OpenAI-Realtime-compatible; with ``?call_id=`` the
+sideband control of a WebRTC call), ``POST /v1/realtime/calls`` and its hang-up
+(WebRTC, ``orchestrator/webrtc/``), ``POST /v1/realtime/client_secrets`` (ephemeral
+keys, ``keys.py``), the demo page at ``/`` (``web_demo.py``), ``/healthz``, ``/readyz``,
+``/metrics`` (default Prometheus registry).
 
 Design decisions:
 
@@ -10,10 +13,11 @@ Design decisions:
   /readyz says 503 until everything is loaded; a load failure turns both into 5xx with
   the reason (a liveness probe then restarts the process) instead of hanging startup.
   Connections that arrive before readiness are closed with 1013 (try again later).
-- Auth happens before the WebSocket is accepted. A refused client gets an HTTP 403 with an
-  OpenAI-style JSON error body (the WebSocket denial-response extension; plain close
-  before accept, also a 403, where the server lacks it), which the ``openai`` SDK reports
-  as a failed handshake. Keys are compared with ``hmac.compare_digest``.
+- Auth (``auth.py``: the standard key, or an ``ek_`` key whose session config then
+  applies to the new session) happens before the WebSocket is accepted. A refused
+  client gets an HTTP 403 with an OpenAI-style JSON error body (the WebSocket
+  denial-response extension; plain close before accept, also a 403, where the server
+  lacks it), which the ``openai`` SDK reports as a failed handshake.
 - Refusals that need a reason the client can read (capacity, not ready, failed resume,
   expiry) accept first, send one ``error`` event, then close with a code: 1013 for "try
   again later", 1008 for a policy refusal.
@@ -33,29 +37,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from fastapi import FastAPI, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from orchestrator import keys, web_demo
+from orchestrator.auth import AuthUnavailable, Grant, authorize, presented_keys
 from orchestrator.backends import Backends, embedded_backends, remote_backends
 from orchestrator.metrics import ACTIVE_SESSIONS, ERROR_EVENTS, REJECTED_CONNECTIONS
 from orchestrator.outbox import Outbox
+from orchestrator.playout import MediaPort
 from orchestrator.protocol import ProtocolError, error_event
+from orchestrator.protocol.session import SessionConfig
 from orchestrator.settings import ServeSettings
 from orchestrator.store import SessionStore, StoreError, open_store
+from orchestrator.webrtc import signalling
+from orchestrator.webrtc.calls import Call, CallSession, MakeSession
 from stages.vad.model import SileroVadModel
 
 log = logging.getLogger(__name__)
 
 REALTIME_PATH = "/v1/realtime"
 SUBPROTOCOL = "realtime"
-KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 
 CLOSE_NORMAL = 1000
@@ -71,7 +80,8 @@ class RealtimeSessionLike(Protocol):
     """What the server needs of a session (``orchestrator.realtime.RealtimeSession``)."""
 
     async def start(self, *, resume_id: str | None = None,
-                    resume_token: str | None = None) -> None: ...
+                    resume_token: str | None = None,
+                    configs: Sequence[SessionConfig] = ()) -> None: ...
 
     async def handle(self, raw: str | bytes) -> None: ...
 
@@ -81,7 +91,8 @@ class RealtimeSessionLike(Protocol):
 class SessionFactory(Protocol):
     def __call__(self, *, backends: Backends, vad: SileroVadModel, store: SessionStore,
                  settings: ServeSettings, send: Send, beta: bool = False,
-                 close: Callable[[int, str], None] | None = None) -> RealtimeSessionLike: ...
+                 close: Callable[[int, str], None] | None = None,
+                 media: MediaPort | None = None) -> RealtimeSessionLike: ...
 
 
 @dataclass
@@ -152,10 +163,14 @@ class _ServerState:
         self.load_error: str | None = None
         self.active = 0
         self.outboxes: set[Outbox] = set()
+        self.calls: dict[str, Call] = {}
+        self.secrets: keys.ClientSecrets | None = None
 
     async def load(self) -> None:
         try:
-            self.resources = await self.loader(self.settings)
+            resources = await self.loader(self.settings)
+            self.secrets = keys.ClientSecrets(resources.store)
+            self.resources = resources
             log.info("ready: %s stages, %s store", "remote" if self.settings.distributed
                      else "embedded", "redis" if self.settings.redis_url else "memory")
         except Exception as exc:
@@ -169,26 +184,33 @@ class _ServerState:
             self.session_factory = RealtimeSession
         return self.session_factory
 
+    # --- what WebRTC signalling needs (signalling.CallHost) ----------------------------
+    def client_secrets(self) -> keys.ClientSecrets | None:
+        return self.secrets
 
-def _presented_keys(ws: WebSocket) -> list[str]:
-    keys = []
-    auth = ws.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        keys.append(token.strip())
-    for proto in ws.scope.get("subprotocols", []):
-        if proto.startswith(KEY_SUBPROTOCOL_PREFIX):
-            keys.append(proto[len(KEY_SUBPROTOCOL_PREFIX):])
-    return keys
+    def session_maker(self) -> MakeSession | None:
+        resources = self.resources
+        if resources is None:
+            return None
+        factory = self.factory()
 
+        def make(**ports: Any) -> CallSession:
+            session = factory(backends=resources.backends, vad=resources.vad,
+                              store=resources.store, settings=self.settings, **ports)
+            return cast(CallSession, session)
 
-def _authorized(ws: WebSocket, api_key: str) -> bool:
-    if not api_key:
+        return make
+
+    def reserve_session(self) -> bool:
+        if self.active >= self.settings.max_sessions:
+            return False
+        self.active += 1
+        ACTIVE_SESSIONS.inc()
         return True
-    expected = api_key.encode()
-    # Every presented key is compared (no early exit on the first mismatch).
-    results = [hmac.compare_digest(k.encode(), expected) for k in _presented_keys(ws)]
-    return any(results)
+
+    def release_session(self) -> None:
+        self.active -= 1
+        ACTIVE_SESSIONS.dec()
 
 
 def _is_beta(ws: WebSocket) -> bool:
@@ -234,13 +256,30 @@ async def _read_loop(ws: WebSocket, session: RealtimeSessionLike, outbox: Outbox
 
 async def _serve_connection(state: _ServerState, ws: WebSocket) -> None:
     settings = state.settings
-    if not _authorized(ws, settings.api_key):
-        REJECTED_CONNECTIONS.labels("auth").inc()
-        await _deny(ws, "invalid_api_key",
-                    "Missing or incorrect API key: send 'Authorization: Bearer <key>'.")
-        return
     offered = ws.scope.get("subprotocols", [])
+    try:
+        grant = await authorize(presented_keys(ws.headers, offered),
+                                api_key=settings.api_key, secrets=state.secrets)
+    except AuthUnavailable as exc:
+        REJECTED_CONNECTIONS.labels("not_ready").inc()
+        await _deny(ws, "server_not_ready", f"The key cannot be checked now ({exc}). "
+                    "Try again later.", status=503)
+        return
+    if grant is None:
+        REJECTED_CONNECTIONS.labels("auth").inc()
+        await _deny(ws, "invalid_api_key", "Missing, expired or incorrect API key: send "
+                    "'Authorization: Bearer <key or ek_ client secret>'.")
+        return
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
+    call_id = ws.query_params.get("call_id")
+    if call_id is not None:
+        if grant.kind == "ephemeral":  # a browser's key does not reach the sideband
+            REJECTED_CONNECTIONS.labels("auth").inc()
+            await _deny(ws, "invalid_api_key", "The sideband connection of a call needs the "
+                        "server's API key, not a client secret.")
+            return
+        await _serve_sideband(state, ws, call_id, subprotocol)
+        return
     resources = state.resources
     if resources is None:
         REJECTED_CONNECTIONS.labels("not_ready").inc()
@@ -276,7 +315,12 @@ async def _serve_connection(state: _ServerState, ws: WebSocket) -> None:
             settings=settings, send=outbox.send, beta=_is_beta(ws), close=outbox.close_soon,
         )
         try:
-            await session.start(resume_id=resume_id, resume_token=resume_token)
+            await session.start(resume_id=resume_id, resume_token=resume_token,
+                                configs=_grant_configs(grant))
+        except ProtocolError as exc:  # the key's session config no longer validates
+            await outbox.send(error_event(exc).to_json())
+            await outbox.finish(CLOSE_POLICY, exc.code)
+            return
         except StoreError as exc:
             REJECTED_CONNECTIONS.labels("resume").inc()
             await outbox.send(error_json(exc.code, f"Cannot resume the session: {exc}"))
@@ -297,6 +341,58 @@ async def _serve_connection(state: _ServerState, ws: WebSocket) -> None:
         state.outboxes.discard(outbox)
         state.active -= 1
         ACTIVE_SESSIONS.dec()
+
+
+def _grant_configs(grant: Grant) -> list[SessionConfig]:
+    """An ephemeral key's session config, to start a new session from."""
+    if grant.session is None:
+        return []
+    return [SessionConfig.model_validate(grant.session)]
+
+
+async def _serve_sideband(state: _ServerState, ws: WebSocket, call_id: str,
+                          subprotocol: str | None) -> None:
+    """``/v1/realtime?call_id=rtc_...``: a WebSocket that controls a live WebRTC call like
+    any Realtime WebSocket (its events go to the call's session, in order with the data
+    channel's; the session's events come back here too)."""
+    call = state.calls.get(call_id)
+    if call is None:
+        await _refuse(ws, subprotocol, CLOSE_POLICY, "call_not_found",
+                      f"No live call {call_id!r} on this server.")
+        return
+    await ws.accept(subprotocol=subprotocol)
+    settings = state.settings
+    outbox = Outbox(ws.send_text, ws.close, settings.send_queue_events,
+                    settings.close_timeout_s)
+    call.add_outbox(outbox)
+    ended = asyncio.create_task(call.ended.wait())
+    closing = asyncio.create_task(outbox.closing.wait())
+    reader = asyncio.create_task(_sideband_reads(ws, call, outbox, settings.max_event_bytes))
+    try:
+        await asyncio.wait({reader, ended, closing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (reader, ended, closing):
+            task.cancel()
+        await asyncio.gather(reader, ended, closing, return_exceptions=True)
+        call.remove_outbox(outbox)
+        await outbox.finish(CLOSE_NORMAL, "call ended" if call.ended.is_set() else "")
+
+
+async def _sideband_reads(ws: WebSocket, call: Call, outbox: Outbox, max_bytes: int) -> None:
+    while True:
+        msg = await ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            return
+        data: str | bytes | None = msg.get("text")
+        if data is None:
+            data = msg.get("bytes")
+        if data is None:
+            continue
+        if len(data) > max_bytes:
+            await outbox.send(error_json(
+                "invalid_value", f"Event is too large ({len(data)} > {max_bytes} bytes)."))
+            continue
+        call.put_event(data)
 
 
 async def _run(ws: WebSocket, session: RealtimeSessionLike, outbox: Outbox,
@@ -342,6 +438,8 @@ def create_app(settings: ServeSettings | None = None, *,
             await asyncio.gather(loading, return_exceptions=True)
             for outbox in list(state.outboxes):
                 outbox.abort(CLOSE_RESTART, "server shutting down")
+            await asyncio.gather(*(call.close("shutdown") for call in list(state.calls.values())),
+                                 return_exceptions=True)
             for _ in range(int(settings.close_timeout_s * 10)):
                 if state.active == 0:
                     break
@@ -351,6 +449,17 @@ def create_app(settings: ServeSettings | None = None, *,
 
     app = FastAPI(title="cascade realtime", lifespan=lifespan)
     app.state.server = state
+    if settings.cors_origins:
+        # Browsers preflight an SDP POST with Authorization; the agents SDK reads the
+        # call id from Location.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "OpenAI-Beta",
+                           "X-OpenAI-Agents-SDK"],
+            expose_headers=["Location"], max_age=600)
+    app.include_router(signalling.router(state))
+    app.include_router(keys.secrets_router(settings, state.client_secrets))
+    app.include_router(web_demo.router(settings, state.client_secrets))
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -254,6 +254,7 @@ async def pump_inbound(track: MediaStreamTrack, push: PushAudio) -> None:
     """Drain the remote audio track into ``push`` until the track ends. A frame the
     session cannot take (its inbox is full) is dropped, never queued without bound."""
     dropped = 0
+    log.debug("inbound audio track started")
     while True:
         try:
             frame = await track.recv()

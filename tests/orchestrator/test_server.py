@@ -49,8 +49,9 @@ class FakeSession:
         FakeSession.instances.append(self)
 
     async def start(self, *, resume_id: str | None = None,
-                    resume_token: str | None = None) -> None:
+                    resume_token: str | None = None, configs: Any = ()) -> None:
         self.resume = (resume_id, resume_token)
+        self.configs = list(configs)
         if resume_id is not None:
             raise InvalidResumeToken("the resume token does not match the session")
         await self.send(SessionCreatedEvent(session=Session()).to_json())

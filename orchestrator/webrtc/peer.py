@@ -1,0 +1,87 @@
+"""Peer connections: the ICE configuration from the settings, the host candidates the
+server offers, and the checks an offer must pass before any work is done for it.
+
+ICE servers: none by default. aiortc would otherwise add a public STUN server, and a
+server must not contact third parties unless its operator says so; STUN/TURN servers
+are configured with ``CASCADE_ICE_SERVERS``.
+
+Host candidates: aioice offers every non-loopback interface address. Two cases need
+more control, so ``CASCADE_ICE_HOST_ADDRESSES`` replaces that list: a host with several
+interfaces where only one is reachable by clients, and loopback-only setups (a network
+namespace with only ``lo``: tests, a browser on the same machine), where 127.0.0.1 must
+be offered or no pair can form. aioice reads the list from a module function; the
+override is installed once per process and reads the addresses of the call being set up.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+from collections.abc import Sequence
+
+import aioice.ice
+from aiortc import RTCConfiguration, RTCIceServer
+
+from orchestrator.settings import ServeSettings
+
+_HOST_ADDRESSES: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "cascade_ice_host_addresses", default=None)
+_original_get_host_addresses = aioice.ice.get_host_addresses
+
+
+def _get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    chosen = _HOST_ADDRESSES.get()
+    if chosen is None:
+        return _original_get_host_addresses(use_ipv4, use_ipv6)
+    out = []
+    for address in chosen:
+        version = ipaddress.ip_address(address).version
+        if (version == 4 and use_ipv4) or (version == 6 and use_ipv6):
+            out.append(address)
+    return out
+
+
+aioice.ice.get_host_addresses = _get_host_addresses
+
+
+def use_host_addresses(addresses: Sequence[str]) -> None:
+    """Offer exactly ``addresses`` as host candidates for peer connections gathered in
+    the current task (and tasks it starts); empty: aioice's own choice."""
+    for address in addresses:
+        ipaddress.ip_address(address)  # a bad address fails here, not inside aioice
+    _HOST_ADDRESSES.set(tuple(addresses) or None)
+
+
+def configuration(settings: ServeSettings) -> RTCConfiguration:
+    servers = []
+    for server in settings.ice_servers:
+        urls = server.get("urls")
+        if not urls:
+            raise ValueError(f"ICE server without urls: {server}")
+        username = server.get("username")
+        credential = server.get("credential")
+        servers.append(RTCIceServer(
+            urls=urls, username=username if isinstance(username, str) else None,
+            credential=credential if isinstance(credential, str) else None))
+    return RTCConfiguration(iceServers=servers)
+
+
+class InvalidOffer(ValueError):
+    """The offer cannot start a call; the message says why (sent to the client)."""
+
+
+MAX_SDP_BYTES = 64 * 1024
+
+
+def check_offer(sdp: str) -> None:
+    """Cheap checks before aiortc parses the offer: size, shape, an audio section."""
+    if not sdp.strip():
+        raise InvalidOffer("the SDP offer is empty")
+    if len(sdp.encode()) > MAX_SDP_BYTES:
+        raise InvalidOffer(f"the SDP offer is larger than {MAX_SDP_BYTES} bytes")
+    lines = [line.strip() for line in sdp.strip().splitlines()]
+    if not lines[0].startswith("v=0"):
+        raise InvalidOffer("not an SDP offer: it must start with 'v=0'")
+    if not any(line.startswith("m=audio ") for line in lines):
+        raise InvalidOffer("the SDP offer has no audio section (m=audio): a Realtime call "
+                           "needs the microphone track (or a recvonly audio transceiver)")
