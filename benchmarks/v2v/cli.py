@@ -26,7 +26,14 @@ from benchmarks.v2v.options import (
     USAGE,
     add_arguments,
 )
-from benchmarks.v2v.records import BenchConfig, MachineInfo, Report, TurnRecord
+from benchmarks.v2v.records import (
+    TRANSPORTS,
+    BenchConfig,
+    MachineInfo,
+    Report,
+    Transport,
+    TurnRecord,
+)
 from benchmarks.v2v.runner import Schedule, levels_up_to, run
 
 
@@ -44,10 +51,33 @@ def _clips(args: argparse.Namespace) -> list[Clip]:
     return builtin_corpus(_csv(args.clips or BUILTIN_CLIPS))
 
 
+def _transports(args: argparse.Namespace) -> tuple[Transport, ...]:
+    names = list(dict.fromkeys(_csv(args.transports)))
+    known: dict[str, Transport] = {t: t for t in TRANSPORTS}
+    if not names or any(n not in known for n in names):
+        raise SystemExit(f"cascade bench: --transports takes a comma list of "
+                         f"{', '.join(TRANSPORTS)} (got {args.transports!r})")
+    if "webrtc" in names and args.dialect == "beta":
+        raise SystemExit("cascade bench: WebRTC calls speak the GA dialect; drop "
+                         "--dialect beta or --transports webrtc")
+    return tuple(known[n] for n in names)
+
+
+def calls_url(ws_url: str) -> str:
+    """The WebRTC calls endpoint next to a Realtime WebSocket URL: same host, path
+    ``.../v1/realtime`` + ``/calls``, same query (e.g. ``?model=``)."""
+    import httpx
+
+    url = httpx.URL(ws_url)
+    scheme = {"ws": "http", "wss": "https"}.get(url.scheme, url.scheme)
+    return str(url.copy_with(scheme=scheme, path=url.path.rstrip("/") + "/calls"))
+
+
 def _schedule(args: argparse.Namespace) -> Schedule:
     modes = tuple(_csv(args.modes))
     if not modes:
         raise SystemExit("cascade bench: --modes is empty")
+    transports = _transports(args)
     if args.concurrency:
         try:
             levels = tuple(sorted({int(x) for x in _csv(args.concurrency)}))
@@ -67,7 +97,7 @@ def _schedule(args: argparse.Namespace) -> Schedule:
                     barge_in_rounds=args.barge_in_rounds,
                     sweep_modes=sweep_modes if levels else (), sweep_turns=args.sweep_turns,
                     conversation_rounds=rounds, conversation_turns=turns,
-                    conversation_gaps=gaps)
+                    conversation_gaps=gaps, transports=transports)
 
 
 def _conversation(args: argparse.Namespace) -> tuple[int, tuple[float, ...], int]:
@@ -110,7 +140,8 @@ def _target(url: str | None, api_key: str, serve_args: list[str]) -> Iterator[st
 
 
 def _progress_label(rec: TurnRecord) -> str:
-    where = f"{rec.phase} {rec.mode} x{rec.concurrency} {rec.clip}"
+    over = "" if rec.transport == "ws" else f" ({rec.transport})"
+    where = f"{rec.phase} {rec.mode}{over} x{rec.concurrency} {rec.clip}"
     if rec.phase == "conversation":
         gap = "" if rec.gap_before_s is None else f" after {rec.gap_before_s:.0f} s"
         where = f"conversation {rec.mode} turn {rec.turn_index}{gap} {rec.clip}"
@@ -155,7 +186,8 @@ def run_bench(args: argparse.Namespace) -> int:
         headers = {"Authorization": f"Bearer {api_key}"}
         if args.dialect == "beta":
             headers["OpenAI-Beta"] = "realtime=v1"
-        opts = TurnOptions(url=url, headers=headers, dialect=args.dialect,
+        rtc = (args.calls_url or calls_url(url)) if "webrtc" in schedule.transports else None
+        opts = TurnOptions(url=url, headers=headers, dialect=args.dialect, calls_url=rtc,
                            instructions=args.instructions,
                            max_output_tokens=args.max_output_tokens or None,
                            transcription_model=args.transcription_model or None,
@@ -164,7 +196,8 @@ def run_bench(args: argparse.Namespace) -> int:
         talk = (f"{schedule.conversation_turns} turns, gaps "
                 f"{','.join(f'{g:g}' for g in schedule.conversation_gaps) or '-'} s"
                 if schedule.conversation_turns else "off")
-        console.print(f"cascade bench: {url} · modes {', '.join(schedule.modes)} · "
+        over = f" + WebRTC {rtc}" if rtc else ""
+        console.print(f"cascade bench: {url}{over} · modes {', '.join(schedule.modes)} · "
                       f"{len(clips)} clip(s) x {schedule.rounds} round(s) · conversation "
                       f"{talk} · sweep {list(schedule.concurrency) or 'off'}")
         total = schedule.total_turns(len(clips))
@@ -183,7 +216,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
             records = asyncio.run(run(opts, prepared, schedule, advance, interrupt))
     report = build_report(records, clips, schedule, args, target=url,
-                          wall_s=time.perf_counter() - started, machine=machine)
+                          wall_s=time.perf_counter() - started, machine=machine,
+                          calls_url=rtc)
     files = report_mod.write_report(report, out)
     report_mod.print_summary(report, console)
     for mode in report.realtime_limit:
@@ -201,8 +235,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedule,
                  args: argparse.Namespace, target: str, wall_s: float,
-                 machine: MachineInfo | None = None) -> Report:
+                 machine: MachineInfo | None = None, calls_url: str | None = None) -> Report:
     config = BenchConfig(target=target, embedded=not args.url, modes=list(schedule.modes),
+                         transports=list(schedule.transports), calls_url=calls_url,
                          rounds=schedule.rounds, clips=[c.info for c in clips],
                          concurrency=list(schedule.concurrency),
                          sweep_rounds=schedule.sweep_turns, warmup=schedule.warmup,

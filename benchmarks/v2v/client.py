@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -24,10 +25,13 @@ from benchmarks.v2v.corpus import RATE, Clip, voiced_span
 from benchmarks.v2v.events import Marks, Response, finish, noticed, on_event
 from benchmarks.v2v.options import DEFAULT_INSTRUCTIONS, DEFAULT_MAX_OUTPUT_TOKENS
 from benchmarks.v2v.records import Phase, TurnRecord
+from stages.common.audio import Int16Array, float_to_pcm16, resample
 
 FRAME = RATE // 50  # 20 ms
 FRAME_S = FRAME / RATE
 LEAD_S = 0.3  # silence before the clip, so the server's VAD hears the onset
+RTC_RATE = 48_000  # WebRTC audio (Opus) runs at 48 kHz
+RTC_FRAME = RTC_RATE // 50  # 20 ms
 CASCADE_MODES = ("streaming", "serial")
 
 INTERRUPT_AFTER_S = 1.0  # barge-in: the user starts talking this long into the reply
@@ -45,6 +49,8 @@ class TurnOptions:
     gap_threshold_s: float = 0.02
     dialect: Literal["ga", "beta"] = "ga"  # beta: OpenAI-Beta: realtime=v1 servers
     reply_timeout_s: float = 60.0
+    # WebRTC turns: the POST /v1/realtime/calls endpoint (SDP offer in, answer out).
+    calls_url: str | None = None
 
 
 def _frames(pcm: np.ndarray[Any, Any]) -> list[str]:
@@ -72,23 +78,41 @@ class PreparedClip:
         self.eos_frame = (lead.size + max(clip.speech_end - 1, 0)) // FRAME
         self.onset_frame = (lead.size + voiced_span(clip.pcm)[0]) // FRAME
 
+    @functools.cached_property
+    def rtc_frames(self) -> list[Int16Array]:
+        """The same lead + clip as 20 ms frames at 48 kHz, for a WebRTC microphone track
+        (resampled once; frame k covers the same 20 ms as ``frames[k]``, so ``eos_frame``
+        and ``onset_frame`` hold for both)."""
+        lead = np.zeros(round(LEAD_S * RATE), np.int16)
+        pcm = float_to_pcm16(resample(np.concatenate([lead, self.clip.pcm]), RATE, RTC_RATE))
+        pcm = np.concatenate([pcm, np.zeros(len(self.frames) * RTC_FRAME - pcm.size, np.int16)])
+        return [pcm[k * RTC_FRAME:(k + 1) * RTC_FRAME] for k in range(len(self.frames))]
 
-def _session_update(mode: str, opts: TurnOptions) -> str:
-    if opts.dialect == "beta":
-        return _beta_session_update(mode, opts)
-    audio_in: dict[str, Any] = {"format": {"type": "audio/pcm", "rate": RATE},
-                                "turn_detection": {"type": "server_vad"}}
+
+def ga_session(mode: str, opts: TurnOptions) -> dict[str, Any]:
+    """The GA session config both transports send, without audio formats (a WebRTC call
+    carries Opus on RTP; the WebSocket adds pcm16 at 24 kHz)."""
+    audio_in: dict[str, Any] = {"turn_detection": {"type": "server_vad"}}
     if opts.transcription_model:
         audio_in["transcription"] = {"model": opts.transcription_model}
     session: dict[str, Any] = {
         "type": "realtime", "instructions": opts.instructions,
-        "output_modalities": ["audio"],
-        "audio": {"input": audio_in, "output": {"format": {"type": "audio/pcm", "rate": RATE}}},
+        "output_modalities": ["audio"], "audio": {"input": audio_in},
     }
     if opts.max_output_tokens:
         session["max_output_tokens"] = opts.max_output_tokens
     if opts.cascade_extras and mode in CASCADE_MODES:
         session["cascade"] = {"pipeline": mode, "timings": True}
+    return session
+
+
+def _session_update(mode: str, opts: TurnOptions) -> str:
+    if opts.dialect == "beta":
+        return _beta_session_update(mode, opts)
+    session = ga_session(mode, opts)
+    pcm = {"type": "audio/pcm", "rate": RATE}
+    session["audio"] = {"input": {"format": pcm, **session["audio"]["input"]},
+                        "output": {"format": pcm}}
     return json.dumps({"type": "session.update", "session": session})
 
 

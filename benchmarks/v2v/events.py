@@ -4,6 +4,11 @@
 into a ``TurnRecord``, every time relative to the ground-truth end of speech (or, for a
 barge-in, to the moment the interrupting speech began). Pure functions of (event, time),
 so the rules are tested on scripted sequences with exact clocks.
+
+The reply's audio is transport-specific (``ReplyAudio``): over the WebSocket it is the
+``response.output_audio.delta`` chunks fed to a simulated player; over WebRTC it is read
+off the received audio track (``received.py``). Everything else is the same events, so the
+records of both transports are comparable.
 """
 
 from __future__ import annotations
@@ -21,6 +26,26 @@ from stages.common.text import wer
 AUDIO_DELTA = {"response.output_audio.delta", "response.audio.delta"}
 TEXT_DELTA = {"response.output_audio_transcript.delta", "response.audio_transcript.delta",
               "response.output_text.delta", "response.text.delta"}
+
+
+@dataclass(frozen=True)
+class ReplyAudio:
+    """What the listener got of one reply, whatever carried it."""
+
+    first_audio: float | None  # perf_counter: the first reply audio the listener has
+    chunks: int  # pieces of audio received (WebSocket deltas, or 20 ms WebRTC frames)
+    audio_s: float  # seconds of reply audio received
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # (start, seconds)
+
+    @classmethod
+    def from_chunks(cls, first_audio: float | None, chunks: list[tuple[float, float]],
+                    threshold_s: float) -> ReplyAudio:
+        """WebSocket: the deltas ``(arrival, seconds)`` played by the simulated player."""
+        player = PlaybackGaps(threshold_s=threshold_s)
+        for arrival, seconds in chunks:
+            player.add(arrival, seconds)
+        return cls(first_audio=first_audio, chunks=player.chunks, audio_s=player.audio_s,
+                   gaps=list(zip(player.gap_starts, player.gaps, strict=True)))
 
 
 @dataclass
@@ -58,6 +83,9 @@ class Marks:
     client_truncate: bool = False  # the client had to ask for it (the reply was complete)
     server: dict[str, float | None] | None = None
     speculative_hit: bool | None = None  # from cascade.turn.timings, when reported
+    # WebRTC only: output_audio_buffer.started/stopped/cleared, response id -> kind -> time
+    # (the first of each kind).
+    audio_buffer: dict[str, dict[str, float]] = field(default_factory=dict)
     error: str | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     # The reply to the whole turn (barge-in: the reply being interrupted).
@@ -118,6 +146,9 @@ def on_event(event: dict[str, Any], now: float, marks: Marks) -> None:
         resp = marks.responses.setdefault(rid, Response(created=now))
         resp.done, resp.status = now, event["response"].get("status")
         _response_done(rid, resp, marks)
+    elif kind.startswith("output_audio_buffer."):
+        rid = str(event.get("response_id") or "")
+        marks.audio_buffer.setdefault(rid, {}).setdefault(kind.rsplit(".", 1)[1], now)
     elif kind == "cascade.turn.timings":
         if marks.server is None:
             marks.server = {k: v for k, v in event.items() if k.endswith("_ms")}
@@ -136,8 +167,10 @@ def _ms(at: float | None, origin: float) -> float | None:
 
 
 def finish(record: TurnRecord, marks: Marks, text: str | None, gap_threshold_s: float,
-           t0: float) -> TurnRecord:
-    """Fill ``record`` from the stamps; ``text`` is what the user said, when known."""
+           t0: float, audio: ReplyAudio | None = None) -> TurnRecord:
+    """Fill ``record`` from the stamps; ``text`` is what the user said, when known.
+    ``audio``: the answer's audio as the transport delivered it (default: its WebSocket
+    deltas)."""
     if marks.eos is None:
         record.error = marks.error or "the clip was not fully sent"
         return record
@@ -158,23 +191,23 @@ def finish(record: TurnRecord, marks: Marks, text: str | None, gap_threshold_s: 
     if answer is None:
         record.error = record.error or "no reply"
         return record
+    if audio is None:
+        audio = ReplyAudio.from_chunks(answer.first_audio, answer.chunks, gap_threshold_s)
     record.first_text_ms = _ms(answer.first_text, eos)
-    record.first_audio_ms = _ms(answer.first_audio, eos)
+    record.first_audio_ms = _ms(audio.first_audio, eos)
     record.done_ms = _ms(answer.done, eos)
     record.reply_text = "".join(answer.text).strip()
-    player = PlaybackGaps(threshold_s=gap_threshold_s)
-    for arrival, seconds in answer.chunks:
-        player.add(arrival, seconds)
-    record.audio_chunks = player.chunks
-    record.reply_audio_ms = round(player.audio_s * 1000, 1)
-    record.gap_count = len(player.gaps)
-    record.gap_total_ms = round(player.total_s * 1000, 1)
-    record.gap_max_ms = round(player.max_s * 1000, 1)
+    lengths = [length for _, length in audio.gaps]
+    record.audio_chunks = audio.chunks
+    record.reply_audio_ms = round(audio.audio_s * 1000, 1)
+    record.gap_count = len(lengths)
+    record.gap_total_ms = round(sum(lengths) * 1000, 1)
+    record.gap_max_ms = round(max(lengths, default=0.0) * 1000, 1)
     record.gaps = [(round((at - eos) * 1000, 1), round(length * 1000, 1))
-                   for at, length in zip(player.gap_starts, player.gaps, strict=True)]
+                   for at, length in audio.gaps]
     record.server = marks.server
     record.speculative_hit = marks.speculative_hit
-    if record.error is None and answer.first_audio is None:
+    if record.error is None and audio.first_audio is None:
         record.error = "the reply had no audio"
     if marks.barge_in:
         _finish_barge_in(record, marks, answer)

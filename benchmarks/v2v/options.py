@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-USAGE = """``cascade bench``: voice-to-voice latency over the Realtime WebSocket API.
+USAGE = """``cascade bench``: voice-to-voice latency over the Realtime API (WebSocket, WebRTC).
 
     cascade bench                       # embedded: starts `cascade serve`, ~5 min on 2 CPUs
     cascade bench --quick               # one clip, one round, sweep 1-2 (a smoke run)
+    cascade bench --transports ws,webrtc   # the same turns over WebSocket and WebRTC
     cascade bench --conversation-turns 30 --conversation-gaps 2,5,95   # long conversations
     cascade bench --url ws://host:8000/v1/realtime --api-key KEY
     cascade bench --url wss://.../v1/realtime?model=M --modes default   # any Realtime server
@@ -28,6 +29,10 @@ DEFAULT_CONVERSATION_TURNS = 6
 DEFAULT_CONVERSATION_GAPS = "1,3,8,65,2"
 QUICK_CONVERSATION_TURNS = 3
 QUICK_CONVERSATION_GAPS = "1,2"
+# Compare-phase transports. WebSocket only by default: a WebRTC turn adds a call setup and
+# the reply's playout time (the turn ends when the reply has been played), so both
+# transports make the compare phase about 2.5x as long; ask for them with --transports.
+DEFAULT_TRANSPORTS = "ws"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: start `cascade serve` here and stop it afterwards)")
     p.add_argument("--api-key", help="sent as Bearer (default: $CASCADE_BENCH_API_KEY; "
                    "embedded: a random key)")
+    p.add_argument("--transports", default=DEFAULT_TRANSPORTS,
+                   help="comma list of ws, webrtc: the compare phase speaks every clip over "
+                   "each (same corpus and definitions; the other phases use ws). WebRTC "
+                   "turns POST an SDP offer to --calls-url (default: %(default)s)")
+    p.add_argument("--calls-url",
+                   help="WebRTC calls endpoint (default: --url's host + /v1/realtime/calls)")
     p.add_argument("--modes", default="streaming,serial",
                    help="comma list; streaming/serial select cascade's pipeline, any other "
                    "name (e.g. default) sends only standard events (default: %(default)s)")

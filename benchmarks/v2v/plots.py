@@ -55,6 +55,16 @@ def _compare(report: Report) -> list[TurnRecord]:
     return [r for r in report.records if r.phase == "compare"]
 
 
+def _series(records: Sequence[TurnRecord], modes: Sequence[str]
+            ) -> list[tuple[str, list[TurnRecord]]]:
+    """(label, records) per mode, or per mode and transport when there are several."""
+    transports = list(dict.fromkeys(r.transport for r in records))
+    if len(transports) < 2:
+        return [(m, [r for r in records if r.mode == m]) for m in modes]
+    return [(f"{m} {t}", [r for r in records if (r.mode, r.transport) == (m, t)])
+            for t in transports for m in modes]
+
+
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)  # attaches itself to the figure
     fig.savefig(path, dpi=DPI)
@@ -64,16 +74,17 @@ def _save(fig: Figure, path: Path) -> Path:
 # --- latency CDF -------------------------------------------------------------------------
 
 def _cdf_data(report: Report) -> dict[str, dict[str, list[float]]]:
-    """mode -> metric -> sorted values (replied compare turns), modes with any v2v only."""
+    """series (mode, or mode and transport) -> metric -> sorted values (replied compare
+    turns), series with any v2v only."""
     compare = _compare(report)
     out: dict[str, dict[str, list[float]]] = {}
-    for mode in _modes(report, compare):
-        replied = [r for r in compare if r.mode == mode and r.replied]
+    for label, mine in _series(compare, _modes(report, compare)):
+        replied = [r for r in mine if r.replied]
         v2v = sorted(r.first_audio_ms for r in replied if r.first_audio_ms is not None)
         if not v2v:
             continue
         stopped = sorted(r.speech_stopped_ms for r in replied if r.speech_stopped_ms is not None)
-        out[mode] = {"first_audio_ms": v2v, "speech_stopped_ms": stopped}
+        out[label] = {"first_audio_ms": v2v, "speech_stopped_ms": stopped}
     return out
 
 
@@ -175,14 +186,13 @@ def _has_marks(r: TurnRecord) -> bool:
 
 def _waterfall_rows(report: Report) -> list[TurnRecord]:
     compare = [r for r in _compare(report) if _has_marks(r)]
-    modes = _modes(report, compare)
-    if not modes:
+    series = _series(compare, _modes(report, compare))
+    if not series:
         return []
-    per_mode = max(1, WATERFALL_MAX_ROWS // len(modes))
+    per_series = max(1, WATERFALL_MAX_ROWS // len(series))
     rows: list[TurnRecord] = []
-    for mode in modes:
-        mine = sorted((r for r in compare if r.mode == mode), key=lambda r: (r.round, r.clip))
-        rows += mine[:per_mode]
+    for _, mine in series:
+        rows += sorted(mine, key=lambda r: (r.round, r.clip))[:per_series]
     return rows[:WATERFALL_MAX_ROWS]
 
 
@@ -219,8 +229,9 @@ def waterfall(report: Report) -> Figure | None:
     ax = fig.add_subplot()
     for y, r in enumerate(rows):
         _draw_turn(ax, y, r, server_marker)
-    ax.set_yticks(range(len(rows)), [f"{r.mode} · {r.clip} · {r.round}" for r in rows],
-                  fontsize="small")
+    several = len({r.transport for r in rows}) > 1
+    ax.set_yticks(range(len(rows)), [f"{r.mode}{f' {r.transport}' if several else ''} · "
+                                     f"{r.clip} · {r.round}" for r in rows], fontsize="small")
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=1)
     ax.set_xlabel("ms after end of speech (EoS = 0)")

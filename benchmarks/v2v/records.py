@@ -1,8 +1,8 @@
 """What ``cascade bench`` records and reports: one pydantic model per level of the report.
 
 Every latency is in milliseconds from the ground-truth end of speech (EoS): the moment the
-client sent the 20 ms frame that holds the clip's last voiced sample. ``None`` means the
-event never arrived during the turn.
+client sent the 20 ms frame that holds the clip's last voiced sample (over WebRTC: handed
+it to the audio track's encoder). ``None`` means the event never arrived during the turn.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ LATENCY_METRICS: tuple[str, ...] = (
     "speech_stopped_ms",    # input_audio_buffer.speech_stopped (the server's endpoint)
     "final_transcript_ms",  # conversation.item.input_audio_transcription.completed
     "first_text_ms",        # first response.output_audio_transcript.delta / output_text.delta
-    "first_audio_ms",       # first response.output_audio.delta: voice-to-voice latency
+    "first_audio_ms",       # first reply audio (WebSocket: first response.output_audio.delta;
+                            # WebRTC: first audible frame on the received track): v2v
     "done_ms",              # response.done
 )
 # Reply-quality metrics (not latencies from EoS).
@@ -34,6 +35,10 @@ SUMMARY_METRICS: tuple[str, ...] = (LATENCY_METRICS + DERIVED_METRICS + REPLY_ME
                                     + BARGE_IN_METRICS)
 
 Phase = Literal["compare", "sweep", "barge_in", "conversation"]
+# How the turn's audio and events travelled: the Realtime WebSocket (audio in JSON events)
+# or WebRTC (POST /v1/realtime/calls; Opus on RTP, events on the "oai-events" channel).
+Transport = Literal["ws", "webrtc"]
+TRANSPORTS: tuple[Transport, ...] = ("ws", "webrtc")
 
 
 class ClipInfo(BaseModel):
@@ -53,6 +58,7 @@ class TurnRecord(BaseModel):
 
     phase: Phase
     mode: str  # "streaming" | "serial" (cascade's session option) or "default"
+    transport: Transport = "ws"
     concurrency: int  # simultaneous sessions at the time (1 in the compare phase)
     session_index: int  # which of those sessions
     round: int
@@ -65,9 +71,11 @@ class TurnRecord(BaseModel):
     first_audio_ms: float | None = None
     done_ms: float | None = None
     reply_audio_ms: float = 0.0  # duration of the reply audio received
-    audio_chunks: int = 0
-    # Playback simulation: the client starts playing the first chunk on arrival and plays
-    # in real time; a gap is a moment the player runs dry before the reply is complete.
+    audio_chunks: int = 0  # WebSocket: audio deltas; WebRTC: non-silent 20 ms frames
+    # WebSocket: playback simulation; the client starts playing the first chunk on arrival
+    # and plays in real time; a gap is a moment the player runs dry before the reply is
+    # complete. WebRTC: silence the server's track sent (or frames missing) inside the
+    # reply, between its first audible and its last non-silent frame (received.py).
     gap_count: int = 0
     gap_total_ms: float = 0.0
     gap_max_ms: float = 0.0
@@ -125,9 +133,11 @@ class MetricStats(BaseModel):
 
 
 class GroupSummary(BaseModel):
-    """The turns of one mode (compare phase) or one mode at one concurrency (sweep)."""
+    """The turns of one mode and transport (compare phase) or one mode at one concurrency
+    (sweep)."""
 
     mode: str
+    transport: Transport = "ws"
     concurrency: int
     turns: int
     replied: int  # turns that got reply audio
@@ -194,6 +204,10 @@ class BenchConfig(BaseModel):
     target: str  # the Realtime URL measured
     embedded: bool  # True: the bench started `cascade serve` itself
     modes: list[str]
+    # Compare-phase transports (the other phases use the WebSocket), and the WebRTC calls
+    # endpoint when WebRTC is measured.
+    transports: list[Transport] = Field(default_factory=lambda: list(TRANSPORTS[:1]))
+    calls_url: str | None = None
     rounds: int
     clips: list[ClipInfo]
     concurrency: list[int]  # sweep levels (empty: no sweep)
@@ -219,8 +233,9 @@ class Report(BaseModel):
     machine: MachineInfo
     config: BenchConfig
     records: list[TurnRecord]
-    compare: list[GroupSummary]  # one per mode
-    # serial / streaming for each latency metric's p50 and p90 (absent without both modes)
+    compare: list[GroupSummary]  # one per transport and mode
+    # serial / streaming for each latency metric's p50 and p90 (absent without both modes),
+    # of the first transport's turns
     ratio: dict[str, dict[str, float]] = Field(default_factory=dict)
     sweep: list[GroupSummary] = Field(default_factory=list)  # one per (mode, concurrency)
     barge_in: list[GroupSummary] = Field(default_factory=list)  # one per mode

@@ -3,7 +3,7 @@ compact rich table for the terminal."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -56,6 +56,7 @@ PLOT_TITLES: dict[str, str] = {
     plots.WATERFALL: "Per-turn stage waterfall",
     plots.CONVERSATION: "Voice-to-voice by turn of a conversation",
 }
+TRANSPORT_NAMES: dict[str, str] = {"ws": "WebSocket", "webrtc": "WebRTC"}
 
 
 # --- formatting --------------------------------------------------------------------------
@@ -82,6 +83,15 @@ def fmt_ratio(ratio: dict[str, float] | None) -> str:
 def _stat(g: GroupSummary, metric: str, q: str) -> float | None:
     stats: MetricStats | None = g.metrics.get(metric)
     return None if stats is None else float(getattr(stats, q))
+
+
+def several_transports(report: Report) -> bool:
+    return len({g.transport for g in report.compare}) > 1
+
+
+def group_label(report: Report, g: GroupSummary) -> str:
+    """The group's mode, with its transport when the compare phase used several."""
+    return f"{g.mode} {g.transport}" if several_transports(report) else g.mode
 
 
 def _share(g: GroupSummary) -> str:
@@ -145,6 +155,9 @@ def _config(report: Report) -> list[str]:
     lines = ["## Configuration", "",
              f"- target: `{c.target}` ({server})",
              f"- modes: {', '.join(c.modes) or MISSING}",
+             f"- transports (compare phase): "
+             f"{', '.join(TRANSPORT_NAMES.get(t, t) for t in c.transports)}"
+             + (f" (WebRTC calls: `{c.calls_url}`)" if c.calls_url else ""),
              f"- rounds: {c.rounds} per mode and clip",
              f"- concurrency sweep: {sweep}"
              + (f" ({plural(c.sweep_rounds, 'round')} per session)" if c.concurrency else ""),
@@ -169,13 +182,17 @@ def _config(report: Report) -> list[str]:
 def _compare_section(report: Report) -> list[str]:
     groups = report.compare
     modes = [g.mode for g in groups]
+    labels = [group_label(report, g) for g in groups]
     title = "Streaming vs serial" if {"streaming", "serial"} <= set(modes) else "Latency"
     lines = [f"## {title}", ""]
     if not groups:
         return [*lines, "No compare-phase turns were recorded.", ""]
     lines += ["Milliseconds after end of speech (reply metrics: ms, gaps: count per turn).", ""]
+    if several_transports(report):
+        lines += [f"The serial / streaming ratio is over the "
+                  f"{TRANSPORT_NAMES.get(groups[0].transport, groups[0].transport)} turns.", ""]
     ratio_header = _ratio_header(report)
-    header = ["metric"] + [f"{m} {q}" for m in modes for q in ("p50", "p90", "p99")]
+    header = ["metric"] + [f"{m} {q}" for m in labels for q in ("p50", "p90", "p99")]
     if ratio_header:
         header.append(ratio_header)
     rows: list[list[str]] = []
@@ -188,13 +205,13 @@ def _compare_section(report: Report) -> list[str]:
             row.append(fmt_ratio(report.ratio.get(metric)))
         rows.append(row)
     lines += [*_table(header, rows), ""]
-    if len(groups) < 2:
+    if len(set(modes)) < 2:
         lines += ["Only one mode was measured, so there is no comparison.", ""]
-    counts = [(g.mode, str(g.turns), str(g.replied), str(g.errors), str(g.gap_turns),
-               str(g.early_endpoints),
+    counts = [(group_label(report, g), str(g.turns), str(g.replied), str(g.errors),
+               str(g.gap_turns), str(g.early_endpoints),
                MISSING if g.wer_mean is None else f"{100 * g.wer_mean:.1f} %",
-               _speculation(r for r in report.records
-                            if r.phase == "compare" and r.mode == g.mode))
+               _speculation(r for r in report.records if r.phase == "compare"
+                            and (r.mode, r.transport) == (g.mode, g.transport)))
               for g in groups]
     lines += [*_table(("mode", "turns", "replied", "errors", "turns with gaps",
                        "ended early", "transcript WER", "speculation hits"), counts), ""]
@@ -205,20 +222,66 @@ def _per_clip(report: Report) -> list[str]:
     """v2v and reply end per clip and mode: short questions and long turns differ."""
     recs = [r for r in report.records if r.phase == "compare" and r.replied]
     clips = list(dict.fromkeys(r.clip for r in recs))
-    modes = [g.mode for g in report.compare]
+    groups = report.compare
+    modes = [group_label(report, g) for g in groups]
     if len(clips) < 2:
         return []
     rows = []
     for clip in clips:
         row = [clip]
-        for mode in modes:
-            mine = [r for r in recs if r.clip == clip and r.mode == mode]
+        for g in groups:
+            mine = [r for r in recs
+                    if r.clip == clip and (r.mode, r.transport) == (g.mode, g.transport)]
             v2v = metric_stats(r.first_audio_ms for r in mine if r.first_audio_ms is not None)
             done = metric_stats(r.done_ms for r in mine if r.done_ms is not None)
             row += [fmt_ms(v2v.p50 if v2v else None), fmt_ms(done.p50 if done else None)]
         rows.append(row)
     header = ["clip"] + [f"{m} {what} p50" for m in modes for what in ("v2v", "done")]
     return ["Per clip:", "", *_table(header, rows), ""]
+
+
+TRANSPORT_HEADER = ("mode", "WebSocket v2v p50", "WebSocket v2v p90", "WebRTC v2v p50",
+                    "WebRTC v2v p90", "WebRTC - WebSocket p50", "replied (ws / webrtc)",
+                    "gap turns (ws / webrtc)")
+
+
+def _delta(a: float | None, b: float | None) -> str:
+    return MISSING if a is None or b is None else f"{b - a:+.0f}"
+
+
+def _transport_rows(report: Report) -> list[tuple[str, ...]]:
+    """Per mode: v2v over the WebSocket and over WebRTC side by side (compare phase)."""
+    if not several_transports(report):
+        return []
+    by_key = {(g.transport, g.mode): g for g in report.compare}
+    rows: list[tuple[str, ...]] = []
+    for mode in dict.fromkeys(g.mode for g in report.compare):
+        pair = (by_key.get(("ws", mode)), by_key.get(("webrtc", mode)))
+        ws50, ws90, rtc50, rtc90 = (None if g is None else _stat(g, "first_audio_ms", q)
+                                    for g in pair for q in ("p50", "p90"))
+
+        def both(text: Callable[[GroupSummary], str],
+                 pair: tuple[GroupSummary | None, ...] = pair) -> str:
+            return " / ".join(MISSING if g is None else text(g) for g in pair)
+
+        rows.append((mode, fmt_ms(ws50), fmt_ms(ws90), fmt_ms(rtc50), fmt_ms(rtc90),
+                     _delta(ws50, rtc50), both(lambda g: f"{g.replied}/{g.turns}"),
+                     both(lambda g: str(g.gap_turns))))
+    return rows
+
+
+def _transport_section(report: Report) -> list[str]:
+    rows = _transport_rows(report)
+    if not rows:
+        return []
+    return ["## WebSocket vs WebRTC", "",
+            "The same clips, modes and rounds over both transports, turns interleaved "
+            "(compare phase). Voice-to-voice, ms after end of speech. Over WebRTC the reply "
+            "is heard on the received audio track: v2v is the first audible frame after the "
+            "reply started, so it includes Opus encode/decode and the receiver's jitter "
+            "buffer (aiortc: a fixed 80 ms); gaps are silence the server's track sent inside "
+            "the reply.", "",
+            *_table(TRANSPORT_HEADER, rows), ""]
 
 
 def _stats_cell(stats: MetricStats | None, q: str) -> str:
@@ -379,12 +442,17 @@ def _how_to_read() -> list[str]:
         "## How to read this", "",
         "- **EoS** (end of speech) is the moment the client sent the 20 ms audio frame that "
         "holds the clip's last voiced sample. Every latency is measured from it.",
-        "- **voice-to-voice (v2v)** = first reply audio received - EoS.",
+        "- **voice-to-voice (v2v)** = first reply audio received - EoS. Over WebRTC, EoS is "
+        "the moment that frame was handed to the outbound audio track, and the first reply "
+        "audio is the first audible frame the received track delivers (after Opus and the "
+        "jitter buffer), i.e. what a WebRTC listener hears.",
         "- **speech_stopped** delay is the server's endpointing: how long it took to decide "
         "the user had finished (negative: it cut in before the real end of speech).",
         "- **gaps**: moments playback would run dry. The simulated client starts playing on "
         "the first audio chunk and plays in real time; whenever the next chunk is late, the "
-        "listener hears silence.",
+        "listener hears silence. Over WebRTC the server's track paces the audio itself: a "
+        "gap is silence it sent (its buffer ran dry) or frames that never came, inside the "
+        "reply.",
         f"- **real-time**: every turn got a reply and at most {share} of turns had a gap.",
         "- **work after the endpoint** = v2v - speech_stopped: what the server spends once "
         "it has decided the user finished (final transcript, LLM first token, first phrase "
@@ -412,6 +480,7 @@ def markdown(report: Report, images: Sequence[str] | None = None) -> str:
         images = plots.planned(report)
     lines = ["# cascade bench: voice-to-voice latency", "",
              *_machine(report), *_config(report), *_compare_section(report),
+             *_transport_section(report),
              *_conversation_section(report), *_barge_in_section(report),
              *_sweep_section(report), *_how_to_read(), *_plots_section(images)]
     return "\n".join(lines).rstrip() + "\n"
@@ -428,7 +497,7 @@ def terminal_table(report: Report) -> list[Table]:
         latency.add_column("metric")
         for g in groups:
             for q in ("p50", "p90"):
-                latency.add_column(escape(f"{g.mode} {q}"), justify="right")
+                latency.add_column(escape(f"{group_label(report, g)} {q}"), justify="right")
         if report.ratio:
             latency.add_column("serial/streaming", justify="right")
         for metric in TERMINAL_METRICS:
@@ -445,6 +514,15 @@ def terminal_table(report: Report) -> list[Table]:
         latency.add_row("replied / turns", *[c for r in replied for c in (r, "")],
                         *([""] if report.ratio else []))
         tables.append(latency)
+    transport_rows = _transport_rows(report)
+    if transport_rows:
+        side = Table(title="WebSocket vs WebRTC: voice-to-voice (ms after end of speech)",
+                     title_justify="left")
+        for name in TRANSPORT_HEADER:
+            side.add_column(escape(name), justify="left" if name == "mode" else "right")
+        for row in transport_rows:
+            side.add_row(*(escape(c) for c in row))
+        tables.append(side)
     if report.conversation:
         talk = Table(title="Conversation: voice-to-voice by turn (ms after end of speech)",
                      title_justify="left")

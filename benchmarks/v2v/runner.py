@@ -1,9 +1,11 @@
 """The benchmark's schedule: modes compared turn by turn, conversations, barge-in, then a
 concurrency sweep.
 
-Compare phase: one session at a time; every round speaks every clip once per mode, the
-mode order alternating between rounds, so machine noise (another process, a thermal
-dip) hits every mode alike. Conversation phase: per round and mode one connection with
+Compare phase: one session at a time; every round speaks every clip once per mode and
+transport (WebSocket, WebRTC), the mode and transport order alternating between rounds,
+so machine noise (another process, a thermal dip) hits every mode and transport alike.
+Only the compare phase (and its warm-up) runs over WebRTC; the others use the WebSocket.
+Conversation phase: per round and mode one connection with
 several turns and streamed silence between them (order alternating the same way).
 Sweep phase: N simultaneous sessions (each speaking its own sequence of clips, starts
 staggered across the first second) for each level N.
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 from benchmarks.v2v.client import PreparedClip, TurnOptions, run_turn
 from benchmarks.v2v.conversation import run_conversation
-from benchmarks.v2v.records import TurnRecord
+from benchmarks.v2v.records import Phase, Transport, TurnRecord
 
 STAGGER_S = 1.0  # sweep sessions start spread over this window, not in lockstep
 
@@ -37,9 +39,10 @@ class Schedule:
     conversation_rounds: int = 0  # connections per mode in the conversation phase
     conversation_turns: int = 0  # user turns per connection
     conversation_gaps: tuple[float, ...] = ()  # seconds of silence before turns 2, 3, ...
+    transports: tuple[Transport, ...] = ("ws",)  # compare phase
 
     def total_turns(self, clips: int) -> int:
-        compare = self.rounds * clips * len(self.modes)
+        compare = self.rounds * clips * len(self.modes) * len(self.transports)
         conversation = self.conversation_rounds * self.conversation_turns * len(self.modes)
         barge_in = self.barge_in_rounds * len(self.modes)
         sweep = sum(self.concurrency) * self.sweep_turns * len(self.sweep_modes)
@@ -49,6 +52,20 @@ class Schedule:
         """The modes in the order round ``round_`` runs them (alternating)."""
         return self.modes if round_ % 2 == 0 else tuple(reversed(self.modes))
 
+    def transport_order(self, round_: int) -> tuple[Transport, ...]:
+        """The transports in the order round ``round_`` runs them (alternating)."""
+        return self.transports if round_ % 2 == 0 else tuple(reversed(self.transports))
+
+
+async def turn(opts: TurnOptions, clip: PreparedClip, mode: str, transport: Transport, *,
+               phase: Phase, round_: int = 0, t0: float = 0.0) -> TurnRecord:
+    """One turn over ``transport`` (aiortc is imported only when WebRTC is measured)."""
+    if transport == "webrtc":
+        from benchmarks.v2v.webrtc_client import run_webrtc_turn
+
+        return await run_webrtc_turn(opts, clip, mode, phase=phase, round_=round_, t0=t0)
+    return await run_turn(opts, clip, mode, phase=phase, round_=round_, t0=t0)
+
 
 async def compare(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedule,
                   t0: float, progress: Progress) -> list[TurnRecord]:
@@ -56,9 +73,11 @@ async def compare(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Sc
     for r in range(schedule.rounds):
         for clip in clips:
             for mode in schedule.mode_order(r):
-                rec = await run_turn(opts, clip, mode, phase="compare", round_=r, t0=t0)
-                records.append(rec)
-                progress(rec)
+                for transport in schedule.transport_order(r):
+                    rec = await turn(opts, clip, mode, transport, phase="compare", round_=r,
+                                     t0=t0)
+                    records.append(rec)
+                    progress(rec)
     return records
 
 
@@ -124,9 +143,10 @@ async def sweep(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Sche
 async def run(opts: TurnOptions, clips: Sequence[PreparedClip], schedule: Schedule,
               progress: Progress, interrupt: PreparedClip | None = None) -> list[TurnRecord]:
     t0 = time.perf_counter()
-    for i in range(schedule.warmup):
-        await run_turn(opts, clips[i % len(clips)], schedule.modes[i % len(schedule.modes)],
-                       phase="compare", t0=t0)
+    for transport in schedule.transports:  # each transport's first call is slower
+        for i in range(schedule.warmup):
+            await turn(opts, clips[i % len(clips)], schedule.modes[i % len(schedule.modes)],
+                       transport, phase="compare", t0=t0)
     records = await compare(opts, clips, schedule, t0, progress)
     records += await conversations(opts, clips, schedule, t0, progress)
     if interrupt is not None:

@@ -10,6 +10,7 @@ from benchmarks.v2v.records import (
     SUMMARY_METRICS,
     GroupSummary,
     MetricStats,
+    Transport,
     TurnRecord,
 )
 
@@ -37,7 +38,8 @@ def metric_stats(values: Iterable[float]) -> MetricStats | None:
                        max=round(data[-1], 1))
 
 
-def summarize(mode: str, concurrency: int, records: Sequence[TurnRecord]) -> GroupSummary:
+def summarize(mode: str, concurrency: int, records: Sequence[TurnRecord],
+              transport: Transport = "ws") -> GroupSummary:
     metrics: dict[str, MetricStats] = {}
     for name in SUMMARY_METRICS:
         values = [float(v) for r in records if r.error is None
@@ -50,7 +52,8 @@ def summarize(mode: str, concurrency: int, records: Sequence[TurnRecord]) -> Gro
     realtime = bool(records) and replied == len(records) and (
         gap_turns <= REALTIME_MAX_GAP_SHARE * len(records))
     wers = [r.wer for r in records if r.wer is not None]
-    return GroupSummary(mode=mode, concurrency=concurrency, turns=len(records),
+    return GroupSummary(mode=mode, transport=transport, concurrency=concurrency,
+                        turns=len(records),
                         replied=replied, errors=sum(r.error is not None for r in records),
                         gap_turns=gap_turns, realtime=realtime, metrics=metrics,
                         early_endpoints=sum(r.early_endpoint for r in records),
@@ -58,19 +61,24 @@ def summarize(mode: str, concurrency: int, records: Sequence[TurnRecord]) -> Gro
 
 
 def group(records: Sequence[TurnRecord], phase: str) -> list[GroupSummary]:
-    """One summary per (mode, concurrency) of ``phase``, modes in first-seen order."""
+    """One summary per (transport, mode, concurrency) of ``phase``: transports, then
+    modes, in first-seen order."""
     mine = [r for r in records if r.phase == phase]
+    transports = list(dict.fromkeys(r.transport for r in mine))
     modes = list(dict.fromkeys(r.mode for r in mine))
-    keys = sorted({(r.mode, r.concurrency) for r in mine},
-                  key=lambda k: (modes.index(k[0]), k[1]))
-    return [summarize(mode, n, [r for r in mine if r.mode == mode and r.concurrency == n])
-            for mode, n in keys]
+    keys = sorted({(r.transport, r.mode, r.concurrency) for r in mine},
+                  key=lambda k: (transports.index(k[0]), modes.index(k[1]), k[2]))
+    return [summarize(mode, n, [r for r in mine if (r.transport, r.mode, r.concurrency)
+                                == (transport, mode, n)], transport)
+            for transport, mode, n in keys]
 
 
 def ratios(compare: Sequence[GroupSummary], slow: str = "serial", fast: str = "streaming"
            ) -> dict[str, dict[str, float]]:
-    """``slow / fast`` for p50 and p90 of each latency metric both modes have."""
-    by_mode = {g.mode: g for g in compare}
+    """``slow / fast`` for p50 and p90 of each latency metric both modes have, over the
+    first transport's groups."""
+    first = compare[0].transport if compare else "ws"
+    by_mode = {g.mode: g for g in compare if g.transport == first}
     if slow not in by_mode or fast not in by_mode:
         return {}
     out: dict[str, dict[str, float]] = {}

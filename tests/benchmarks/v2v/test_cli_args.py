@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from benchmarks.v2v.cli import _schedule, _target
+from benchmarks.v2v.cli import _schedule, _target, calls_url
 from benchmarks.v2v.options import add_arguments
 
 
@@ -63,7 +63,9 @@ def test_conversation_flags() -> None:
                                   ("--conversation-gaps", "1,x"),
                                   ("--conversation-gaps", "1,-3"),
                                   ("--conversation-gaps", ","),
-                                  ("--conversation-rounds", "-1")])
+                                  ("--conversation-rounds", "-1"),
+                                  ("--transports", ""), ("--transports", "ws,sip"),
+                                  ("--transports", "webrtc", "--dialect", "beta")])
 def test_bad_flags_exit_with_a_reason(argv: tuple[str, ...]) -> None:
     with pytest.raises(SystemExit, match="cascade bench: "):
         _schedule(_args(*argv))
@@ -77,3 +79,25 @@ def test_bad_flags_exit_with_a_reason(argv: tuple[str, ...]) -> None:
 def test_http_urls_become_websocket_urls(given: str, used: str) -> None:
     with _target(given, "k", []) as url:
         assert url == used
+
+
+def test_transports() -> None:
+    assert _schedule(_args()).transports == ("ws",)  # the default
+    s = _schedule(_args("--transports", "ws,webrtc,ws", "--rounds", "3", "--max-concurrency",
+                        "0", "--no-conversation", "--barge-in-rounds", "0"))
+    assert s.transports == ("ws", "webrtc")
+    # Every clip, mode and round over both transports, the order alternating by round.
+    assert s.total_turns(4) == 3 * 4 * 2 * 2
+    assert s.transport_order(0) == ("ws", "webrtc") == s.transport_order(1)[::-1]
+    # Only the compare phase is doubled.
+    s = _schedule(_args("--transports", "webrtc,ws"))
+    assert s.total_turns(4) == 2 * 4 * 2 * 2 + 6 * 2 + 2 + (1 + 2 + 4) * 2
+
+
+@pytest.mark.parametrize("ws,calls", [
+    ("ws://127.0.0.1:8000/v1/realtime", "http://127.0.0.1:8000/v1/realtime/calls"),
+    ("wss://voice.example.test/v1/realtime/?model=m",
+     "https://voice.example.test/v1/realtime/calls?model=m"),
+])
+def test_calls_url_is_next_to_the_websocket_url(ws: str, calls: str) -> None:
+    assert calls_url(ws) == calls

@@ -86,3 +86,16 @@ def test_waterfall_shows_where_playback_ran_dry() -> None:
     assert [(p.get_x(), p.get_width()) for p in red] == [(1500.0, 120.0)]  # type: ignore[attr-defined]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert plots.GAP_LABEL in legend
+
+
+def test_two_transports_are_separate_series(tmp_path: Path) -> None:
+    from tests.benchmarks.v2v.test_report import _two_transports
+
+    report = _two_transports()
+    assert list(plots._cdf_data(report)) == ["streaming ws", "serial ws", "streaming webrtc",
+                                             "serial webrtc"]
+    rows = plots._waterfall_rows(report)
+    assert {(r.mode, r.transport) for r in rows} == {
+        ("streaming", "ws"), ("serial", "ws"), ("streaming", "webrtc"), ("serial", "webrtc")}
+    for path in plots.write_plots(report, tmp_path).values():
+        assert_png(path)

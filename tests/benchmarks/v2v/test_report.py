@@ -182,3 +182,52 @@ def test_barge_in_section_and_terminal_table() -> None:
     rep.print_summary(report, console)
     assert "Barge-in" in console.export_text()
     assert "## Barge-in" not in rep.markdown(make_report(sweep=False))
+
+
+def _two_transports() -> Report:
+    """streaming/serial over ws (500/1500, 600/1600) and over webrtc (+120 ms each), one
+    webrtc serial turn failed, one webrtc streaming turn with a gap."""
+    records = []
+    for rnd, (fast, slow) in enumerate(((500.0, 1500.0), (600.0, 1600.0))):
+        for transport, extra in (("ws", 0.0), ("webrtc", 120.0)):
+            for mode, v2v in (("streaming", fast), ("serial", slow)):
+                rec = turn(mode, v2v + extra, rnd=rnd)
+                rec.transport = "webrtc" if transport == "webrtc" else "ws"
+                records.append(rec)
+    records[3].gap_count = 1  # round 0, webrtc serial
+    records[7] = turn("serial", None, rnd=1, error="HTTP 404")  # round 1, webrtc serial
+    records[7].transport = "webrtc"
+    records[6].gap_count, records[6].gaps = 1, [(900.0, 80.0)]  # round 1, webrtc streaming
+    report = make_report(records=records, sweep=False)
+    report.config.transports = ["ws", "webrtc"]
+    report.config.calls_url = "http://127.0.0.1:8000/v1/realtime/calls"
+    return report
+
+
+def test_transports_side_by_side() -> None:
+    report = _two_transports()
+    assert [(g.transport, g.mode) for g in report.compare] == [
+        ("ws", "streaming"), ("ws", "serial"), ("webrtc", "streaming"), ("webrtc", "serial")]
+    # The serial / streaming ratio is over the first transport's turns only.
+    assert report.ratio["first_audio_ms"]["p50"] == round(1550 / 550, 2)
+    md = rep.markdown(report)
+    assert "- transports (compare phase): WebSocket, WebRTC (WebRTC calls: " in md
+    assert "## WebSocket vs WebRTC" in md
+    assert "| streaming | 550 | 590 | 670 | 710 | +120 | 2/2 / 2/2 | 0 / 1 |" in md
+    assert "| serial | 1550 | 1590 | 1620 | 1620 | +70 | 2/2 / 1/2 | 0 / 1 |" in md
+    assert ("| metric | streaming ws p50 | streaming ws p90 | streaming ws p99 "
+            "| serial ws p50 |") in md
+    assert "| serial webrtc | 2 | 1 | 1 | 1 |" in md
+    console = Console(record=True, width=200)
+    rep.print_summary(report, console)
+    text = console.export_text()
+    assert "WebSocket vs WebRTC" in text and "+120" in text and "streaming webrtc p50" in text
+    # Records carry their transport through report.json.
+    again = Report.model_validate_json(report.model_dump_json())
+    assert [r.transport for r in again.records][:4] == ["ws", "ws", "webrtc", "webrtc"]
+
+
+def test_one_transport_keeps_the_old_layout() -> None:
+    md = rep.markdown(make_report())
+    assert "WebSocket vs WebRTC" not in md and "streaming ws" not in md
+    assert "- transports (compare phase): WebSocket\n" in md
