@@ -49,6 +49,7 @@ function flatItem(item) {
  *   config.url           the server's /v1/realtime/calls URL
  *   config.instructions  the agent's instructions
  *   config.timeoutMs     how long to wait for the reply to finish after connecting
+ *   config.speechTimeoutMs  give up sooner when the server has not heard speech by then
  * Resolves with what happened (never rejects: failures are in `errors`).
  */
 async function run(config) {
@@ -106,8 +107,15 @@ async function run(config) {
   }
   const callId = transport.callId ?? null;
   if ('connected' in marks) {
-    const deadline = performance.now() + config.timeoutMs;
+    const connected = performance.now();
+    const deadline = connected + config.timeoutMs;
+    const speechDeadline = connected + (config.speechTimeoutMs ?? config.timeoutMs);
     while (!(responseDone && audioStopped) && performance.now() < deadline) {
+      if (!('event:input_audio_buffer.speech_started' in marks)
+          && performance.now() > speechDeadline) {
+        errors.push(`the server reported no speech within ${config.speechTimeoutMs} ms`);
+        break;
+      }
       await sleep(50);
     }
     // The history is completed by conversation.item.retrieve round trips; give them a moment.

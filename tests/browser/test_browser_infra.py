@@ -8,8 +8,13 @@ for the same reason; this says which piece broke.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.support.browser import (
     StaticSite,
@@ -105,3 +110,37 @@ def test_chromium_in_a_loopback_namespace_hears_the_fake_microphone_over_webrtc(
     (remote,) = [t for t in probe["taps"] if t["kind"] == "remote"]
     assert remote["peak"] >= probe["threshold"], f"remote audio silent: {remote['peak']}"
     assert remote["first_audible"] >= mic_tap["first_audible"]
+
+
+def hanging_scenario(config: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Starts a child that would outlive everything, then hangs."""
+    import subprocess
+    import time
+
+    subprocess.Popen(["sleep", config["marker"]])
+    time.sleep(3600)
+    return {}
+
+
+def test_a_run_that_overruns_is_killed_with_everything_it_started(browser_tools: None) -> None:
+    marker = f"{3000 + os.getpid() % 1000}.{time.time_ns() % 10**6}"  # unique sleep argument
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="overran"):
+        run_in_netns("tests.browser.test_browser_infra:hanging_scenario", {"marker": marker},
+                     timeout_s=3)
+    assert time.monotonic() - started < 60
+    # The kernel ended the namespace's processes when its init died (unshare --kill-child).
+    deadline = time.monotonic() + 10
+    while (left := sleepers(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes outlived the namespace: {left}"
+
+
+def sleepers(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == \
+                    [b"sleep", marker.encode()]:
+                found.append(int(pid))
+    return found
