@@ -158,3 +158,33 @@ def test_any_realtime_url_beta_dialect_and_user_wavs(tmp_path: Path) -> None:
     assert refused.records[0].error and "403" in refused.records[0].error
     # The refused conversation: both turns counted as failed, not dropped.
     assert [(s.turns, s.failed) for s in refused.conversation] == [(2, 2)]
+
+
+@pytest.mark.timeout(660)
+def test_websocket_and_webrtc_in_one_run(tmp_path: Path) -> None:
+    """The compare phase over both transports against the embedded `cascade serve`: the
+    same clip and modes, WebRTC turns through POST /v1/realtime/calls."""
+    out = tmp_path / "report"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "bench",
+                           "--transports", "ws,webrtc", "--clips", "question", "--rounds", "1",
+                           "--no-conversation", "--barge-in-rounds", "0",
+                           "--max-concurrency", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = Report.model_validate_json((out / "report.json").read_text())
+    assert report.config.transports == ["ws", "webrtc"]
+    assert report.config.calls_url and report.config.calls_url.endswith("/v1/realtime/calls")
+    assert sorted((r.phase, r.mode, r.transport) for r in report.records) == sorted(
+        ("compare", mode, transport) for mode in ("streaming", "serial")
+        for transport in ("ws", "webrtc"))
+    _check_turns(report)
+    for rec in report.records:
+        assert rec.responses == 1 and not rec.early_endpoint
+        # cascade's stage timings arrive on the data channel as on the WebSocket.
+        assert rec.server is not None and rec.server.get("llm_first_token_ms") is not None
+    assert [(g.transport, g.mode) for g in report.compare] == [
+        ("ws", "streaming"), ("ws", "serial"), ("webrtc", "streaming"), ("webrtc", "serial")]
+    summary = (out / "summary.md").read_text()
+    assert "## WebSocket vs WebRTC" in summary and "| streaming | " in summary
+    assert "WebSocket vs WebRTC" in proc.stdout
