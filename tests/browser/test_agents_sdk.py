@@ -75,7 +75,9 @@ def agents_sdk_scenario(config: dict[str, Any], work: Path) -> dict[str, Any]:
                                 headers={"Authorization": f"Bearer {KEY}"},
                                 json={"expires_after": {"anchor": "created_at", "seconds": 600},
                                       "session": {"type": "realtime",
-                                                  "instructions": config["instructions"]}},
+                                                  "instructions": config["instructions"],
+                                                  # cascade.turn.timings: the server's marks
+                                                  "cascade": {"timings": True}}},
                                 timeout=10)
             result["client_secret_status"] = minted.status_code
             if minted.status_code != 200:
@@ -100,12 +102,13 @@ def agents_sdk_scenario(config: dict[str, Any], work: Path) -> dict[str, Any]:
 
 
 def turn_timings(r: dict[str, Any]) -> dict[str, int | None]:
-    """Milliseconds in the page's clock, from the end of the user's speech (the fake mic
-    opened + leading silence + speech) to what the SDK and the listener saw."""
+    """Milliseconds in the page's clock, from the end of the user's speech (when the fake
+    microphone opened + the voiced end of its WAV, the bench's definition) to what the SDK
+    and the listener saw; ``first_audio_heard_ms`` is voice-to-voice as heard in the page."""
     sdk, probe, mic = r["sdk"], r["probe"], r["mic"]
     marks = sdk["marks"]
     opened = probe["getUserMedia"][0]["opened"]
-    speech_end = opened + round((mic["lead_s"] + mic["speech_s"]) * 1000)
+    speech_end = opened + round(mic["voiced_end_s"] * 1000)
     remote = [t for t in probe["taps"] if t["kind"] == "remote"]
     heard = remote[0]["first_audible"] if remote else None
 
@@ -115,7 +118,8 @@ def turn_timings(r: dict[str, Any]) -> dict[str, int | None]:
     return {
         "connect_ms": marks["connected"] - marks["connect_start"] if "connected" in marks
         else None,
-        "connected_before_speech_ms": opened + round(mic["lead_s"] * 1000) - marks["connected"]
+        "connected_before_speech_ms": opened + round(mic["voiced_start_s"] * 1000)
+        - marks["connected"]
         if "connected" in marks else None,
         "speech_stopped_ms": since_end("event:input_audio_buffer.speech_stopped"),
         "transcript_ms": since_end(
@@ -145,6 +149,8 @@ def test_openai_agents_sdk_holds_a_spoken_turn_over_webrtc(
         record_property(name, value)
     print(f"\nagents SDK turn in the browser: run {run.seconds:.1f} s, {timings}")
     print("events:", [e for _, e in sdk["events"]])
+    server_marks = [e["event"] for e in probe["events"] if e.get("type") == "cascade.turn.timings"]
+    print("server timings:", server_marks)
 
     assert sdk["version"] == SDK_VERSION
     assert not sdk["errors"], f"{sdk['errors']}{context}"

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from benchmarks.v2v.corpus import voiced_span
 from stages.common.audio import Int16Array, float_to_pcm16, resample, write_wav
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,12 +108,17 @@ def agents_bundle(timeout_s: float = 600.0) -> Path:
 
 
 class FakeMic(BaseModel):
-    """A WAV Chromium plays as its microphone, once, from when a page opens the device."""
+    """A WAV Chromium plays as its microphone, once, from when a page opens the device.
+    Times are seconds from the start of the file (= from when getUserMedia opened it)."""
 
     path: str
-    lead_s: float  # silence before the speech starts
-    speech_s: float  # the speech itself
+    lead_s: float  # silence before the clip starts
+    speech_s: float  # the clip itself
     tail_s: float  # silence after it (Chromium sends silence after the end as well)
+    # The voiced part of the clip, by the bench's ground-truth definition
+    # (benchmarks.v2v.corpus.voiced_span): what "end of the user's speech" means everywhere.
+    voiced_start_s: float
+    voiced_end_s: float
     text: str = ""
 
     @property
@@ -128,8 +134,10 @@ def write_fake_mic(path: Path, samples: Int16Array, rate: int, *, lead_s: float 
     lead = np.zeros(round(lead_s * FAKE_MIC_RATE), dtype=np.int16)
     tail = np.zeros(round(tail_s * FAKE_MIC_RATE), dtype=np.int16)
     write_wav(str(path), np.concatenate([lead, speech, tail]), FAKE_MIC_RATE)
+    start, end = voiced_span(speech, FAKE_MIC_RATE)
     return FakeMic(path=str(path), lead_s=lead_s, speech_s=len(speech) / FAKE_MIC_RATE,
-                   tail_s=tail_s, text=text)
+                   tail_s=tail_s, voiced_start_s=lead_s + start / FAKE_MIC_RATE,
+                   voiced_end_s=lead_s + end / FAKE_MIC_RATE, text=text)
 
 
 def speech_wav(path: Path, text: str, *, lead_s: float = 1.0, tail_s: float = 2.0) -> FakeMic:
