@@ -8,19 +8,23 @@ cd "$(dirname "$0")/.."
 # chromium (+ fonts), unshare and ip run the real-browser tests in a loopback-only network
 # namespace; node + npm build the browser bundle of the OpenAI Agents SDK they drive.
 need=()
+apt_install() {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    [ -n "${apt_updated:-}" ] || { apt-get update -qq; apt_updated=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  else
+    echo "install.sh: please install: $* (apt-get install $*)" >&2
+  fi
+}
 for pkg in espeak-ng:espeak-ng sox:sox redis-server:redis-server chromium:chromium \
-           unshare:util-linux ip:iproute2 node:nodejs npm:npm; do
+           unshare:util-linux ip:iproute2 node:nodejs; do
   command -v "${pkg%%:*}" >/dev/null 2>&1 || need+=("${pkg##*:}")
 done
 [ -d /usr/share/fonts/truetype/liberation ] || need+=(fonts-liberation)
-if [ ${#need[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  else
-    echo "install.sh: please install: ${need[*]} (apt-get install ${need[*]})" >&2
-  fi
-fi
+[ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
+# npm only after nodejs: some nodejs builds (NodeSource) bundle npm and conflict with
+# Debian's npm package, so ask for it only when node came without it.
+command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1 || apt_install npm
 
 export UV_PYTHON_DOWNLOADS=never
 command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check uv==0.13.9
