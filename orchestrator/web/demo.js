@@ -49,7 +49,9 @@
   let call = null;        // {pc, dc, key, id}
   let wanted = false;     // the user wants to be connected (false after hang-up)
   let dropTimer = null;
-  let reconnecting = false;
+  let reconnectingIn = -1; // the generation whose reconnect loop runs, if any
+  let attempts = 0;       // reconnect attempts since a channel last opened
+  let connects = 0;       // connect/hang-up generation: a stale reconnect loop stops
   let meterRunning = false;
   let noticeTimer = null;
   const views = new Map(); // turn -> {user, assistant} <li> elements
@@ -78,6 +80,7 @@
   class HttpError extends Error {
     constructor(status, code, message) { super(message); this.status = status; this.code = code; }
   }
+  class HungUp extends Error {}  // the user hung up while a call was being set up
 
   async function failure(res) {
     let code = null, message = `${res.status} ${res.statusText}`;
@@ -91,6 +94,8 @@
 
   // ---------------------------------------------------------------- connecting
   async function connect() {
+    connects += 1;
+    attempts = 0;
     wanted = true;
     notify('');
     setState('connecting');
@@ -98,10 +103,11 @@
       await openMic();
       await startCall(false);
     } catch (err) {
+      const hungUp = !wanted || err instanceof HungUp;
       wanted = false;
       teardownCall();
       stopMic();
-      setState('error', err.message || String(err));
+      if (hungUp) setState('idle'); else setState('error', err.message || String(err));
     }
   }
 
@@ -137,6 +143,7 @@
 
   async function startCall(resume) {
     const key = await fetchKey();
+    if (!wanted) throw new HungUp();
     const pc = new RTCPeerConnection();
     const dc = pc.createDataChannel('oai-events');
     const current = { pc, dc, key, id: null, watchdog: null };
@@ -162,6 +169,7 @@
       headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/sdp' } });
     if (!res.ok) throw await failure(res);
     current.id = (res.headers.get('Location') || '').split('/').pop() || null;
+    if (call !== current) { closeCall(current); throw new HungUp(); }
     demo.callId = current.id;
     await pc.setRemoteDescription({ type: 'answer', sdp: await res.text() });
   }
@@ -180,6 +188,7 @@
 
   function onChannelOpen(current) {
     if (call !== current) return;
+    attempts = 0;
     send({ type: 'session.update', session: SESSION });
     setState('connected');
     notify('');
@@ -203,19 +212,21 @@
     }
   }
 
-  // Bounded retries with backoff; the same session resumes, so the log just continues.
+  // Bounded retries with backoff (reset once a channel opens again); the same session
+  // resumes, so the log just continues.
   async function connectionLost(reason) {
-    if (!wanted || reconnecting) return;
-    reconnecting = true;
+    const generation = connects;
+    if (!wanted || reconnectingIn === generation) return;
+    reconnectingIn = generation;
     setState('reconnecting', `Reconnecting: ${reason}.`);
     teardownCall();
     let resume = true;
-    for (const delay of RETRY_DELAYS_MS) {
-      await sleep(delay);
-      if (!wanted) break;
+    while (attempts < RETRY_DELAYS_MS.length) {
+      await sleep(RETRY_DELAYS_MS[attempts++]);
+      if (!wanted || generation !== connects) break;  // hung up (and maybe connected anew)
       try {
         await startCall(resume);
-        reconnecting = false;
+        reconnectingIn = -1;
         return;
       } catch (err) {
         teardownCall();
@@ -223,9 +234,10 @@
         notify(`Reconnecting: ${err.message || err}`, 'info');
       }
     }
-    reconnecting = false;
-    if (wanted) {
+    if (reconnectingIn === generation) reconnectingIn = -1;
+    if (wanted && generation === connects) {
       wanted = false;
+      stopMic();
       setState('error', 'Could not reconnect. Press Connect to start again.');
     }
   }
@@ -235,7 +247,10 @@
     call = null;
     clearTimeout(dropTimer);
     dropTimer = null;
-    if (!old) return;
+    if (old) closeCall(old);
+  }
+
+  function closeCall(old) {
     clearTimeout(old.watchdog);
     old.dc.onclose = old.dc.onmessage = old.dc.onopen = null;
     old.pc.onconnectionstatechange = old.pc.ontrack = null;
@@ -247,6 +262,7 @@
   }
 
   function hangup() {
+    connects += 1;
     wanted = false;
     teardownCall();
     stopMic();
