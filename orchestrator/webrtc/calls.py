@@ -83,6 +83,7 @@ class Call:
         self.session: CallSession | None = None
         self.inbox: Inbox | None = None
         self._outboxes: set[Outbox] = set()
+        self._primary: list[Outbox] = []  # the data channel's
         self._channel: RTCDataChannel | None = None
         self._channel_open = asyncio.Event()
         self._drained = asyncio.Event()  # the data channel's buffer fell below its threshold
@@ -140,6 +141,8 @@ class Call:
         ending only detaches it."""
         outbox.start()
         self._outboxes.add(outbox)
+        if primary:
+            self._primary.append(outbox)
 
         async def watch() -> None:
             await outbox.closing.wait()
@@ -249,6 +252,10 @@ class Call:
                     await self.session.aclose()
                 except Exception:
                     log.exception("call %s: session close failed", self.id)
+            channel = self._channel
+            if channel is None or channel.readyState != "open":
+                for outbox in self._primary:  # nothing can be flushed to no channel
+                    outbox.abort(1000, reason)
             for outbox in list(self._outboxes):  # flush what the session said last
                 await outbox.finish()
             self._outboxes.clear()

@@ -82,6 +82,11 @@ def check_offer(sdp: str) -> None:
     lines = [line.strip() for line in sdp.strip().splitlines()]
     if not lines[0].startswith("v=0"):
         raise InvalidOffer("not an SDP offer: it must start with 'v=0'")
+    for attribute, what in (("a=ice-ufrag:", "ICE credentials"),
+                            ("a=fingerprint:", "a DTLS fingerprint")):
+        if not any(line.startswith(attribute) for line in lines):
+            raise InvalidOffer(f"the SDP offer has no {what} ({attribute}...): WebRTC "
+                               "media needs ICE and DTLS")
     if not any(line.startswith("m=audio ") for line in lines):
         raise InvalidOffer("the SDP offer has no audio section (m=audio): a Realtime call "
                            "needs the microphone track (or a recvonly audio transceiver)")

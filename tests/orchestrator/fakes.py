@@ -92,8 +92,10 @@ class FakeTtsStream:
             words.append(TtsWord(text=token, start_ms=t, end_ms=t + span))
             t += span
         samples = int(duration * self.sample_rate / 1000)
+        audio = (tone(int(duration), self.sample_rate)[:2 * samples] if self.owner.loud
+                 else bytes(2 * samples))
         await self._queue.put(TtsChunk(index=self._index, text=phrase, text_offset=self._offset,
-                                       audio=bytes(2 * samples), sample_rate=self.sample_rate,
+                                       audio=audio, sample_rate=self.sample_rate,
                                        duration_ms=samples * 1000 / self.sample_rate,
                                        words=words))
         self._index += 1
@@ -108,7 +110,9 @@ class FakeTtsStream:
 
 
 class FakeTts:
-    def __init__(self, *, synth_s: float = 0.005, ms_per_char: float = 60.0) -> None:
+    def __init__(self, *, synth_s: float = 0.005, ms_per_char: float = 60.0,
+                 loud: bool = False) -> None:
+        self.loud = loud  # a tone instead of silence (for tests that listen to the audio)
         self.synth_s = synth_s
         self.ms_per_char = ms_per_char
         self.streams: list[FakeTtsStream] = []

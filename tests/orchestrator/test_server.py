@@ -8,13 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, cast
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from openai import AsyncOpenAI
 from prometheus_client import REGISTRY
@@ -27,6 +25,7 @@ from orchestrator.server import Resources, create_app
 from orchestrator.settings import ServeSettings
 from orchestrator.store import InvalidResumeToken, MemoryStore, SessionStore
 from stages.vad.model import SileroVadModel
+from tests.support.serving import serving
 
 KEY = "sk-test-0123456789"
 BIG = "x" * 65536
@@ -81,35 +80,6 @@ async def fake_loader(settings: ServeSettings) -> Resources:
 @pytest.fixture(autouse=True)
 def _reset() -> None:
     FakeSession.instances.clear()
-
-
-@contextlib.asynccontextmanager
-async def serving(app: FastAPI, wait_ready: bool = True
-                  ) -> AsyncIterator[tuple[int, uvicorn.Server]]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", log_level="warning",
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "uvicorn did not start"
-        if wait_ready:
-            async with httpx.AsyncClient() as http:
-                for _ in range(500):
-                    if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.01)
-        yield port, server
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-        sock.close()
 
 
 def app_with(**overrides: Any) -> FastAPI:
