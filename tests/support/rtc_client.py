@@ -130,13 +130,13 @@ class RtcClient:
             if float(np.sqrt(np.mean(samples * samples))) > 300.0:
                 self.heard.loud_at.append(time.monotonic())
 
-    async def connect(self, *, timeout: float = 20.0) -> httpx.Response:
+    async def connect(self, *, within: float = 20.0) -> httpx.Response:
         """Offer, post, answer; wait for the data channel. Returns the HTTP answer."""
         offer = await self.pc.createOffer()
         await self.pc.setLocalDescription(offer)
         assert self.pc.localDescription is not None
         headers = {"Authorization": f"Bearer {self.key}"}
-        async with httpx.AsyncClient(timeout=timeout) as http:
+        async with httpx.AsyncClient(timeout=within) as http:
             if self.session_config is None:
                 resp = await http.post(f"{self.base_url}/v1/realtime/calls{self.query}",
                                        content=self.pc.localDescription.sdp,
@@ -151,17 +151,17 @@ class RtcClient:
             return resp
         self.call_id = resp.headers["location"].rsplit("/", 1)[-1]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=resp.text, type="answer"))
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             await self.channel_open.wait()
         return resp
 
     def send(self, event: dict[str, Any]) -> None:
         self.channel.send(json.dumps(event))
 
-    async def wait_for(self, type_: str, *, after: int = 0, timeout: float = 30.0,
+    async def wait_for(self, type_: str, *, after: int = 0, within: float = 30.0,
                        **match: Any) -> dict[str, Any]:
         """The first event of ``type_`` at index >= ``after`` whose fields match."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 for event in self.events[after:]:
                     if event.get("type") == type_ and all(

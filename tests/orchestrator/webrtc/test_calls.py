@@ -94,9 +94,9 @@ async def test_spoken_turn_over_webrtc(served: Served) -> None:
         assert client.call_id is not None and client.call_id.startswith("rtc_")
         await turn_on(client)
         client.mic.say(speech(600))
-        done = await client.wait_for("response.done", timeout=20)
+        done = await client.wait_for("response.done", within=20)
         assert done["response"]["status"] == "completed"
-        stopped = await client.wait_for("output_audio_buffer.stopped", timeout=20)
+        stopped = await client.wait_for("output_audio_buffer.stopped", within=20)
         types = client.types()
         # Audio is on the track, never in events; the buffer events frame it.
         assert "response.output_audio.delta" not in types
@@ -160,12 +160,12 @@ async def test_barge_in_truncates_to_what_was_played() -> None:
             await client.connect()
             await turn_on(client)
             client.mic.say(speech(600))
-            await client.wait_for("output_audio_buffer.started", timeout=20)
+            await client.wait_for("output_audio_buffer.started", within=20)
             await asyncio.sleep(1.5)  # the reply plays; then the user talks over it
             client.mic.say(speech(600))
-            truncated = await client.wait_for("conversation.item.truncated", timeout=20)
-            cleared = await client.wait_for("output_audio_buffer.cleared", timeout=5)
-            done = await client.wait_for("response.done", timeout=5)
+            truncated = await client.wait_for("conversation.item.truncated", within=20)
+            cleared = await client.wait_for("output_audio_buffer.cleared", within=5)
+            done = await client.wait_for("response.done", within=5)
             assert done["response"]["status"] == "cancelled"
             assert cleared["response_id"] == done["response"]["id"]
             # The cut is what the track sent: frames are counted as they leave, and the
@@ -199,13 +199,13 @@ async def test_output_audio_buffer_clear_and_append_over_webrtc() -> None:
             assert error["error"]["code"] == "invalid_event_for_transport"
             assert error["error"]["event_id"] == "evt_1"
             client.send({"type": "response.create"})
-            await client.wait_for("output_audio_buffer.started", timeout=20)
+            await client.wait_for("output_audio_buffer.started", within=20)
             await asyncio.sleep(0.5)
             client.send({"type": "response.cancel"})
             client.send({"type": "output_audio_buffer.clear"})
-            done = await client.wait_for("response.done", timeout=10)
+            done = await client.wait_for("response.done", within=10)
             assert done["response"]["status"] == "cancelled"
-            await client.wait_for("output_audio_buffer.cleared", timeout=5)
+            await client.wait_for("output_audio_buffer.cleared", within=5)
             await asyncio.sleep(0.4)  # frames already in flight or in the jitter buffer
             heard_before = len(client.heard.loud_at)
             await asyncio.sleep(0.6)
@@ -315,7 +315,7 @@ async def test_sideband_websocket_controls_a_live_call(served: Served) -> None:
             updated = await client.wait_for("session.updated")  # the browser hears it too
             assert updated["session"]["instructions"] == "From the backend."
             await ws.send(json.dumps({"type": "response.create"}))
-            await client.wait_for("output_audio_buffer.started", timeout=20)
+            await client.wait_for("output_audio_buffer.started", within=20)
         async with connect(url, additional_headers={"Authorization": "Bearer sk-nope"},
                            proxy=None) as refused:
             pytest.fail(f"a wrong key reached the sideband: {refused}")
