@@ -2,7 +2,8 @@
 
     cascade serve [--host H] [--port P] [--api-key K] [--redis-url URL]
                   [--pipeline streaming|serial] [--asr-url U --llm-url U --tts-url U]
-                  [--llm-model NAME]
+                  [--llm-model NAME] [--no-demo] [--demo-public]
+                  [--ice-host-address IP ...] [--cors-origin ORIGIN ...]
     cascade stage asr|llm|tts [--host H] [--port P] [--device cpu|cuda] [--set key=value ...]
     cascade demo [--out reply.wav] [--question TEXT]
     cascade bench [--url URL] [--modes streaming,serial] [--max-concurrency N] [--quick] ...
@@ -15,10 +16,13 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.v2v.options import USAGE as BENCH_USAGE
 from benchmarks.v2v.options import add_arguments as add_bench_arguments
+
+if TYPE_CHECKING:
+    from orchestrator.settings import ServeSettings
 
 STAGES = ("asr", "llm", "tts")
 
@@ -48,17 +52,19 @@ def run_stage(name: str, host: str | None, port: int | None, device: str | None,
     serve(app, settings.host, settings.port)
 
 
-def run_serve(args: argparse.Namespace) -> None:
-    """The Realtime server; flags override ``CASCADE_*`` environment variables."""
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The server's settings: flags override ``CASCADE_*`` environment variables."""
     from pydantic import ValidationError
 
-    from orchestrator.server import create_app
     from orchestrator.settings import ServeSettings
-    from stages.common.service import serve
 
     fields = ("host", "port", "api_key", "redis_url", "pipeline", "asr_url", "llm_url",
-              "tts_url", "llm_model")
+              "tts_url", "llm_model", "demo", "demo_public")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    for flag, field in (("ice_host_address", "ice_host_addresses"),
+                        ("cors_origin", "cors_origins")):
+        if getattr(args, flag):
+            overrides[field] = getattr(args, flag)
     try:
         settings = ServeSettings(**overrides)
     except ValidationError as exc:
@@ -68,10 +74,25 @@ def run_serve(args: argparse.Namespace) -> None:
             for e in exc.errors()
         )
         raise SystemExit(f"cascade serve: invalid settings: {problems}") from None
+    return settings
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """The Realtime server."""
+    from orchestrator.server import create_app
+    from stages.common.service import serve
+
+    settings = serve_settings(args)
     serve(create_app(settings), settings.host, settings.port)
 
 
 def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO")
@@ -88,6 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     p_serve.add_argument("--llm-url")
     p_serve.add_argument("--tts-url")
     p_serve.add_argument("--llm-model", help="model name for a remote LLM server")
+    p_serve.add_argument("--demo", action=argparse.BooleanOptionalAction, default=None,
+                         help="the browser demo page at / (default on)")
+    p_serve.add_argument("--demo-public", action=argparse.BooleanOptionalAction, default=None,
+                         help="let non-loopback clients get demo keys (anyone who reaches "
+                         "the page can then talk to the agent)")
+    p_serve.add_argument("--ice-host-address", action="append", metavar="IP",
+                         help="WebRTC: the address offered to clients as the ICE host "
+                         "candidate (repeatable; default: every non-loopback interface)")
+    p_serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                         help="a browser origin allowed to call the API (repeatable)")
 
     p_stage = sub.add_parser("stage", help="run one stage (asr, llm, tts) as its own service")
     p_stage.add_argument("name", choices=STAGES)
@@ -113,7 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     p_bench.add_argument("--out", default="out/bench-stages", help="folder for the JSON report")
     p_bench.add_argument("--repeats", type=int, default=3)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per HTTP request to a stage would drown the output; errors still show.

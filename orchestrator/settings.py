@@ -12,9 +12,10 @@ distributed deployment is almost always a typo in one variable.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.policy import StageDeadlines
@@ -109,6 +110,16 @@ class ServeSettings(BaseSettings):
     llm_first_token_timeout_s: float = Field(default=15.0, gt=0)
     llm_stall_timeout_s: float = Field(default=10.0, gt=0)
     tts_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("ice_host_addresses")
+    @classmethod
+    def _ip_addresses(cls, addresses: list[str]) -> list[str]:
+        for address in addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"ICE host address {address!r} is not an IP address") from None
+        return addresses
 
     @model_validator(mode="after")
     def _stage_urls_all_or_none(self) -> ServeSettings:
