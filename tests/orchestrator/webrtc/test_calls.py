@@ -385,3 +385,72 @@ async def test_twenty_calls_leave_no_leaked_tasks_or_sockets() -> None:
         assert state.active == 0
         assert len(asyncio.all_tasks()) <= tasks_before
         assert _fds() <= fds_before + 2, (fds_before, _fds())
+
+
+async def test_a_dropped_call_resumes_its_conversation_on_a_new_call(served: Served) -> None:
+    """The page's reconnect: a new call with session_id + resume_token continues the same
+    conversation; the old call, if still alive, is told and ended."""
+    base, app = served
+    first = RtcClient(base, KEY)
+    try:
+        await first.connect()
+        await turn_on(first)
+        first.mic.say(speech(600))
+        done = await first.wait_for("response.done", within=20)
+        created = first.events[0]
+        session_id = created["session"]["id"]
+        token = created["session"]["cascade"]["resume_token"]
+        assistant_item = done["response"]["output"][0]["id"]
+        second = RtcClient(base, KEY, query=f"?session_id={session_id}&resume_token={token}")
+        try:
+            assert (await second.connect()).status_code == 201
+            resumed = await second.wait_for("session.created")
+            assert resumed["session"]["id"] == session_id
+            # the config set on the first call carried over
+            assert resumed["session"]["audio"]["input"]["turn_detection"][
+                "silence_duration_ms"] == 300
+            second.send({"type": "conversation.item.retrieve", "item_id": assistant_item})
+            item = await second.wait_for("conversation.item.retrieved")
+            assert item["item"]["content"][0]["transcript"] == "".join(REPLY)
+            taken = await first.wait_for("error", within=10)
+            assert taken["error"]["code"] == "session_taken_over"
+            # the conversation goes on on the new call
+            second.mic.say(speech(600))
+            again = await second.wait_for("response.done", within=20)
+            assert again["response"]["status"] == "completed"
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+    async with httpx.AsyncClient() as http:
+        bad = await http.post(f"{base}/v1/realtime/calls?session_id={session_id}"
+                              "&resume_token=wrong", content=first.pc.localDescription.sdp
+                              if first.pc.localDescription else "", headers={
+                                  "Authorization": f"Bearer {KEY}",
+                                  "Content-Type": "application/sdp"})
+    assert bad.status_code in (400, 401, 403, 404), bad.text
+    assert bad.json()["error"]["message"]
+
+
+async def test_pcmu_when_the_client_prefers_it(served: Served) -> None:
+    base, _app = served
+    client = RtcClient(base, KEY)
+    from aiortc.rtcrtpsender import RTCRtpSender
+    pcmu = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType == "audio/PCMU"]
+    for transceiver in client.pc.getTransceivers():
+        if transceiver.kind == "audio":
+            transceiver.setCodecPreferences(pcmu)
+    try:
+        resp = await client.connect()
+        assert resp.status_code == 201
+        audio_section = resp.text.split("m=audio", 1)[1].split("m=", 1)[0]
+        assert "PCMU/8000" in audio_section and "opus" not in audio_section.lower()
+        await turn_on(client)
+        client.mic.say(speech(600))
+        done = await client.wait_for("response.done", within=20)
+        assert done["response"]["status"] == "completed"
+        await client.wait_for("output_audio_buffer.stopped", within=20)
+        assert client.mic.speech_ended_at is not None
+        assert len(client.heard.loud_since(client.mic.speech_ended_at)) > 20
+    finally:
+        await client.close()
