@@ -390,7 +390,7 @@ async def test_twenty_calls_leave_no_leaked_tasks_or_sockets() -> None:
 async def test_a_dropped_call_resumes_its_conversation_on_a_new_call(served: Served) -> None:
     """The page's reconnect: a new call with session_id + resume_token continues the same
     conversation; the old call, if still alive, is told and ended."""
-    base, app = served
+    base, _app = served
     first = RtcClient(base, KEY)
     try:
         await first.connect()
