@@ -95,10 +95,31 @@ def agents_sdk_scenario(config: dict[str, Any], work: Path) -> dict[str, Any]:
                      "instructions": config["instructions"], "timeoutMs": 90_000,
                      "speechTimeoutMs": round((mic.speech_end_s + 15) * 1000)})
                 result["probe"] = probe_snapshot(page)
+            result["calls_after_close"] = calls_after_close(url)
         finally:
             result["server_log"] = server.log_tail(80)
             server.stop()
     return result
+
+
+def calls_after_close(url: str, hang_guard_s: float = 20.0) -> dict[str, float]:
+    """The server's WebRTC call gauges once the page has closed its session: polls
+    /metrics until no call is live (or the hang guard passes) and returns the live count
+    and the ended calls by reason."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + hang_guard_s
+    while True:
+        values: dict[str, float] = {}
+        for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+            if line.startswith(("cascade_webrtc_calls ", "cascade_webrtc_calls_ended_total{")):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        if values.get("cascade_webrtc_calls") == 0 or time.monotonic() > deadline:
+            return values
+        time.sleep(0.2)
 
 
 def turn_timings(r: dict[str, Any]) -> dict[str, int | None]:
@@ -193,3 +214,9 @@ def test_openai_agents_sdk_holds_a_spoken_turn_over_webrtc(
     speech_stopped = sdk["marks"]["event:input_audio_buffer.speech_stopped"]
     assert remote["first_audible"] > speech_stopped
     assert remote["last_audible"] >= started
+
+    # The page closed the session (data channel and peer connection, no hang-up request):
+    # the server ended the call and holds none.
+    calls = r["calls_after_close"]
+    assert calls.get("cascade_webrtc_calls") == 0, calls
+    assert calls.get('cascade_webrtc_calls_ended_total{reason="client_left"}') == 1, calls
