@@ -2,7 +2,7 @@
 // Flow: POST demo/token -> ek_ key; microphone -> RTCPeerConnection + data channel
 // "oai-events"; POST the offer SDP to v1/realtime/calls; the answer SDP comes back in the
 // 201 body and the call id in Location. Events arrive as JSON on the data channel.
-// window.cascadeDemo exposes the state for tests (see the README of tests/browser).
+// window.cascadeDemo exposes the page state to tests (tests/orchestrator/test_web_demo.py).
 'use strict';
 
 (() => {
