@@ -151,6 +151,7 @@ class TrackPlayout(SentRecord):
         self._slice_bytes = max(2, int(RATE * slice_ms / 1000) * 2)
         self._sleep = sleep
         self._played_bytes = 0
+        self._sent_bytes = 0  # exact, where sent_ms (the record's timeline) is a float sum
         self.first_audio_at: float | None = None
         self._finished = False
         self._stopped = False  # stopped or cleared was announced
@@ -163,7 +164,7 @@ class TrackPlayout(SentRecord):
         return self._played_bytes / 2 / RATE * 1000.0
 
     def queued_ms(self) -> float:
-        return max(0.0, self.sent_ms - self.played_ms())
+        return (self._sent_bytes - self._played_bytes) / 2 / RATE * 1000.0
 
     async def send(self, chunk: TtsChunk, write: Write) -> None:
         """Queue one chunk on the track in slices, never more than ``lead_ms`` ahead of
@@ -181,6 +182,7 @@ class TrackPlayout(SentRecord):
             if self._stopped:
                 return
             self._track.enqueue(self, piece)
+            self._sent_bytes += len(piece)
             self.sent_ms += len(piece) / 2 / RATE * 1000.0
 
     def played(self, nbytes: int) -> None:
@@ -191,7 +193,7 @@ class TrackPlayout(SentRecord):
             self._emit(OutputAudioBufferStartedEvent(response_id=self.response_id))
 
     def maybe_stopped(self) -> None:
-        if self._finished and not self._stopped and self.queued_ms() <= 0.0:
+        if self._finished and not self._stopped and self._sent_bytes <= self._played_bytes:
             self._stopped = True
             if self.started:
                 self._emit(OutputAudioBufferStoppedEvent(response_id=self.response_id))
@@ -206,7 +208,8 @@ class TrackPlayout(SentRecord):
             return
         self._stopped = True
         dropped = self._track.clear(self)
-        self.sent_ms -= dropped / 2 / RATE * 1000.0
+        self._sent_bytes -= dropped
+        self.sent_ms = self._sent_bytes / 2 / RATE * 1000.0
         if self.started:
             self._emit(OutputAudioBufferClearedEvent(response_id=self.response_id))
 
