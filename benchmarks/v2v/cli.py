@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import logging
 import os
 import secrets
 import time
@@ -170,6 +171,10 @@ def run_bench(args: argparse.Namespace) -> int:
         args.clips, args.rounds, args.sweep_turns = args.clips or "question", 1, 1
         args.concurrency = args.concurrency or "1,2"
     schedule = _schedule(args)
+    if "webrtc" in schedule.transports:
+        # aioice logs every ICE check at INFO: a dozen lines per call between the turns.
+        for name in ("aioice", "aiortc"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         clips = _clips(args)
     except (OSError, ValueError) as exc:
