@@ -10,7 +10,7 @@ import pytest
 from aiortc import RTCSessionDescription
 from openai import AsyncOpenAI, BadRequestError
 
-from tests.orchestrator.webrtc.test_calls import KEY, LONG_REPLY, make_app
+from tests.orchestrator.webrtc.test_calls import KEY, REPLY, make_app
 from tests.support.rtc_client import RtcClient
 from tests.support.serving import serving
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 async def test_openai_sdk_creates_controls_and_hangs_up_a_call() -> None:
-    app = make_app(LONG_REPLY)
+    app = make_app(REPLY)
     async with serving(app) as (port, _server):
         base = f"http://127.0.0.1:{port}"
         sdk = AsyncOpenAI(api_key=KEY, base_url=f"{base}/v1",
