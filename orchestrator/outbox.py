@@ -11,12 +11,20 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from orchestrator.metrics import REJECTED_CONNECTIONS
+from orchestrator.metrics import ERROR_EVENTS, REJECTED_CONNECTIONS
+from orchestrator.protocol import ProtocolError, error_event
 
 log = logging.getLogger(__name__)
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
+
+
+def error_json(code: str, message: str, type: str = "invalid_request_error") -> str:
+    """One Realtime ``error`` event frame (same shape in the GA and beta dialects);
+    counted."""
+    ERROR_EVENTS.labels(code).inc()
+    return error_event(ProtocolError(code, message, type=type)).to_json()
 
 
 class Outbox:

@@ -30,8 +30,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from orchestrator import metrics
 from orchestrator.inbox import Inbox
-from orchestrator.outbox import Outbox
-from orchestrator.protocol import ProtocolError, error_event
+from orchestrator.outbox import Outbox, error_json
 from orchestrator.protocol.session import SessionConfig
 from orchestrator.settings import ServeSettings
 from orchestrator.webrtc import peer
@@ -64,11 +63,6 @@ MakeSession = Callable[..., CallSession]
 
 def new_call_id() -> str:
     return "rtc_" + secrets.token_hex(12)
-
-
-def _error_json(code: str, message: str) -> str:
-    metrics.ERROR_EVENTS.labels(code).inc()
-    return error_event(ProtocolError(code, message)).to_json()
 
 
 class Call:
@@ -184,7 +178,7 @@ class Call:
 
     def _on_message(self, message: str | bytes) -> None:
         if len(message) > self.settings.max_event_bytes:
-            self._spawn(self.broadcast(_error_json(
+            self._spawn(self.broadcast(error_json(
                 "invalid_value", f"Event is too large ({len(message)} > "
                 f"{self.settings.max_event_bytes} bytes).")), "error")
             return
@@ -193,7 +187,7 @@ class Call:
     def put_event(self, message: str | bytes) -> None:
         """A client event from the data channel or a sideband WebSocket, in order."""
         if self.inbox is None or not self.inbox.put_event(message):
-            self._spawn(self.broadcast(_error_json(
+            self._spawn(self.broadcast(error_json(
                 "too_many_events", "The session is busy: events arrive faster than it "
                 "handles them. Slow down and resend.")), "error")
 
@@ -226,7 +220,7 @@ class Call:
             return
         await asyncio.sleep(self.settings.max_session_s)
         minutes = self.settings.max_session_s / 60
-        await self.broadcast(_error_json(
+        await self.broadcast(error_json(
             "session_expired", f"Your session hit the maximum duration of {minutes:g} minutes."))
         self.close_soon("expired")
 

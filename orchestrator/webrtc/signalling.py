@@ -49,7 +49,7 @@ MAX_REQUEST_BYTES = 256 * 1024  # an offer plus a session config
 
 
 class CallHost(Protocol):
-    """What signalling needs of the server (``orchestrator.server._ServerState``)."""
+    """What signalling needs of the server (``orchestrator.server.ServerState``)."""
 
     settings: ServeSettings
     calls: dict[str, Call]

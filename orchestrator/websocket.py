@@ -1,0 +1,263 @@
+"""The WebSocket transport: ``/v1/realtime`` as OpenAI's Realtime WebSocket, one small
+adapter over the session core (``orchestrator.realtime``).
+
+- Auth (``auth.py``: the standard key, or an ``ek_`` key whose session config then
+  applies to the new session) happens before the WebSocket is accepted. A refused
+  client gets an HTTP 403 with an OpenAI-style JSON error body (the WebSocket
+  denial-response extension; plain close before accept, also a 403, where the server
+  lacks it), which the ``openai`` SDK reports as a failed handshake.
+- Refusals that need a reason the client can read (capacity, not ready, failed resume,
+  expiry) accept first, send one ``error`` event, then close with a code: 1013 for "try
+  again later", 1008 for a policy refusal.
+- Every server event goes through one ``Outbox`` (bounded, one writer); client frames are
+  handled one at a time, in order (the next frame is read only after ``handle``
+  returns), so a fast client is slowed by TCP flow control rather than by server memory.
+  Binary frames are a cascade extension: raw input audio in the session's input format.
+- ``?call_id=rtc_...`` makes the WebSocket the sideband of a live WebRTC call: its
+  events go into the call's inbox, and the call's events come back on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from fastapi import WebSocket
+from fastapi.responses import JSONResponse
+
+from orchestrator.auth import AuthUnavailable, Grant, authorize, presented_keys
+from orchestrator.metrics import ACTIVE_SESSIONS, REJECTED_CONNECTIONS
+from orchestrator.outbox import Outbox, error_json
+from orchestrator.protocol import ProtocolError, error_event
+from orchestrator.protocol.session import SessionConfig
+from orchestrator.settings import ServeSettings
+from orchestrator.store import StoreError
+from orchestrator.webrtc.calls import Call
+
+if TYPE_CHECKING:
+    from orchestrator.server import RealtimeSessionLike, ServerState
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL = "realtime"
+BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
+
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013
+
+
+def error_body(code: str, message: str) -> dict[str, object]:
+    return {"error": {"message": message, "type": "invalid_request_error", "code": code,
+                      "param": None}}
+
+
+def _is_beta(ws: WebSocket) -> bool:
+    header = ws.headers.get("openai-beta", "")
+    if any(p.strip().lower() == "realtime=v1" for p in header.split(",")):
+        return True
+    return BETA_SUBPROTOCOL in ws.scope.get("subprotocols", [])
+
+
+async def _deny(ws: WebSocket, code: str, message: str, status: int = 403) -> None:
+    try:
+        await ws.send_denial_response(JSONResponse(error_body(code, message), status_code=status))
+    except RuntimeError:  # the server lacks the denial-response extension: plain 403
+        await ws.close(CLOSE_POLICY, message)
+
+
+async def _refuse(ws: WebSocket, subprotocol: str | None, close: int, code: str,
+                  message: str, type: str = "invalid_request_error") -> None:
+    """Accept, send one error event, close: the client learns why."""
+    await ws.accept(subprotocol=subprotocol)
+    with contextlib.suppress(Exception):
+        await ws.send_text(error_json(code, message, type))
+        await ws.close(close, message[:120])
+
+
+async def _read_loop(ws: WebSocket, session: RealtimeSessionLike, outbox: Outbox,
+                     max_bytes: int) -> None:
+    while True:
+        msg = await ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            return
+        text = msg.get("text")
+        data: str | bytes | None = text if text is not None else msg.get("bytes")
+        if data is None:
+            continue
+        if len(data) > max_bytes:  # chars of a text frame: a lower bound on its bytes
+            await outbox.send(error_json(
+                "invalid_value", f"Event is too large ({len(data)} > {max_bytes} bytes)."
+            ))
+            continue
+        await session.handle(data)
+
+
+async def serve(state: ServerState, ws: WebSocket) -> None:
+    """One ``/v1/realtime`` WebSocket, from the handshake to the close."""
+    settings = state.settings
+    offered = ws.scope.get("subprotocols", [])
+    try:
+        grant = await authorize(presented_keys(ws.headers, offered),
+                                api_key=settings.api_key, secrets=state.secrets)
+    except AuthUnavailable as exc:
+        REJECTED_CONNECTIONS.labels("not_ready").inc()
+        await _deny(ws, "server_not_ready", f"The key cannot be checked now ({exc}). "
+                    "Try again later.", status=503)
+        return
+    if grant is None:
+        REJECTED_CONNECTIONS.labels("auth").inc()
+        await _deny(ws, "invalid_api_key", "Missing, expired or incorrect API key: send "
+                    "'Authorization: Bearer <key or ek_ client secret>'.")
+        return
+    subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
+    call_id = ws.query_params.get("call_id")
+    if call_id is not None:
+        if grant.kind == "ephemeral":  # a browser's key does not reach the sideband
+            REJECTED_CONNECTIONS.labels("auth").inc()
+            await _deny(ws, "invalid_api_key", "The sideband connection of a call needs the "
+                        "server's API key, not a client secret.")
+            return
+        await _serve_sideband(state, ws, call_id, subprotocol)
+        return
+    resources = state.resources
+    if resources is None:
+        REJECTED_CONNECTIONS.labels("not_ready").inc()
+        detail = state.load_error or "the server is still loading its models"
+        await _refuse(ws, subprotocol, CLOSE_TRY_AGAIN, "server_not_ready",
+                      f"Not ready: {detail}. Try again later.", "server_error")
+        return
+    if state.active >= settings.max_sessions:
+        REJECTED_CONNECTIONS.labels("capacity").inc()
+        await _refuse(ws, subprotocol, CLOSE_TRY_AGAIN, "session_limit_reached",
+                      f"The server is at its limit of {settings.max_sessions} sessions. "
+                      "Try again later.", "server_error")
+        return
+    resume_id = ws.query_params.get("session_id") or None
+    resume_token = ws.query_params.get("resume_token") or None
+    if (resume_id is None) != (resume_token is None):
+        REJECTED_CONNECTIONS.labels("resume").inc()
+        await _refuse(ws, subprotocol, CLOSE_POLICY, "invalid_resume",
+                      "To resume a session send both 'session_id' and 'resume_token'.")
+        return
+
+    state.active += 1  # no await since the check above: the cap holds
+    ACTIVE_SESSIONS.inc()
+    await ws.accept(subprotocol=subprotocol)
+    outbox = Outbox(ws.send_text, ws.close, settings.send_queue_events,
+                    settings.close_timeout_s)
+    state.outboxes.add(outbox)
+    outbox.start()
+    session: RealtimeSessionLike | None = None
+    try:
+        session = state.factory()(
+            backends=resources.backends, vad=resources.vad, store=resources.store,
+            settings=settings, send=outbox.send, beta=_is_beta(ws), close=outbox.close_soon,
+        )
+        try:
+            await session.start(resume_id=resume_id, resume_token=resume_token,
+                                configs=_grant_configs(grant))
+        except ProtocolError as exc:  # the key's session config no longer validates
+            await outbox.send(error_event(exc).to_json())
+            await outbox.finish(CLOSE_POLICY, exc.code)
+            return
+        except StoreError as exc:
+            REJECTED_CONNECTIONS.labels("resume").inc()
+            await outbox.send(error_json(exc.code, f"Cannot resume the session: {exc}"))
+            await outbox.finish(CLOSE_POLICY, exc.code)
+            return
+        await _run(ws, session, outbox, settings)
+    except Exception:
+        log.exception("realtime connection failed")
+        await outbox.send(error_json("server_error", "Internal server error.", "server_error"))
+        await outbox.finish(CLOSE_INTERNAL, "internal error")
+    finally:
+        if session is not None:
+            try:
+                await session.aclose()
+            except Exception:
+                log.exception("session aclose failed")
+        await outbox.finish()
+        state.outboxes.discard(outbox)
+        state.active -= 1
+        ACTIVE_SESSIONS.dec()
+
+
+def _grant_configs(grant: Grant) -> list[SessionConfig]:
+    """An ephemeral key's session config, to start a new session from."""
+    if grant.session is None:
+        return []
+    return [SessionConfig.model_validate(grant.session)]
+
+
+async def _serve_sideband(state: ServerState, ws: WebSocket, call_id: str,
+                          subprotocol: str | None) -> None:
+    """``/v1/realtime?call_id=rtc_...``: a WebSocket that controls a live WebRTC call like
+    any Realtime WebSocket (its events go to the call's session, in order with the data
+    channel's; the session's events come back here too)."""
+    call = state.calls.get(call_id)
+    if call is None:
+        await _refuse(ws, subprotocol, CLOSE_POLICY, "call_not_found",
+                      f"No live call {call_id!r} on this server.")
+        return
+    await ws.accept(subprotocol=subprotocol)
+    settings = state.settings
+    outbox = Outbox(ws.send_text, ws.close, settings.send_queue_events,
+                    settings.close_timeout_s)
+    call.add_outbox(outbox)
+    ended = asyncio.create_task(call.ended.wait())
+    closing = asyncio.create_task(outbox.closing.wait())
+    reader = asyncio.create_task(_sideband_reads(ws, call, outbox, settings.max_event_bytes))
+    try:
+        await asyncio.wait({reader, ended, closing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (reader, ended, closing):
+            task.cancel()
+        await asyncio.gather(reader, ended, closing, return_exceptions=True)
+        call.remove_outbox(outbox)
+        await outbox.finish(CLOSE_NORMAL, "call ended" if call.ended.is_set() else "")
+
+
+async def _sideband_reads(ws: WebSocket, call: Call, outbox: Outbox, max_bytes: int) -> None:
+    while True:
+        msg = await ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            return
+        data: str | bytes | None = msg.get("text")
+        if data is None:
+            data = msg.get("bytes")
+        if data is None:
+            continue
+        if len(data) > max_bytes:
+            await outbox.send(error_json(
+                "invalid_value", f"Event is too large ({len(data)} > {max_bytes} bytes)."))
+            continue
+        call.put_event(data)
+
+
+async def _run(ws: WebSocket, session: RealtimeSessionLike, outbox: Outbox,
+               settings: ServeSettings) -> None:
+    """Read frames until the client leaves, the outbox ends the connection, or the session
+    reaches its maximum duration."""
+    reader = asyncio.create_task(_read_loop(ws, session, outbox, settings.max_event_bytes))
+    ending = asyncio.create_task(outbox.closing.wait())
+    try:
+        done, _ = await asyncio.wait({reader, ending}, timeout=settings.max_session_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if reader in done:
+            reader.result()  # re-raise a session failure
+        elif not done:
+            REJECTED_CONNECTIONS.labels("expired").inc()
+            minutes = settings.max_session_s / 60
+            await outbox.send(error_json(
+                "session_expired",
+                f"Your session hit the maximum duration of {minutes:g} minutes.",
+            ))
+            await outbox.finish(CLOSE_NORMAL, "session expired")
+    finally:
+        for task in (reader, ending):
+            task.cancel()
+        await asyncio.gather(reader, ending, return_exceptions=True)
