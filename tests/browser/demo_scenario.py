@@ -369,10 +369,16 @@ def demo_page_scenario(config: dict[str, Any], work: Path) -> dict[str, Any]:
                 _conversation(page, raw, url, clips, marks, turn_s, httpx)
             except StepTimeout as exc:
                 result["failed_step"] = str(exc)
-            finally:
-                result["page"] = page.state()
-                result["probe"] = probe_snapshot(raw)
-                result["mic"] = raw.evaluate("() => window.testMic.snapshot()")
+            except Exception as exc:  # the browser or the page broke: report, with the record
+                result["failed_step"] = f"{type(exc).__name__}: {exc}"
+            reads: dict[str, Callable[[], Any]] = {
+                "page": page.state, "probe": lambda: probe_snapshot(raw),
+                "mic": lambda: raw.evaluate("() => window.testMic.snapshot()")}
+            for name, read in reads.items():
+                try:
+                    result[name] = read()
+                except Exception as exc:
+                    result[f"{name}_error"] = repr(exc)
     finally:
         result["server_log"] = server.log_tail(120)
         server.stop()
@@ -385,7 +391,8 @@ def demo_page_scenario(config: dict[str, Any], work: Path) -> dict[str, Any]:
 
 def _conversation(page: DemoPage, raw: Any, url: str, clips: dict[str, str],
                   marks: dict[str, Any], turn_s: float, httpx: Any) -> None:
-    # 1. Open the page as the README says (a loopback origin), connect.
+    # 1. Open the page as the README says (a loopback origin; as 127.0.0.1, since the
+    # shared Chromium flags resolve no name, localhost included), connect.
     raw.goto(f"{url}/")
     for name, b64 in clips.items():
         raw.evaluate("([name, b64, rate]) => window.testMic.load(name, b64, rate)",
