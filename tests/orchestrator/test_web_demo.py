@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +26,6 @@ from typing import Any
 import aioice.ice
 import numpy as np
 import pytest
-import uvicorn
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
@@ -75,6 +73,7 @@ from orchestrator.protocol.session import ServerVad, Session, SessionConfig
 from orchestrator.settings import ServeSettings
 from orchestrator.store import MemoryStore, StoreError, StoreLimitError, StoreUnavailable
 from tests.support.browser import CHROMIUM, chromium_args
+from tests.support.serving import serving
 
 WEB = Path(web_demo.__file__).parent / "web"
 API_KEY = "sk-standard-key-never-in-the-page"
@@ -473,26 +472,6 @@ class ScriptedCalls:
             await asyncio.gather(*call.tasks, return_exceptions=True)
 
 
-@contextlib.asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[int]:
-    """``app`` on a real uvicorn on a free loopback port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(500):
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "uvicorn did not start"
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-        sock.close()
-
-
 def assistant(item_id: str, transcript: str, *, cancelled: bool = False) -> MessageItem:
     return MessageItem(id=item_id, role="assistant", object="realtime.item",
                        status="incomplete" if cancelled else "completed",
@@ -601,7 +580,8 @@ async def page_run(monkeypatch: pytest.MonkeyPatch,
     app = make_app(settings(), lambda: secrets if ready else None)
     app.include_router(calls.router)
     try:
-        async with serving(app) as port, async_playwright() as pw:
+        async with serving(app, wait_ready=False, lifespan="off") as (port, _), \
+                async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args())
             try:
                 # The page's CSP forbids eval; Playwright's string predicates need it.

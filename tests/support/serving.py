@@ -13,12 +13,14 @@ from fastapi import FastAPI
 
 
 @contextlib.asynccontextmanager
-async def serving(app: FastAPI, wait_ready: bool = True
+async def serving(app: FastAPI, wait_ready: bool = True, lifespan: str = "on"
                   ) -> AsyncIterator[tuple[int, uvicorn.Server]]:
+    """``app`` served until the block ends; yields its port and the server. With
+    ``wait_ready`` the block starts once ``/readyz`` answers 200 (needs the lifespan)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", log_level="warning",
+    config = uvicorn.Config(app, lifespan=lifespan, log_level="warning",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

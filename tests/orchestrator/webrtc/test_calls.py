@@ -5,6 +5,7 @@ exact timings (the real models over WebRTC: test_calls_real.py and the browser t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -152,66 +153,65 @@ async def test_offer_without_candidates_connects(served: Served) -> None:
         await client.close()
 
 
-async def test_barge_in_truncates_to_what_was_played() -> None:
-    app = make_app(LONG_REPLY)
-    async with serving(app) as (port, _server):
+@contextlib.asynccontextmanager
+async def talking(reply: list[str]) -> AsyncIterator[RtcClient]:
+    """A call with server VAD on, to a server whose LLM says ``reply``."""
+    async with serving(make_app(reply)) as (port, _server):
         client = RtcClient(f"http://127.0.0.1:{port}", KEY)
         try:
             await client.connect()
             await turn_on(client)
-            client.mic.say(speech(600))
-            await client.wait_for("output_audio_buffer.started", within=20)
-            await asyncio.sleep(1.5)  # the reply plays; then the user talks over it
-            client.mic.say(speech(600))
-            truncated = await client.wait_for("conversation.item.truncated", within=20)
-            cleared = await client.wait_for("output_audio_buffer.cleared", within=5)
-            done = await client.wait_for("response.done", within=5)
-            assert done["response"]["status"] == "cancelled"
-            assert cleared["response_id"] == done["response"]["id"]
-            # The cut is what the track sent: frames are counted as they leave, and the
-            # client received about that much loud audio (Opus edges blur one frame or two).
-            cut_ms = truncated["audio_end_ms"]
-            assert 1200 <= cut_ms <= 4000
-            await asyncio.sleep(0.5)  # nothing more of the reply arrives after the cut
-            first = client.heard.loud_at[0]
-            reply_frames = [t for t in client.heard.loud_at if t - first < cut_ms / 1000 + 1.0]
-            assert abs(len(reply_frames) * 20 - cut_ms) <= 200, (len(reply_frames), cut_ms)
-            # The item keeps the words heard by then (40 ms a character).
-            item = done["response"]["output"][0]
-            heard = item["content"][0]["transcript"]
-            assert heard and "".join(LONG_REPLY).startswith(heard)
-            assert len(heard) * 40 <= cut_ms + 1
-            assert len(heard) < len("".join(LONG_REPLY)) / 2
+            yield client
         finally:
             await client.close()
+
+
+async def test_barge_in_truncates_to_what_was_played() -> None:
+    async with talking(LONG_REPLY) as client:
+        client.mic.say(speech(600))
+        await client.wait_for("output_audio_buffer.started", within=20)
+        await asyncio.sleep(1.5)  # the reply plays; then the user talks over it
+        client.mic.say(speech(600))
+        truncated = await client.wait_for("conversation.item.truncated", within=20)
+        cleared = await client.wait_for("output_audio_buffer.cleared", within=5)
+        done = await client.wait_for("response.done", within=5)
+        assert done["response"]["status"] == "cancelled"
+        assert cleared["response_id"] == done["response"]["id"]
+        # The cut is what the track sent: frames are counted as they leave, and the
+        # client received about that much loud audio (Opus edges blur one frame or two).
+        cut_ms = truncated["audio_end_ms"]
+        assert 1200 <= cut_ms <= 4000
+        await asyncio.sleep(0.5)  # nothing more of the reply arrives after the cut
+        first = client.heard.loud_at[0]
+        reply_frames = [t for t in client.heard.loud_at if t - first < cut_ms / 1000 + 1.0]
+        assert abs(len(reply_frames) * 20 - cut_ms) <= 200, (len(reply_frames), cut_ms)
+        # The item keeps the words heard by then (40 ms a character).
+        item = done["response"]["output"][0]
+        heard = item["content"][0]["transcript"]
+        assert heard and "".join(LONG_REPLY).startswith(heard)
+        assert len(heard) * 40 <= cut_ms + 1
+        assert len(heard) < len("".join(LONG_REPLY)) / 2
 
 
 async def test_output_audio_buffer_clear_and_append_over_webrtc() -> None:
-    app = make_app(LONG_REPLY)
-    async with serving(app) as (port, _server):
-        client = RtcClient(f"http://127.0.0.1:{port}", KEY)
-        try:
-            await client.connect()
-            await turn_on(client)
-            client.send({"type": "input_audio_buffer.append", "audio": "AAAA",
-                         "event_id": "evt_1"})
-            error = await client.wait_for("error")
-            assert error["error"]["code"] == "invalid_event_for_transport"
-            assert error["error"]["event_id"] == "evt_1"
-            client.send({"type": "response.create"})
-            await client.wait_for("output_audio_buffer.started", within=20)
-            await asyncio.sleep(0.5)
-            client.send({"type": "response.cancel"})
-            client.send({"type": "output_audio_buffer.clear"})
-            done = await client.wait_for("response.done", within=10)
-            assert done["response"]["status"] == "cancelled"
-            await client.wait_for("output_audio_buffer.cleared", within=5)
-            await asyncio.sleep(0.4)  # frames already in flight or in the jitter buffer
-            heard_before = len(client.heard.loud_at)
-            await asyncio.sleep(0.6)
-            assert len(client.heard.loud_at) == heard_before  # the track went quiet
-        finally:
-            await client.close()
+    async with talking(LONG_REPLY) as client:
+        client.send({"type": "input_audio_buffer.append", "audio": "AAAA",
+                     "event_id": "evt_1"})
+        error = await client.wait_for("error")
+        assert error["error"]["code"] == "invalid_event_for_transport"
+        assert error["error"]["event_id"] == "evt_1"
+        client.send({"type": "response.create"})
+        await client.wait_for("output_audio_buffer.started", within=20)
+        await asyncio.sleep(0.5)
+        client.send({"type": "response.cancel"})
+        client.send({"type": "output_audio_buffer.clear"})
+        done = await client.wait_for("response.done", within=10)
+        assert done["response"]["status"] == "cancelled"
+        await client.wait_for("output_audio_buffer.cleared", within=5)
+        await asyncio.sleep(0.4)  # frames already in flight or in the jitter buffer
+        heard_before = len(client.heard.loud_at)
+        await asyncio.sleep(0.6)
+        assert len(client.heard.loud_at) == heard_before  # the track went quiet
 
 
 async def test_refused_offers_get_clear_errors(served: Served) -> None:
