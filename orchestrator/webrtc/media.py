@@ -24,7 +24,7 @@ import fractions
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -253,18 +253,23 @@ def downmix(frame: AudioFrame) -> npt.NDArray[np.int16]:
     return out
 
 
-async def pump_inbound(track: MediaStreamTrack, push: PushAudio) -> None:
-    """Drain the remote audio track into ``push`` until the track ends. A frame the
-    session cannot take (its inbox is full) is dropped, never queued without bound."""
-    dropped = 0
-    log.debug("inbound audio track started")
+async def audio_frames(track: MediaStreamTrack) -> AsyncIterator[AudioFrame]:
+    """Every audio frame of a remote track until it ends. aiortc queues received frames
+    without bound: whoever holds a remote track must read it through this, always."""
     while True:
         try:
             frame = await track.recv()
         except MediaStreamError:
             return
-        if not isinstance(frame, AudioFrame):
-            continue
+        if isinstance(frame, AudioFrame):
+            yield frame
+
+
+async def pump_inbound(track: MediaStreamTrack, push: PushAudio) -> None:
+    """Drain the remote audio track into ``push`` until the track ends. A frame the
+    session cannot take (its inbox is full) is dropped, never queued without bound."""
+    dropped = 0
+    async for frame in audio_frames(track):
         if not push(downmix(frame), frame.sample_rate):
             dropped += 1
             if dropped in (1, 50) or dropped % 500 == 0:

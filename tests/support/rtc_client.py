@@ -22,6 +22,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from orchestrator.webrtc.media import audio_frames
+
 RATE = 48_000
 FRAME = RATE // 50
 
@@ -119,12 +121,7 @@ class RtcClient:
         self._tasks.append(asyncio.get_running_loop().create_task(self._drain(track)))
 
     async def _drain(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            assert isinstance(frame, AudioFrame)
+        async for frame in audio_frames(track):
             self.heard.frames += 1
             samples = frame.to_ndarray().astype(np.float32)
             if float(np.sqrt(np.mean(samples * samples))) > 300.0:
