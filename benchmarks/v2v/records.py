@@ -29,8 +29,12 @@ BARGE_IN_METRICS: tuple[str, ...] = (
     "barge_in_audio_after_ms",  # reply audio still received after speech_started
 )
 # Derived per turn: voice-to-voice minus the client-seen speech_stopped, i.e. the work the
-# server does after it decided the user had finished (transcript, LLM, first phrase).
-DERIVED_METRICS: tuple[str, ...] = ("after_endpoint_ms",)
+# server does after it decided the user had finished (transcript, LLM, first phrase); and
+# first audio minus first reply text, the audio path's own delay (a server sends the first
+# phrase's text and audio together: ~0 over the WebSocket; over WebRTC the track's pacing,
+# Opus and the receiver's jitter buffer). Both are differences within one turn, so they
+# hold on a busy machine where the LLM's time swings.
+DERIVED_METRICS: tuple[str, ...] = ("after_endpoint_ms", "audio_after_text_ms")
 SUMMARY_METRICS: tuple[str, ...] = (LATENCY_METRICS + DERIVED_METRICS + REPLY_METRICS
                                     + BARGE_IN_METRICS)
 
@@ -120,6 +124,15 @@ class TurnRecord(BaseModel):
         if self.first_audio_ms is None or self.speech_stopped_ms is None:
             return None
         return round(self.first_audio_ms - self.speech_stopped_ms, 1)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def audio_after_text_ms(self) -> float | None:
+        """First reply audio minus first reply text: the audio path's own delay (None
+        unless both arrived)."""
+        if self.first_audio_ms is None or self.first_text_ms is None:
+            return None
+        return round(self.first_audio_ms - self.first_text_ms, 1)
 
 
 class MetricStats(BaseModel):

@@ -185,14 +185,17 @@ def test_barge_in_section_and_terminal_table() -> None:
 
 
 def _two_transports() -> Report:
-    """streaming/serial over ws (500/1500, 600/1600) and over webrtc (+120 ms each), one
+    """streaming/serial over ws (500/1500, 600/1600) and over webrtc (+120 ms each, the
+    endpoint 80 ms later, first audio 180 ms after the first text instead of 60 ms), one
     webrtc serial turn failed, one webrtc streaming turn with a gap."""
     records = []
     for rnd, (fast, slow) in enumerate(((500.0, 1500.0), (600.0, 1600.0))):
         for transport, extra in (("ws", 0.0), ("webrtc", 120.0)):
             for mode, v2v in (("streaming", fast), ("serial", slow)):
                 rec = turn(mode, v2v + extra, rnd=rnd)
-                rec.transport = "webrtc" if transport == "webrtc" else "ws"
+                if transport == "webrtc":  # heard 80 ms later; audio 120 ms after its text
+                    rec.transport, rec.speech_stopped_ms = "webrtc", 330.0
+                    rec.first_text_ms = v2v - 60
                 records.append(rec)
     records[3].gap_count = 1  # round 0, webrtc serial
     records[7] = turn("serial", None, rnd=1, error="HTTP 404")  # round 1, webrtc serial
@@ -213,8 +216,11 @@ def test_transports_side_by_side() -> None:
     md = rep.markdown(report)
     assert "- transports (compare phase): WebSocket, WebRTC (WebRTC calls: " in md
     assert "## WebSocket vs WebRTC" in md
-    assert "| streaming | 550 | 590 | 670 | 710 | +120 | 2/2 / 2/2 | 0 / 1 |" in md
-    assert "| serial | 1550 | 1590 | 1620 | 1620 | +70 | 2/2 / 1/2 | 0 / 1 |" in md
+    assert ("| streaming | 550 | 590 | 670 | 710 | +120 | 250 / 330 | 60 / 180 | 2/2 / 2/2 "
+            "| 0 / 1 |") in md
+    assert ("| serial | 1550 | 1590 | 1620 | 1620 | +70 | 250 / 330 | 60 / 180 | 2/2 / 1/2 "
+            "| 0 / 1 |") in md
+    assert "| first audio after first text (audio path) | 60 | 60 | 60 |" in md
     assert ("| metric | streaming ws p50 | streaming ws p90 | streaming ws p99 "
             "| serial ws p50 |") in md
     assert "| serial webrtc | 2 | 1 | 1 | 1 |" in md
