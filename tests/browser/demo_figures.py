@@ -139,7 +139,10 @@ def barge_in_figures(r: dict[str, Any], level: float) -> dict[str, Any] | None:
         return None
     samples = remote_samples(r)
     started, cleared = story["audio_started"], story["cleared"]
-    following = event_of(r, "output_audio_buffer.started", after=cleared)
+    # The next reply (to the interruption itself) ends the window: from its
+    # response.created, which is sent before any of its audio (its buffer "started" event
+    # may reach the page after its first frames do on a busy machine).
+    following = event_of(r, "response.created", after=cleared)
     # In-flight audio (jitter buffer, output) may still arrive just after the event.
     window_end = min(cleared + 500, following["t"] if following else cleared + 500)
     first = first_heard(samples, started - 200, window_end, level)
