@@ -275,6 +275,7 @@ async def negotiate(call: Call, offer_sdp: str) -> str:
         raise peer.InvalidOffer(f"the SDP offer could not be applied: {exc}") from exc
     if not any(t.kind == "audio" for t in pc.getTransceivers()):
         raise peer.InvalidOffer("the SDP offer has no usable audio section")
+    peer.decode_promptly(pc)
     call.attach(data_channel=any(line.startswith("m=application ")
                                for line in offer_sdp.splitlines()))
     answer = await pc.createAnswer()

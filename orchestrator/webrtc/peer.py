@@ -20,7 +20,8 @@ import ipaddress
 from collections.abc import Sequence
 
 import aioice.ice
-from aiortc import RTCConfiguration, RTCIceServer
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc.jitterbuffer import JitterBuffer
 
 from orchestrator.settings import ServeSettings
 
@@ -90,3 +91,24 @@ def check_offer(sdp: str) -> None:
     if not any(line.startswith("m=audio ") for line in lines):
         raise InvalidOffer("the SDP offer has no audio section (m=audio): a Realtime call "
                            "needs the microphone track (or a recvonly audio transceiver)")
+
+
+# aiortc's audio receiver holds every packet until four later ones have arrived (prefetch
+# 4: 80 ms) before decoding it, which suits a player smoothing jitter. The server does not
+# play what it receives: it feeds a VAD and ASR, for which each 20 ms of that wait is 20 ms
+# later end-of-turn detection. One packet (the least the buffer allows) still reorders
+# within its 16-packet window. The attribute is private to aiortc (pinned in
+# pyproject.toml); tests/orchestrator/webrtc/test_peer.py fails if it moves.
+RECEIVE_PREFETCH = 1
+_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
+
+
+def decode_promptly(pc: RTCPeerConnection) -> None:
+    """Audio receivers of ``pc`` decode each packet as soon as the next one arrives."""
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if transceiver.kind != "audio" or not hasattr(receiver, _JITTER_ATTR):
+            continue
+        current = getattr(receiver, _JITTER_ATTR)
+        setattr(receiver, _JITTER_ATTR, JitterBuffer(capacity=current.capacity,
+                                                     prefetch=RECEIVE_PREFETCH))

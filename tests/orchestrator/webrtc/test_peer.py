@@ -100,3 +100,15 @@ async def test_cors_preflight_and_exposed_location() -> None:
 def test_offer_checks_say_what_is_wrong(sdp: str, reason: str) -> None:
     with pytest.raises(peer.InvalidOffer, match=reason):
         peer.check_offer(sdp)
+
+
+async def test_audio_is_decoded_as_soon_as_the_next_packet_arrives() -> None:
+    """The server feeds a VAD, not a speaker: no 80 ms prefetch before decoding."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio")
+    (transceiver,) = pc.getTransceivers()
+    assert hasattr(transceiver.receiver, peer._JITTER_ATTR), "aiortc moved its jitter buffer"
+    peer.decode_promptly(pc)
+    buffer = getattr(transceiver.receiver, peer._JITTER_ATTR)
+    assert buffer._prefetch == peer.RECEIVE_PREFETCH == 1
+    await pc.close()
