@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -92,8 +93,9 @@ class _Sent:
     chunk: TtsChunk
 
 
-class SentRecord:
-    """The chunks sent, each at its start on the response's playback timeline."""
+class SentRecord(ABC):
+    """The chunks sent, each at its start on the response's playback timeline; a
+    transport says where playback is (``played_ms``)."""
 
     def __init__(self) -> None:
         self.sent_ms = 0.0
@@ -102,8 +104,9 @@ class SentRecord:
     def record(self, chunk: TtsChunk) -> None:
         self._sent.append(_Sent(self.sent_ms, chunk))
 
+    @abstractmethod
     def played_ms(self) -> float:
-        raise NotImplementedError
+        """The listener's playback position in this response's audio."""
 
     def heard_text(self, position_ms: float | None = None) -> str:
         """The reply text the listener heard by ``position_ms`` (default: now)."""
