@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-STAGE_BENCHMARKS = ("asr", "llm", "tts", "vad")
+STAGE_BENCHMARKS = ("asr", "llm", "tts", "vad", "turn")
 
 
 def machine_description() -> str:

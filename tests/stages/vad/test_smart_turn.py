@@ -16,7 +16,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 import pytest
+from faster_whisper.feature_extractor import FeatureExtractor
 
 from stages.vad.smart_turn import (
     MODEL_ENV,
@@ -79,6 +81,16 @@ def test_features_match_the_models_input(model: SmartTurn) -> None:
     assert float(feats.max() - feats.min()) <= 2.0 + 1e-5
     # Short audio is padded at the start: the speech (and its energy) sits at the end.
     assert float(feats[:, -200:].mean()) > float(feats[:, :200].mean())
+
+
+def test_features_are_faster_whispers_whisper_front_end_on_the_normalized_window(
+        model: SmartTurn) -> None:
+    """The model was trained on Whisper features of the zero-mean, unit-variance 8 s
+    window; ``features`` must equal faster-whisper's extractor on exactly that."""
+    window = model.window(_turn(COMPLETE))
+    normalized = (window - window.mean()) / np.sqrt(window.var() + 1e-7)
+    reference = FeatureExtractor(feature_size=80, chunk_length=8)(normalized, padding=0)
+    np.testing.assert_allclose(model.features(_turn(COMPLETE)), reference, atol=1e-5)
 
 
 def test_longer_than_8_s_uses_the_last_8_s(model: SmartTurn) -> None:
@@ -205,3 +217,18 @@ def test_env_override_is_used(monkeypatch: pytest.MonkeyPatch,
         assert m.probability(_turn(COMPLETE)) > 0.5
     finally:
         m.close()
+
+
+def test_device_choice(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ValueError, match="device"):
+        SmartTurn(device="tpu")
+    cuda = SmartTurn(device="cuda")
+    try:
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            assert cuda.providers[0] == "CUDAExecutionProvider"
+        else:  # CPU-only onnxruntime: falls back, and says so
+            assert cuda.providers == ["CPUExecutionProvider"]
+            assert "no CUDA provider" in caplog.text
+        assert cuda.probability(_turn(COMPLETE)) > 0.5
+    finally:
+        cuda.close()
