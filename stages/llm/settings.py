@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from stages.common.settings import StageSettings
@@ -31,7 +32,11 @@ class LlmSettings(StageSettings):
     served_model_name: str = "smollm2-135m-instruct"
     temperature: float = 0.7
     max_tokens: int = 256
-    # Requests allowed to wait for the single model instance before 429 "server_busy".
+    # Slots: llama.cpp contexts generating side by side, each with its own KV cache
+    # (n_ctx tokens) and worker thread; the weights are mapped once. cpu_threads is per
+    # slot: under full load the engine runs parallel x cpu_threads compute threads.
+    parallel: int = Field(default=2, ge=1)
+    # Requests allowed to wait for a free slot (all busy) before 429 "server_busy".
     max_waiting: int = 8
     # Upstream OpenAI-compatible server (e.g. vLLM) for OpenAICompatLlm; "" = none.
     base_url: str = ""
