@@ -13,7 +13,7 @@ Audio is pushed in 20 ms chunks paced in real time, as a microphone would delive
 - ``rtf``: whole-file ``transcribe()`` wall time / audio duration for the long turn.
 - ``decode_ms_p50_3s``: one Whisper decode of a 3 s window.
 - ``batch4_ms`` vs ``sequential4_ms``: four 3 s windows decoded as one cross-stream batch
-  (``batching.decode_batch``) vs one after another.
+  (``decode.decode_windows``) vs one after another.
 
 Run alone: ``python -m benchmarks.stages.asr`` prints the dict as JSON.
 """
@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from benchmarks.speech import piper_speech
-from stages.asr.batching import decode_batch
+from stages.asr.decode import decode_windows
 from stages.asr.engine import WhisperAsr
 from stages.asr.settings import AsrSettings
 from stages.common.audio import (
@@ -122,11 +122,13 @@ async def _run(repeats: int) -> dict[str, float]:
         asr.decode_sync(w, None, "en", "bench")
         decode_ms.append((time.perf_counter() - t0) * 1000.0)
     t0 = time.perf_counter()
-    decode_batch(asr.model, windows, "en", asr.settings.beam_size)
+    decode_windows(asr.model, windows, "en", asr.settings.beam_size,
+                   asr.settings.min_context_s)
     batch_ms = (time.perf_counter() - t0) * 1000.0
     t0 = time.perf_counter()
     for item in windows:
-        decode_batch(asr.model, [item], "en", asr.settings.beam_size)
+        decode_windows(asr.model, [item], "en", asr.settings.beam_size,
+                       asr.settings.min_context_s)
     seq_ms = (time.perf_counter() - t0) * 1000.0
     await asr.aclose()
     return {

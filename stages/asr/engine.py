@@ -33,6 +33,7 @@ from faster_whisper import WhisperModel
 from faster_whisper.transcribe import Segment
 
 from stages.asr.batching import DecodeBatcher
+from stages.asr.decode import FULL_CONTEXT_S, decode_windows
 from stages.asr.session import StreamConfig, WhisperStream
 from stages.asr.settings import AsrSettings
 from stages.asr.types import AsrFinal, AsrWord
@@ -144,11 +145,17 @@ class WhisperAsr:
 
     def decode_sync(self, audio: Float32Array, prompt: str | None, language: str | None,
                     kind: str) -> list[AsrWord]:
-        """One blocking Whisper decode with word timestamps (runs on a pool thread)."""
+        """One blocking Whisper decode with word timestamps (runs on a pool thread).
+
+        Streaming windows are decoded with a context sized to the window (``decode.py``);
+        whole files go through faster-whisper's ``transcribe`` (30 s chunks, temperature
+        fallback)."""
         with ASR_DECODE_SECONDS.labels(kind).time():
             if audio.size == 0:
                 return []
             streaming = kind != "file"
+            if streaming and audio.size <= FULL_CONTEXT_S * ASR_RATE:
+                return self._decode_window(audio, prompt, language)
             segments = self._transcribe(audio, prompt, language, streaming)
             if prompt and _suspicious(segments, audio):
                 # Tiny models sometimes answer a prompt with nothing or a loop ("The The
@@ -160,6 +167,17 @@ class WhisperAsr:
                     words.append(AsrWord(word=w.word, start=float(w.start), end=float(w.end),
                                          probability=float(w.probability)))
             return words
+
+    def _decode_window(self, audio: Float32Array, prompt: str | None,
+                       language: str | None) -> list[AsrWord]:
+        s = self.settings
+        words = decode_windows(self.model, [(audio, prompt)], language, s.beam_size,
+                               s.min_context_s)[0]
+        if prompt and not words and _audible(audio):
+            # Tiny models sometimes answer a prompt with nothing: decode without it.
+            words = decode_windows(self.model, [(audio, None)], language, s.beam_size,
+                                   s.min_context_s)[0]
+        return words
 
     def _transcribe(self, audio: Float32Array, prompt: str | None, language: str | None,
                     streaming: bool) -> list[Segment]:
@@ -182,4 +200,8 @@ def _suspicious(segments: list[Segment], audio: Float32Array) -> bool:
         return True
     if any(seg.words for seg in segments):
         return False
-    return float(np.sqrt(np.mean(np.square(audio)))) > 0.01  # audible, yet no words
+    return _audible(audio)  # audible, yet no words
+
+
+def _audible(audio: Float32Array) -> bool:
+    return float(np.sqrt(np.mean(np.square(audio)))) > 0.01

@@ -8,6 +8,7 @@ Defaults run the bundled Whisper tiny.en on CPU with int8 weights. A GPU deploym
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from stages.common.settings import StageSettings
@@ -46,6 +47,10 @@ class AsrSettings(StageSettings):
     # Audio after the last decode quieter than this RMS (full scale 1.0) counts as silence,
     # so finalize() can reuse the last hypothesis without decoding again.
     silence_rms: float = 0.006
+    # Shortest encoder input (s): each window is padded with silence to this, or to the
+    # next 5 s step above it (+1 s), instead of Whisper's 30 s. The encoder's cost grows
+    # faster than linearly with it (stages/asr/decode.py); 30 = faster-whisper's own decode.
+    min_context_s: float = Field(default=10.0, ge=5.0, le=30.0)
     # Gather concurrent streams' pending windows into one batched encode+generate (GPU).
     batch_decodes: bool = False
     max_batch: int = 8
