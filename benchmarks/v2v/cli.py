@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from benchmarks.v2v import conversation_stats, stats
@@ -18,6 +18,7 @@ from benchmarks.v2v import report as report_mod
 from benchmarks.v2v.client import LEAD_S, PreparedClip, TurnOptions
 from benchmarks.v2v.corpus import INTERRUPT, Clip, builtin_clip, builtin_corpus, wav_clip
 from benchmarks.v2v.machine import machine_info
+from benchmarks.v2v.modes import Eagerness, ModeSpec, parse_mode
 from benchmarks.v2v.options import (
     BUILTIN_CLIPS,
     DEFAULT_CONVERSATION_GAPS,
@@ -74,10 +75,19 @@ def calls_url(ws_url: str) -> str:
     return str(url.copy_with(scheme=scheme, path=url.path.rstrip("/") + "/calls"))
 
 
+def mode_specs(modes: Sequence[str], eagerness: Eagerness) -> list[ModeSpec]:
+    """Each mode resolved (modes.py); a malformed name ends the command with its reason."""
+    try:
+        return [parse_mode(m, eagerness) for m in modes]
+    except ValueError as exc:
+        raise SystemExit(f"cascade bench: --modes: {exc}") from None
+
+
 def _schedule(args: argparse.Namespace) -> Schedule:
-    modes = tuple(_csv(args.modes))
+    modes = tuple(dict.fromkeys(_csv(args.modes)))
     if not modes:
         raise SystemExit("cascade bench: --modes is empty")
+    mode_specs(modes, args.eagerness)  # a malformed name stops here, before any turn
     transports = _transports(args)
     if args.concurrency:
         try:
@@ -89,6 +99,7 @@ def _schedule(args: argparse.Namespace) -> Schedule:
     else:
         levels = levels_up_to(args.max_concurrency)
     sweep_modes = tuple(_csv(args.sweep_modes)) if args.sweep_modes else modes[:1]
+    mode_specs(sweep_modes, args.eagerness)
     if args.rounds < 1 or args.sweep_turns < 1:
         raise SystemExit("cascade bench: --rounds and --sweep-turns must be >= 1")
     if args.warmup < 0 or args.barge_in_rounds < 0:
@@ -197,7 +208,7 @@ def run_bench(args: argparse.Namespace) -> int:
                            max_output_tokens=args.max_output_tokens or None,
                            transcription_model=args.transcription_model or None,
                            gap_threshold_s=args.gap_threshold_ms / 1000,
-                           reply_timeout_s=args.reply_timeout)
+                           reply_timeout_s=args.reply_timeout, eagerness=args.eagerness)
         talk = (f"{schedule.conversation_turns} turns, gaps "
                 f"{','.join(f'{g:g}' for g in schedule.conversation_gaps) or '-'} s"
                 if schedule.conversation_turns else "off")
@@ -242,6 +253,9 @@ def build_report(records: list[TurnRecord], clips: list[Clip], schedule: Schedul
                  args: argparse.Namespace, target: str, wall_s: float,
                  machine: MachineInfo | None = None, calls_url: str | None = None) -> Report:
     config = BenchConfig(target=target, embedded=not args.url, modes=list(schedule.modes),
+                         mode_specs=mode_specs(
+                             list(dict.fromkeys(schedule.modes + schedule.sweep_modes)),
+                             args.eagerness),
                          transports=list(schedule.transports), calls_url=calls_url,
                          rounds=schedule.rounds, clips=[c.info for c in clips],
                          concurrency=list(schedule.concurrency),

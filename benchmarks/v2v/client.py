@@ -3,9 +3,9 @@
 The client opens a session, configures 24 kHz pcm16 with server VAD, then streams the
 clip in 20 ms ``input_audio_buffer.append`` frames at real time — each frame sent when a
 microphone would have captured it — and keeps streaming silence until the reply is done.
-Only standard Realtime events are needed (GA names, beta names accepted too); with
-``cascade_extras`` the session also selects cascade's pipeline and asks for its
-server-side stage timings.
+Only standard Realtime events are needed (GA names, beta names accepted too); the mode
+(modes.py) picks the turn detection and, for cascade's modes with ``cascade_extras``, the
+pipeline and the server-side stage timings.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks.v2v.corpus import RATE, Clip, voiced_span
-from benchmarks.v2v.events import Marks, Response, finish, noticed, on_event
+from benchmarks.v2v.events import Marks, Response, finish, noticed, on_event, timings_pending
+from benchmarks.v2v.modes import Eagerness, ModeSpec, parse_mode
 from benchmarks.v2v.options import DEFAULT_INSTRUCTIONS, DEFAULT_MAX_OUTPUT_TOKENS
 from benchmarks.v2v.records import Phase, TurnRecord
 from stages.common.audio import Int16Array, float_to_pcm16, resample
@@ -32,7 +33,6 @@ FRAME_S = FRAME / RATE
 LEAD_S = 0.3  # silence before the clip, so the server's VAD hears the onset
 RTC_RATE = 48_000  # WebRTC audio (Opus) runs at 48 kHz
 RTC_FRAME = RTC_RATE // 50  # 20 ms
-CASCADE_MODES = ("streaming", "serial")
 
 INTERRUPT_AFTER_S = 1.0  # barge-in: the user starts talking this long into the reply
 BARGE_IN_WAIT_S = 3.0  # after speech_started: how long to wait for the cancel/truncation
@@ -51,6 +51,15 @@ class TurnOptions:
     reply_timeout_s: float = 60.0
     # WebRTC turns: the POST /v1/realtime/calls endpoint (SDP offer in, answer out).
     calls_url: str | None = None
+    eagerness: Eagerness = "auto"  # semantic_vad modes that do not name their own
+
+    def spec(self, mode: str) -> ModeSpec:
+        """What ``mode`` sends (modes.py; the CLI has validated the names)."""
+        return parse_mode(mode, self.eagerness)
+
+    def timings(self, mode: str) -> bool:
+        """Whether turns of ``mode`` ask for (and wait for) cascade.turn.timings."""
+        return self.cascade_extras and self.spec(mode).cascade
 
 
 def _frames(pcm: np.ndarray[Any, Any]) -> list[str]:
@@ -92,7 +101,8 @@ class PreparedClip:
 def ga_session(mode: str, opts: TurnOptions) -> dict[str, Any]:
     """The GA session config both transports send, without audio formats (a WebRTC call
     carries Opus on RTP; the WebSocket adds pcm16 at 24 kHz)."""
-    audio_in: dict[str, Any] = {"turn_detection": {"type": "server_vad"}}
+    spec = opts.spec(mode)
+    audio_in: dict[str, Any] = {"turn_detection": spec.turn_detection_config()}
     if opts.transcription_model:
         audio_in["transcription"] = {"model": opts.transcription_model}
     session: dict[str, Any] = {
@@ -101,8 +111,8 @@ def ga_session(mode: str, opts: TurnOptions) -> dict[str, Any]:
     }
     if opts.max_output_tokens:
         session["max_output_tokens"] = opts.max_output_tokens
-    if opts.cascade_extras and mode in CASCADE_MODES:
-        session["cascade"] = {"pipeline": mode, "timings": True}
+    if opts.cascade_extras and spec.pipeline is not None:
+        session["cascade"] = {"pipeline": spec.pipeline, "timings": True}
     return session
 
 
@@ -118,17 +128,18 @@ def _session_update(mode: str, opts: TurnOptions) -> str:
 
 def _beta_session_update(mode: str, opts: TurnOptions) -> str:
     """The same session in the beta dialect (flat fields; pcm16 is 24 kHz there)."""
+    spec = opts.spec(mode)
     session: dict[str, Any] = {
         "modalities": ["audio", "text"], "instructions": opts.instructions,
         "input_audio_format": "pcm16", "output_audio_format": "pcm16",
-        "turn_detection": {"type": "server_vad"},
+        "turn_detection": spec.turn_detection_config(),
     }
     if opts.transcription_model:
         session["input_audio_transcription"] = {"model": opts.transcription_model}
     if opts.max_output_tokens:
         session["max_response_output_tokens"] = opts.max_output_tokens
-    if opts.cascade_extras and mode in CASCADE_MODES:
-        session["cascade"] = {"pipeline": mode, "timings": True}
+    if opts.cascade_extras and spec.pipeline is not None:
+        session["cascade"] = {"pipeline": spec.pipeline, "timings": True}
     return json.dumps({"type": "session.update", "session": session})
 
 
@@ -178,8 +189,7 @@ async def run_turn(opts: TurnOptions, clip: PreparedClip, mode: str, *, phase: P
             reader = asyncio.create_task(_read(ws, marks))
             try:
                 await _stream(ws, clip, marks, opts, interrupt)
-                if (marks.answer is not None and interrupt is None and marks.server is None
-                        and opts.cascade_extras and mode in CASCADE_MODES):
+                if interrupt is None and timings_pending(marks) and opts.timings(mode):
                     # cascade sends its stage timings right after response.done.
                     await _grace(marks, 1.0)
             finally:

@@ -28,14 +28,13 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks.v2v.client import (
     _SILENCE,
-    CASCADE_MODES,
     FRAME_S,
     PreparedClip,
     TurnOptions,
     _session_update,
     _wait_for,
 )
-from benchmarks.v2v.events import Marks, finish, on_event
+from benchmarks.v2v.events import Marks, finish, on_event, timings_pending
 from benchmarks.v2v.records import TurnRecord
 
 TIMINGS_GRACE_S = 1.0  # after response.done: wait this long for cascade.turn.timings
@@ -183,7 +182,7 @@ async def run_conversation(opts: TurnOptions, clips: Sequence[PreparedClip], mod
     spoken = conversation_clips(clips, turns)
     records: list[TurnRecord] = []
     router = Router()
-    timings = opts.cascade_extras and mode in CASCADE_MODES
+    timings = opts.timings(mode)
     session_id: str | None = None
     failure: str | None = None  # why the connection is gone, once it is
 
@@ -228,8 +227,7 @@ async def run_conversation(opts: TurnOptions, clips: Sequence[PreparedClip], mod
                     turn_end = time.perf_counter()
                     router.current = Marks()  # the gap after it
                     router.take_errors()  # the turn's own errors are in its marks
-                    if (timings and marks.answer is not None and marks.server is None
-                            and not router.closed):
+                    if timings and timings_pending(marks) and not router.closed:
                         marks.finished.clear()  # set again when the timings arrive
                         await _silence(mic, router, turn_end + TIMINGS_GRACE_S,
                                        marks.finished)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from benchmarks.v2v.records import ConversationSummary, TurnIndexSummary, TurnRecord
-from benchmarks.v2v.stats import metric_stats
+from benchmarks.v2v.stats import metric_stats, speculation_summary
 
 # Silences at least this long are "long": 60 s was the server's uncommitted-input limit,
 # which used to make it deaf to everything after a minute of streamed silence.
@@ -56,7 +56,7 @@ def summarize_mode(mode: str, records: Sequence[TurnRecord]) -> ConversationSumm
         speculative_hits=sum(reported), speculative_reported=len(reported),
         after_endpoint=metric_stats(r.after_endpoint_ms for r in records
                                     if r.replied and r.after_endpoint_ms is not None),
-        by_turn=_by_turn(records))
+        by_turn=_by_turn(records), speculation=speculation_summary(records))
 
 
 def summarize(records: Sequence[TurnRecord]) -> list[ConversationSummary]:

@@ -24,6 +24,9 @@ from benchmarks.v2v.records import TurnRecord
 from stages.common.text import wer
 
 AUDIO_DELTA = {"response.output_audio.delta", "response.audio.delta"}
+# Optional cascade.turn.timings fields on the speculative starts of the turn (newer
+# servers): how many were started and the work thrown away with the ones not used.
+SPECULATION_FIELDS = ("speculations", "wasted_llm_tokens", "wasted_tts_ms")
 TEXT_DELTA = {"response.output_audio_transcript.delta", "response.audio_transcript.delta",
               "response.output_text.delta", "response.text.delta"}
 
@@ -81,8 +84,9 @@ class Marks:
     responses: dict[str, Response] = field(default_factory=dict)
     truncated: bool = False  # conversation.item.truncated arrived
     client_truncate: bool = False  # the client had to ask for it (the reply was complete)
-    server: dict[str, float | None] | None = None
-    speculative_hit: bool | None = None  # from cascade.turn.timings, when reported
+    # cascade.turn.timings by response id ("" when the event names none), in arrival
+    # order: the answer's gives the turn's stage marks; all of them its speculation work.
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)
     # WebRTC only: output_audio_buffer.started/stopped/cleared, response id -> kind -> time
     # (the first of each kind).
     audio_buffer: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -150,16 +154,62 @@ def on_event(event: dict[str, Any], now: float, marks: Marks) -> None:
         rid = str(event.get("response_id") or "")
         marks.audio_buffer.setdefault(rid, {}).setdefault(kind.rsplit(".", 1)[1], now)
     elif kind == "cascade.turn.timings":
-        if marks.server is None:
-            marks.server = {k: v for k, v in event.items() if k.endswith("_ms")}
-            hit = event.get("speculative_hit")
-            marks.speculative_hit = hit if isinstance(hit, bool) else None
-        if marks.answer is not None and not marks.barge_in:
+        rid = str(event.get("response_id") or "")
+        marks.timings.setdefault(rid, event)
+        if marks.answer is not None and not marks.barge_in and rid in ("", marks.answer):
             marks.finished.set()
     elif kind == "error":
         err = event.get("error") or {}
         marks.error = f"{err.get('code') or err.get('type')}: {err.get('message')}"
         marks.finished.set()
+
+
+def timings_pending(marks: Marks) -> bool:
+    """The turn has its answer but not yet the answer's cascade.turn.timings (which cascade
+    sends right after response.done; an event naming no response counts as the answer's)."""
+    return (marks.answer is not None and marks.answer not in marks.timings
+            and "" not in marks.timings)
+
+
+def answer_timings(marks: Marks) -> dict[str, Any] | None:
+    """The answer's cascade.turn.timings, else the first that arrived (None: none)."""
+    if not marks.timings:
+        return None
+    return marks.timings.get(marks.answer or "") or next(iter(marks.timings.values()))
+
+
+def server_marks(timings: dict[str, Any]) -> dict[str, float | None]:
+    """The server's stage marks (ms from its end of speech) of one timings event: its
+    ``*_ms`` fields, less the speculation totals (amounts of audio, not moments)."""
+    return {k: v for k, v in timings.items()
+            if k.endswith("_ms") and k not in SPECULATION_FIELDS}
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _amount(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _total(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+def speculation_totals(marks: Marks) -> tuple[int | None, int | None, float | None]:
+    """(speculations started, wasted LLM tokens, wasted TTS ms) summed over every
+    timings event of the turn (a split turn has one per reply); None where no event
+    reported the field (an older server)."""
+    events = list(marks.timings.values())
+    started = _total([_count(e.get("speculations")) for e in events])
+    tokens = _total([_count(e.get("wasted_llm_tokens")) for e in events])
+    tts = _total([_amount(e.get("wasted_tts_ms")) for e in events])
+    return (None if started is None else int(started), None if tokens is None else int(tokens),
+            None if tts is None else round(tts, 1))
 
 
 def _ms(at: float | None, origin: float) -> float | None:
@@ -205,8 +255,13 @@ def finish(record: TurnRecord, marks: Marks, text: str | None, gap_threshold_s: 
     record.gap_max_ms = round(max(lengths, default=0.0) * 1000, 1)
     record.gaps = [(round((at - eos) * 1000, 1), round(length * 1000, 1))
                    for at, length in audio.gaps]
-    record.server = marks.server
-    record.speculative_hit = marks.speculative_hit
+    timings = answer_timings(marks)
+    if timings is not None:
+        record.server = server_marks(timings)
+        hit = timings.get("speculative_hit")
+        record.speculative_hit = hit if isinstance(hit, bool) else None
+    record.speculations, record.wasted_llm_tokens, record.wasted_tts_ms = (
+        speculation_totals(marks))
     if record.error is None and audio.first_audio is None:
         record.error = "the reply had no audio"
     if marks.barge_in:

@@ -10,6 +10,7 @@ USAGE = """``cascade bench``: voice-to-voice latency over the Realtime API (WebS
     cascade bench                       # embedded: starts `cascade serve`, ~5 min on 2 CPUs
     cascade bench --quick               # one clip, one round, sweep 1-2 (a smoke run)
     cascade bench --transports ws,webrtc   # the same turns over WebSocket and WebRTC
+    cascade bench --modes streaming,serial,semantic   # semantic_vad as a third column
     cascade bench --conversation-turns 30 --conversation-gaps 2,5,95   # long conversations
     cascade bench --url ws://host:8000/v1/realtime --api-key KEY
     cascade bench --url wss://.../v1/realtime?model=M --modes default   # any Realtime server
@@ -47,8 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calls-url",
                    help="WebRTC calls endpoint (default: --url's host + /v1/realtime/calls)")
     p.add_argument("--modes", default="streaming,serial",
-                   help="comma list; streaming/serial select cascade's pipeline, any other "
-                   "name (e.g. default) sends only standard events (default: %(default)s)")
+                   help="comma list; streaming/serial select cascade's pipeline (server_vad, "
+                   "500 ms), semantic = streaming with semantic_vad at --eagerness, any "
+                   "other name (e.g. default) sends only standard events; "
+                   "MODE+server_vad:MS or MODE+semantic_vad:EAGERNESS picks the turn "
+                   "detection, e.g. serial+semantic_vad:high (default: %(default)s)")
+    p.add_argument("--eagerness", choices=("low", "medium", "high", "auto"), default="auto",
+                   help="semantic_vad eagerness of the modes that do not name one "
+                   "(default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2,
                    help="times each clip is spoken per mode (default: %(default)s)")
     p.add_argument("--clips", help=f"built-in clips to use (default: {BUILTIN_CLIPS}; "

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, computed_field
 
+from benchmarks.v2v.modes import ModeSpec
+
 # The per-turn latencies, in waterfall order. v2v is ``first_audio_ms``.
 LATENCY_METRICS: tuple[str, ...] = (
     "speech_stopped_ms",    # input_audio_buffer.speech_stopped (the server's endpoint)
@@ -61,7 +63,7 @@ class TurnRecord(BaseModel):
     """One user turn and the server's reply, as seen by the client."""
 
     phase: Phase
-    mode: str  # "streaming" | "serial" (cascade's session option) or "default"
+    mode: str  # a mode name (modes.py): "streaming", "serial", "semantic", "default", ...
     transport: Transport = "ws"
     concurrency: int  # simultaneous sessions at the time (1 in the compare phase)
     session_index: int  # which of those sessions
@@ -101,6 +103,12 @@ class TurnRecord(BaseModel):
     # The server's cascade.turn.timings said whether the speculative LLM start was used
     # for this reply (None: not reported, e.g. not cascade or no timings asked for).
     speculative_hit: bool | None = None
+    # Also from cascade.turn.timings (newer servers; None: not reported), summed over the
+    # turn's replies: speculative replies started during the user turn (cancelled ones
+    # included), and the LLM tokens and TTS audio they produced that were thrown away.
+    speculations: int | None = None
+    wasted_llm_tokens: int | None = None
+    wasted_tts_ms: float | None = None
     # Conversation turns only (phase "conversation"): many turns on one connection.
     connection_id: str | None = None  # the bench's name for the connection
     session_id: str | None = None  # the server's session id (session.created), if sent
@@ -145,6 +153,28 @@ class MetricStats(BaseModel):
     max: float
 
 
+class SpeculationSummary(BaseModel):
+    """What the server's speculative replies did for one group of turns, from its
+    ``cascade.turn.timings`` (a miss is a reply that was not the speculative one, whether
+    a speculation was started and discarded or none was started: see ``speculations``)."""
+
+    reported: int  # turns whose speculative_hit was reported (true or false)
+    hits: int  # of those, replies that were the speculative one
+    # Turns that reported the newer totals, and their means per turn (None: none did).
+    totals_reported: int = 0
+    speculations_per_turn: float | None = None
+    wasted_llm_tokens_per_turn: float | None = None
+    wasted_tts_ms_per_turn: float | None = None
+    v2v_hit: MetricStats | None = None  # voice-to-voice of the replied hits
+    v2v_miss: MetricStats | None = None  # ... and of the replied misses
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def hit_rate(self) -> float | None:
+        """Share of the reported turns whose reply was the speculative one."""
+        return round(self.hits / self.reported, 3) if self.reported else None
+
+
 class GroupSummary(BaseModel):
     """The turns of one mode and transport (compare phase) or one mode at one concurrency
     (sweep)."""
@@ -160,6 +190,7 @@ class GroupSummary(BaseModel):
     early_endpoints: int = 0  # turns the server ended before the user did (e.g. in a pause)
     wer_mean: float | None = None  # mean word error rate of the server's transcripts
     metrics: dict[str, MetricStats]  # keyed by SUMMARY_METRICS names present
+    speculation: SpeculationSummary | None = None  # None: the server reported nothing
 
 
 class TurnIndexSummary(BaseModel):
@@ -192,6 +223,7 @@ class ConversationSummary(BaseModel):
     speculative_reported: int = 0
     after_endpoint: MetricStats | None = None  # v2v - speech_stopped, replied turns
     by_turn: list[TurnIndexSummary] = Field(default_factory=list)
+    speculation: SpeculationSummary | None = None  # None: the server reported nothing
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -217,6 +249,8 @@ class BenchConfig(BaseModel):
     target: str  # the Realtime URL measured
     embedded: bool  # True: the bench started `cascade serve` itself
     modes: list[str]
+    # What each mode sent: cascade pipeline (None: standard events only) and turn detection.
+    mode_specs: list[ModeSpec] = Field(default_factory=list)
     # Compare-phase transports (the other phases use the WebSocket), and the WebRTC calls
     # endpoint when WebRTC is measured.
     transports: list[Transport] = Field(default_factory=lambda: list(TRANSPORTS[:1]))

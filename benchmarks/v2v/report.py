@@ -12,6 +12,7 @@ from rich.table import Table
 
 from benchmarks.v2v import plots
 from benchmarks.v2v.conversation_stats import LONG_GAP_S
+from benchmarks.v2v.modes import ModeSpec
 from benchmarks.v2v.records import (
     DERIVED_METRICS,
     LATENCY_METRICS,
@@ -20,6 +21,7 @@ from benchmarks.v2v.records import (
     GroupSummary,
     MetricStats,
     Report,
+    SpeculationSummary,
     TurnRecord,
 )
 from benchmarks.v2v.stats import REALTIME_MAX_GAP_SHARE, metric_stats
@@ -50,6 +52,13 @@ TERMINAL_METRICS: tuple[str, ...] = (
 # Shorter row labels where the terminal table needs them.
 TERMINAL_LABELS: dict[str, str] = {"after_endpoint_ms": "work after the endpoint"}
 NOT_AVAILABLE = "n/a"  # the server did not report it
+# The work after the endpoint that streaming may leave, as a share of serial's (p50): the
+# overlap's goal is that little is left to do once the endpoint comes.
+AFTER_ENDPOINT_TARGET = 0.35
+# The speculation table's columns, shorter for a 120-column terminal.
+SPECULATION_TERMINAL_HEADER = ("phase", "mode", "hits", "started/turn", "wasted tokens/turn",
+                               "wasted TTS ms/turn", "v2v hits p50/p90 (n)",
+                               "v2v misses p50/p90 (n)")
 MAX_FAILURE_LINES = 8  # failed conversation turns listed under the terminal tables
 PLOT_TITLES: dict[str, str] = {
     plots.LATENCY_CDF: "Voice-to-voice latency CDF",
@@ -155,7 +164,7 @@ def _config(report: Report) -> list[str]:
     sweep = ", ".join(map(str, c.concurrency)) or "none"
     lines = ["## Configuration", "",
              f"- target: `{c.target}` ({server})",
-             f"- modes: {', '.join(c.modes) or MISSING}",
+             f"- modes: {_modes_text(c.modes, c.mode_specs)}",
              f"- transports (compare phase): "
              f"{', '.join(TRANSPORT_NAMES.get(t, t) for t in c.transports)}"
              + (f" (WebRTC calls: `{c.calls_url}`)" if c.calls_url else ""),
@@ -178,6 +187,39 @@ def _config(report: Report) -> list[str]:
         lines += ["Clips:", "", *_table(("clip", "text", "speech (to last voiced sample)",
                                          "file length"), rows), ""]
     return lines
+
+
+def mode_text(spec: ModeSpec) -> str:
+    """What a mode sent, in words: its pipeline and turn detection."""
+    pipeline = (f"cascade {spec.pipeline} pipeline" if spec.pipeline
+                else "standard events only")
+    detection = spec.turn_detection_config()
+    rule = (f"semantic_vad, eagerness {detection['eagerness']}"
+            if detection["type"] == "semantic_vad"
+            else f"server_vad, {detection['silence_duration_ms']} ms of silence")
+    return f"{pipeline}, {rule}"
+
+
+def _modes_text(modes: Sequence[str], specs: Sequence[ModeSpec]) -> str:
+    by_name = {s.name: s for s in specs}
+    return ", ".join(f"{m} ({mode_text(by_name[m])})" if m in by_name else m
+                     for m in modes) or MISSING
+
+
+def after_endpoint_sentence(report: Report) -> str | None:
+    """The work after the endpoint of streaming against serial (p50), as the share the
+    overlap leaves (target: at most AFTER_ENDPOINT_TARGET of serial's)."""
+    first = report.compare[0].transport if report.compare else "ws"
+    by_mode = {g.mode: g for g in report.compare if g.transport == first}
+    if "streaming" not in by_mode or "serial" not in by_mode:
+        return None
+    fast = _stat(by_mode["streaming"], "after_endpoint_ms", "p50")
+    slow = _stat(by_mode["serial"], "after_endpoint_ms", "p50")
+    if fast is None or slow is None or slow <= 0:
+        return None
+    return (f"Work after the endpoint (v2v - speech_stopped), p50: streaming {fmt_ms(fast)} "
+            f"ms, serial {fmt_ms(slow)} ms; streaming / serial = {fast / slow:.2f} "
+            f"(target <= {AFTER_ENDPOINT_TARGET:.2f}).")
 
 
 def _compare_section(report: Report) -> list[str]:
@@ -206,6 +248,9 @@ def _compare_section(report: Report) -> list[str]:
             row.append(fmt_ratio(report.ratio.get(metric)))
         rows.append(row)
     lines += [*_table(header, rows), ""]
+    sentence = after_endpoint_sentence(report)
+    if sentence:
+        lines += [sentence, ""]
     if len(set(modes)) < 2:
         lines += ["Only one mode was measured, so there is no comparison.", ""]
     counts = [(group_label(report, g), str(g.turns), str(g.replied), str(g.errors),
@@ -219,26 +264,41 @@ def _compare_section(report: Report) -> list[str]:
     return [*lines, *_per_clip(report)]
 
 
+def _clip_cells(report: Report, clip: str, g: GroupSummary) -> tuple[str, str, str]:
+    """(v2v p50, done p50, ended early) of one clip in one group. *Ended early* counts
+    every turn of the clip (the server's speech_stopped came before the clip's end of
+    speech, e.g. in the planted pause), replied or not."""
+    mine = [r for r in report.records if r.phase == "compare" and r.clip == clip
+            and (r.mode, r.transport) == (g.mode, g.transport)]
+    if not mine:
+        return MISSING, MISSING, MISSING
+    replied = [r for r in mine if r.replied]
+    v2v = metric_stats(r.first_audio_ms for r in replied if r.first_audio_ms is not None)
+    done = metric_stats(r.done_ms for r in replied if r.done_ms is not None)
+    early = sum(r.early_endpoint for r in mine)
+    return (fmt_ms(v2v.p50 if v2v else None), fmt_ms(done.p50 if done else None),
+            f"{early}/{len(mine)}")
+
+
+def _clips(report: Report) -> list[str]:
+    """The compare phase's clips, in first-seen order (none unless there are several)."""
+    clips = list(dict.fromkeys(r.clip for r in report.records if r.phase == "compare"))
+    return clips if len(clips) > 1 else []
+
+
 def _per_clip(report: Report) -> list[str]:
-    """v2v and reply end per clip and mode: short questions and long turns differ."""
-    recs = [r for r in report.records if r.phase == "compare" and r.replied]
-    clips = list(dict.fromkeys(r.clip for r in recs))
-    groups = report.compare
-    modes = [group_label(report, g) for g in groups]
-    if len(clips) < 2:
+    """v2v, reply end and early endpoints per clip and mode: short questions and long
+    turns differ, and a turn detection is judged on the clip with the pause."""
+    clips = _clips(report)
+    if not clips:
         return []
-    rows = []
-    for clip in clips:
-        row = [clip]
-        for g in groups:
-            mine = [r for r in recs
-                    if r.clip == clip and (r.mode, r.transport) == (g.mode, g.transport)]
-            v2v = metric_stats(r.first_audio_ms for r in mine if r.first_audio_ms is not None)
-            done = metric_stats(r.done_ms for r in mine if r.done_ms is not None)
-            row += [fmt_ms(v2v.p50 if v2v else None), fmt_ms(done.p50 if done else None)]
-        rows.append(row)
-    header = ["clip"] + [f"{m} {what} p50" for m in modes for what in ("v2v", "done")]
-    return ["Per clip:", "", *_table(header, rows), ""]
+    groups = report.compare
+    rows = [[clip, *(c for g in groups for c in _clip_cells(report, clip, g))]
+            for clip in clips]
+    header = ["clip"] + [f"{group_label(report, g)} {what}" for g in groups
+                         for what in ("v2v p50", "done p50", "ended early")]
+    return ["Per clip (*ended early*: turns the server ended before the clip's end of "
+            "speech):", "", *_table(header, rows), ""]
 
 
 TRANSPORT_HEADER = ("mode", "WebSocket v2v p50", "WebSocket v2v p90", "WebRTC v2v p50",
@@ -444,6 +504,65 @@ def _barge_in_section(report: Report) -> list[str]:
             *([f"Failures: {'; '.join(sorted(set(errors)))}.", ""] if errors else [])]
 
 
+def _v2v_cell(stats: MetricStats | None) -> str:
+    if stats is None:
+        return MISSING
+    return f"{fmt_ms(stats.p50)} / {fmt_ms(stats.p90)} (n={stats.n})"
+
+
+def _mean_cell(value: float | None, ms: bool = False) -> str:
+    if value is None:
+        return NOT_AVAILABLE
+    return fmt_ms(value) if ms else f"{value:.1f}".removesuffix(".0")
+
+
+V2vCell = Callable[[MetricStats | None], str]
+
+
+def _speculation_cells(s: SpeculationSummary | None, v2v: V2vCell) -> tuple[str, ...]:
+    if s is None:
+        return (NOT_AVAILABLE,) * 6
+    return (fmt_hits(s.hits, s.reported), _mean_cell(s.speculations_per_turn),
+            _mean_cell(s.wasted_llm_tokens_per_turn), _mean_cell(s.wasted_tts_ms_per_turn, True),
+            v2v(s.v2v_hit), v2v(s.v2v_miss))
+
+
+SPECULATION_HEADER = ("phase", "mode", "hits", "started per turn", "wasted LLM tokens per turn",
+                      "wasted TTS ms per turn", "v2v hits p50 / p90", "v2v misses p50 / p90")
+
+
+def speculation_rows(report: Report, v2v: V2vCell = _v2v_cell) -> list[tuple[str, ...]]:
+    """Per compare group and per conversation mode: what speculation did."""
+    rows = [("compare", group_label(report, g), *_speculation_cells(g.speculation, v2v))
+            for g in report.compare]
+    rows += [("conversation", c.mode, *_speculation_cells(c.speculation, v2v))
+             for c in report.conversation]
+    return rows
+
+
+def _any_speculation(report: Report) -> bool:
+    return any(g.speculation is not None for g in report.compare) or any(
+        c.speculation is not None for c in report.conversation)
+
+
+def _speculation_section(report: Report) -> list[str]:
+    if not report.compare and not report.conversation:
+        return []
+    lines = ["## Speculation", ""]
+    if not _any_speculation(report):
+        return [*lines, "The server reported no speculation (`cascade.turn.timings` not "
+                "sent: not cascade, or a mode with standard events only).", ""]
+    return [*lines,
+            "From cascade's `cascade.turn.timings`, per mode. *hits*: replies that were the "
+            "speculative one, over the turns that said; *started per turn*: speculative "
+            "replies started during the user turn (cancelled ones included); *wasted*: the "
+            "LLM tokens and the TTS audio of the discarded ones, mean per turn (n/a: an "
+            "older server that does not report them); v2v of the turns whose reply was a "
+            "speculative hit against the others (misses: a discarded speculation or none "
+            "started), ms after end of speech, n turns each.", "",
+            *_table(SPECULATION_HEADER, speculation_rows(report)), ""]
+
+
 def _how_to_read() -> list[str]:
     share = f"{REALTIME_MAX_GAP_SHARE:.0%}".replace("%", " %")
     return [
@@ -465,6 +584,16 @@ def _how_to_read() -> list[str]:
         "- **work after the endpoint** = v2v - speech_stopped: what the server spends once "
         "it has decided the user finished (final transcript, LLM first token, first phrase "
         "of speech); the endpoint itself is the speech_stopped delay.",
+        "- **modes**: streaming and serial are cascade's two pipelines with server_vad "
+        "(500 ms of silence ends the turn); semantic is the streaming pipeline with "
+        "semantic_vad (an end-of-turn model may end the turn after a shorter pause, or wait "
+        "longer when the sentence sounds unfinished); it changes the endpoint, not the "
+        "pipeline, so the ratio column stays serial over streaming. *ended "
+        "early*: the server's speech_stopped came before the clip's real end of speech "
+        "(the pause clip holds a 400 ms mid-sentence pause).",
+        "- **speculation**: a reply started on the transcript so far, before the endpoint; "
+        "a hit is released at the endpoint when the final transcript matches, a miss is "
+        "thrown away (its tokens and audio are the *wasted* work).",
         "- **conversations**: turn 1 is a connection's first turn; later turns come after "
         f"gaps of streamed silence (\"after a gap >= {LONG_GAP_S:.0f} s\": the turn right "
         "after a silence longer than a minute). Failed turns stay in the counts.",
@@ -489,39 +618,71 @@ def markdown(report: Report, images: Sequence[str] | None = None) -> str:
     lines = ["# cascade bench: voice-to-voice latency", "",
              *_machine(report), *_config(report), *_compare_section(report),
              *_transport_section(report),
-             *_conversation_section(report), *_barge_in_section(report),
+             *_conversation_section(report), *_speculation_section(report),
+             *_barge_in_section(report),
              *_sweep_section(report), *_how_to_read(), *_plots_section(images)]
     return "\n".join(lines).rstrip() + "\n"
 
 
 # --- terminal ----------------------------------------------------------------------------
 
+def _latency_table(report: Report) -> Table:
+    """p50 and p90 per group and metric, and the serial / streaming ratio. With more than
+    two groups (a third mode, two transports) each group's p50 / p90 share a cell, so the
+    table still fits 120 columns."""
+    groups = report.compare
+    joined = len(groups) > 2
+    latency = Table(title="Latency after end of speech (ms)", title_justify="left")
+    latency.add_column("metric")
+    for g in groups:
+        for q in ("p50 / p90",) if joined else ("p50", "p90"):
+            latency.add_column(escape(f"{group_label(report, g)} {q}"), justify="right")
+    if report.ratio:
+        latency.add_column("serial/streaming", justify="right")
+    for metric in TERMINAL_METRICS:
+        if not any(metric in g.metrics for g in groups):
+            continue
+        pairs = [(fmt_value(metric, _stat(g, metric, "p50")),
+                  fmt_value(metric, _stat(g, metric, "p90"))) for g in groups]
+        cells = ([f"{a} / {b}" for a, b in pairs] if joined
+                 else [c for pair in pairs for c in pair])
+        if report.ratio:
+            cells.append(fmt_ratio(report.ratio.get(metric)))
+        label = TERMINAL_LABELS.get(metric, LABELS[metric])
+        if metric == "first_audio_ms":
+            label, cells = f"[bold]{label}[/bold]", [f"[bold]{c}[/bold]" for c in cells]
+        latency.add_row(label, *cells)
+    replied = [f"{g.replied}/{g.turns}" for g in groups]
+    latency.add_row("replied / turns",
+                    *(replied if joined else [c for r in replied for c in (r, "")]),
+                    *([""] if report.ratio else []))
+    return latency
+
+
+def _terminal_v2v(stats: MetricStats | None) -> str:
+    if stats is None:
+        return MISSING
+    return f"{fmt_ms(stats.p50)}/{fmt_ms(stats.p90)} ({stats.n})"
+
+
 def terminal_table(report: Report) -> list[Table]:
     """A compact latency table per mode (p50/p90, ratio) and, with a sweep, a sweep table."""
     tables: list[Table] = []
     groups = report.compare
     if groups:
-        latency = Table(title="Latency after end of speech (ms)", title_justify="left")
-        latency.add_column("metric")
-        for g in groups:
-            for q in ("p50", "p90"):
-                latency.add_column(escape(f"{group_label(report, g)} {q}"), justify="right")
-        if report.ratio:
-            latency.add_column("serial/streaming", justify="right")
-        for metric in TERMINAL_METRICS:
-            if not any(metric in g.metrics for g in groups):
-                continue
-            cells = [fmt_value(metric, _stat(g, metric, q)) for g in groups for q in ("p50", "p90")]
-            if report.ratio:
-                cells.append(fmt_ratio(report.ratio.get(metric)))
-            label = TERMINAL_LABELS.get(metric, LABELS[metric])
-            if metric == "first_audio_ms":
-                label, cells = f"[bold]{label}[/bold]", [f"[bold]{c}[/bold]" for c in cells]
-            latency.add_row(label, *cells)
-        replied = [f"{g.replied}/{g.turns}" for g in groups]
-        latency.add_row("replied / turns", *[c for r in replied for c in (r, "")],
-                        *([""] if report.ratio else []))
-        tables.append(latency)
+        tables.append(_latency_table(report))
+        clips = _clips(report)
+        if clips:
+            per_clip = Table(title="Per clip: v2v p50 (ms) · turns ended early",
+                             title_justify="left")
+            per_clip.add_column("clip")
+            for g in groups:
+                per_clip.add_column(escape(group_label(report, g)), justify="right")
+            for clip in clips:
+                by_group = [_clip_cells(report, clip, g) for g in groups]
+                per_clip.add_row(escape(clip),
+                                 *(f"{v2v} · {early}" for v2v, _, early in by_group))
+            tables.append(per_clip)
     transport_rows = _transport_rows(report)
     if transport_rows:
         side = Table(title="WebSocket vs WebRTC: voice-to-voice (ms after end of speech)",
@@ -542,6 +703,15 @@ def terminal_table(report: Report) -> list[Table]:
                 cells[2] = f"[red]{cells[2]}[/red]"
             talk.add_row(*cells)
         tables.append(talk)
+    if _any_speculation(report):
+        spec = Table(title="Speculation (cascade.turn.timings; v2v in ms after end of speech)",
+                     title_justify="left")
+        for name in SPECULATION_TERMINAL_HEADER:
+            spec.add_column(escape(name), justify="left" if name in ("phase", "mode")
+                            else "right")
+        for row in speculation_rows(report, _terminal_v2v):
+            spec.add_row(*(escape(c) for c in row))
+        tables.append(spec)
     if report.barge_in:
         barge = Table(title="Barge-in (ms from the interrupting speech)", title_justify="left")
         for name in BARGE_IN_HEADER:
@@ -569,6 +739,9 @@ def print_summary(report: Report, console: Console | None = None) -> None:
     console = console or Console()
     for table in terminal_table(report):
         console.print(table)
+    sentence = after_endpoint_sentence(report)
+    if sentence:
+        console.print(escape(sentence))
     failures = _conversation_failures(report)
     for line in failures[:MAX_FAILURE_LINES]:
         console.print(f"[red]{escape(line)}[/red]")

@@ -57,7 +57,6 @@ from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
 from benchmarks.v2v.client import (
-    CASCADE_MODES,
     FRAME_S,
     RTC_FRAME,
     RTC_RATE,
@@ -65,7 +64,7 @@ from benchmarks.v2v.client import (
     TurnOptions,
     ga_session,
 )
-from benchmarks.v2v.events import Marks, ReplyAudio, finish, on_event
+from benchmarks.v2v.events import Marks, ReplyAudio, finish, on_event, timings_pending
 from benchmarks.v2v.received import TrackLog, reply_audio
 from benchmarks.v2v.records import Phase, TurnRecord
 from stages.common.audio import Int16Array
@@ -276,7 +275,7 @@ class Call:
         if marks.answer is None or marks.error is not None:
             return
         await self._played(marks.answer, deadline)
-        if marks.server is None and opts.cascade_extras and mode in CASCADE_MODES:
+        if timings_pending(marks) and opts.timings(mode):
             marks.finished.clear()  # set again by cascade.turn.timings
             await _first(marks.finished.wait(), within_s=TIMINGS_GRACE_S)
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from benchmarks.v2v.cli import _schedule, _target, calls_url
+from benchmarks.v2v.cli import _schedule, _target, calls_url, mode_specs
 from benchmarks.v2v.options import add_arguments
 
 
@@ -56,7 +56,23 @@ def test_conversation_flags() -> None:
                      ).conversation_turns == 1
 
 
+def test_turn_detection_modes() -> None:
+    s = _schedule(_args("--modes", "streaming,serial,semantic,streaming"))
+    assert s.modes == ("streaming", "serial", "semantic")  # each mode once
+    assert s.mode_order(1) == ("semantic", "serial", "streaming")
+    assert s.total_turns(4) == 2 * 4 * 3 + 6 * 3 + 3 + (1 + 2 + 4) * 2
+    assert _args().eagerness == "auto"
+    specs = mode_specs(s.modes, "high")
+    assert [(m.name, m.pipeline, m.turn_detection_config()) for m in specs] == [
+        ("streaming", "streaming", {"type": "server_vad", "silence_duration_ms": 500}),
+        ("serial", "serial", {"type": "server_vad", "silence_duration_ms": 500}),
+        ("semantic", "streaming", {"type": "semantic_vad", "eagerness": "high"})]
+
+
 @pytest.mark.parametrize("argv", [("--modes", ","), ("--concurrency", "1,x"),
+                                  ("--modes", "streaming,semantic+server_vad"),
+                                  ("--modes", "serial+semantic_vad:eager"),
+                                  ("--sweep-modes", "streaming+nothing"),
                                   ("--concurrency", "0,2"), ("--rounds", "0"),
                                   ("--warmup", "-1"), ("--barge-in-rounds", "-2"),
                                   ("--conversation-turns", "-1"),

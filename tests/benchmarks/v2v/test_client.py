@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,8 @@ from benchmarks.v2v.events import Marks, Response
 from benchmarks.v2v.records import ClipInfo
 
 OPTS = TurnOptions(url="ws://127.0.0.1:1/v1/realtime", headers={})
+# streaming, serial and default: the endpoint rule both pipelines share, sent explicitly.
+SERVER_VAD = {"type": "server_vad", "silence_duration_ms": 500}
 
 
 def _clip(text: str | None = "what is the capital of france") -> PreparedClip:
@@ -54,24 +57,59 @@ def test_session_update_is_standard_with_optional_cascade_extras(mode: str,
     wire = json.loads(_session_update(mode, OPTS))
     SessionUpdateEvent.model_validate(wire)  # the SDK's own type accepts it
     session = wire["session"]
-    assert session["audio"]["input"]["turn_detection"] == {"type": "server_vad"}
+    assert session["audio"]["input"]["turn_detection"] == SERVER_VAD
     assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": RATE}
     assert ("cascade" in session) is extras
     if extras:
         assert session["cascade"] == {"pipeline": mode, "timings": True}
 
 
+@pytest.mark.parametrize("mode,opts,pipeline,detection", [
+    ("semantic", OPTS, "streaming", {"type": "semantic_vad", "eagerness": "auto"}),
+    ("semantic", replace(OPTS, eagerness="high"), "streaming",
+     {"type": "semantic_vad", "eagerness": "high"}),
+    ("semantic:low", replace(OPTS, eagerness="high"), "streaming",
+     {"type": "semantic_vad", "eagerness": "low"}),
+    ("serial+semantic_vad:medium", OPTS, "serial",
+     {"type": "semantic_vad", "eagerness": "medium"}),
+    ("streaming+server_vad:300", OPTS, "streaming",
+     {"type": "server_vad", "silence_duration_ms": 300}),
+    ("default+semantic_vad", OPTS, None, {"type": "semantic_vad", "eagerness": "auto"}),
+    ("semantic", replace(OPTS, cascade_extras=False), None,
+     {"type": "semantic_vad", "eagerness": "auto"}),
+])
+def test_session_update_of_turn_detection_modes(mode: str, opts: TurnOptions,
+                                                 pipeline: str | None,
+                                                 detection: dict[str, Any]) -> None:
+    """``semantic`` is the streaming pipeline with OpenAI's semantic_vad; a mode spec
+    names the turn detection for any base, and both dialects accept what is sent."""
+    from openai.types.beta.realtime import SessionUpdateEvent as BetaSessionUpdate
+    from openai.types.realtime import SessionUpdateEvent
+
+    wire = json.loads(_session_update(mode, opts))
+    SessionUpdateEvent.model_validate(wire)
+    session = wire["session"]
+    assert session["audio"]["input"]["turn_detection"] == detection
+    if pipeline is None:
+        assert "cascade" not in session
+    else:
+        assert session["cascade"] == {"pipeline": pipeline, "timings": True}
+    assert opts.timings(mode) is (pipeline is not None)
+    beta = json.loads(_session_update(mode, replace(opts, dialect="beta")))
+    BetaSessionUpdate.model_validate(beta)
+    assert beta["session"]["turn_detection"] == detection
+    assert beta["session"].get("cascade") == session.get("cascade")
+
+
 @pytest.mark.parametrize("mode", ["streaming", "default"])
 def test_beta_dialect_session_update(mode: str) -> None:
-    from dataclasses import replace
-
     from openai.types.beta.realtime import SessionUpdateEvent as BetaSessionUpdate
 
     wire = json.loads(_session_update(mode, replace(OPTS, dialect="beta")))
     BetaSessionUpdate.model_validate(wire)
     session = wire["session"]
     assert session["input_audio_format"] == session["output_audio_format"] == "pcm16"
-    assert session["turn_detection"] == {"type": "server_vad"}
+    assert session["turn_detection"] == SERVER_VAD
     assert session["max_response_output_tokens"] == OPTS.max_output_tokens
     assert "audio" not in session and ("cascade" in session) is (mode == "streaming")
 

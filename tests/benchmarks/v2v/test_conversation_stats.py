@@ -62,6 +62,13 @@ def test_turn_one_later_turns_long_gap_and_failures_per_mode() -> None:
     assert streaming.after_long_gap is not None and streaming.after_long_gap.p50 == 1400.0
     assert (streaming.speculative_hits, streaming.speculative_reported) == (2, 4)
     assert streaming.speculative_hit_rate == 0.5
+    # The same split as the compare phase: hits at 1000 and 1300, misses at 1200 and 1500;
+    # the work totals were not reported (an older server).
+    spec = streaming.speculation
+    assert spec is not None and (spec.hits, spec.reported, spec.totals_reported) == (2, 4, 0)
+    assert spec.v2v_hit is not None and (spec.v2v_hit.n, spec.v2v_hit.p50) == (2, 1150.0)
+    assert spec.v2v_miss is not None and (spec.v2v_miss.n, spec.v2v_miss.p50) == (2, 1350.0)
+    assert spec.wasted_llm_tokens_per_turn is None and spec.speculations_per_turn is None
     # v2v - speech_stopped (600 ms): 400, 600, 700, 800, 900.
     assert streaming.after_endpoint is not None and streaming.after_endpoint.p50 == 700.0
 
@@ -70,6 +77,7 @@ def test_turn_one_later_turns_long_gap_and_failures_per_mode() -> None:
     assert (serial.long_gap_turns, serial.long_gap_replied) == (1, 0)
     assert serial.after_long_gap is None
     assert serial.speculative_reported == 0 and serial.speculative_hit_rate is None
+    assert serial.speculation is None
     assert serial.after_endpoint is not None and serial.after_endpoint.p50 == 1600.0
     assert [(t.turn_index, t.gap_before_s, t.replied, t.v2v_p50) for t in serial.by_turn] == [
         (1, None, 1, 2000.0), (2, 1.0, 1, 2200.0), (3, 3.0, 1, 2400.0), (4, 65.0, 0, None),

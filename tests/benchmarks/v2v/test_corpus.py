@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +23,10 @@ def _tone(seconds: float, amp: float = 8000.0) -> np.ndarray:
 
 def test_voiced_span_finds_speech_within_room_noise() -> None:
     rng = np.random.default_rng(0)
-    noise = lambda s: rng.normal(0, 30, round(s * RATE)).astype(np.int16)  # noqa: E731
+
+    def noise(seconds: float) -> np.ndarray[Any, Any]:
+        return rng.normal(0, 30, round(seconds * RATE)).astype(np.int16)
+
     pcm = np.concatenate([noise(0.5), _tone(1.0), noise(0.8)])
     start, end = voiced_span(pcm)
     assert abs(start - 0.5 * RATE) <= RATE // 100

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.v2v.corpus import RATE
-from benchmarks.v2v.events import Marks, on_event
+from benchmarks.v2v.events import Marks, on_event, timings_pending
 from benchmarks.v2v.events import finish as finish_record
 from benchmarks.v2v.records import TurnRecord
 
@@ -220,3 +220,67 @@ def test_the_server_says_whether_the_reply_was_speculative() -> None:
         assert rec.after_endpoint_ms == 500.0  # v2v 1000 - speech_stopped 500
     assert _finish(_play([(10.6, {"type": "response.created", "response": {"id": "r"}})]),
                    t0=9.0).speculative_hit is None  # not reported at all
+
+
+def _speculative_turn(*timings: dict[str, Any]) -> TurnRecord:
+    """A turn whose reply r1 is timed by ``timings`` events (sent after response.done)."""
+    script: list[tuple[float, dict[str, Any]]] = [
+        (10.50, {"type": "input_audio_buffer.speech_stopped"}),
+        (10.60, {"type": "response.created", "response": {"id": "r1"}}),
+        (11.00, _audio("r1", 0.5)),
+        (11.10, {"type": "response.done", "response": {"id": "r1", "status": "completed"}}),
+    ]
+    script += [(11.11 + i / 100, {"type": "cascade.turn.timings", **t})
+               for i, t in enumerate(timings)]
+    return _finish(_play(script), t0=9.0)
+
+
+def test_speculation_work_is_recorded_when_the_server_reports_it() -> None:
+    rec = _speculative_turn({"response_id": "r1", "speculative_hit": True,
+                             "endpoint_ms": 500.0, "speculations": 2,
+                             "wasted_llm_tokens": 14, "wasted_tts_ms": 320.5})
+    assert rec.speculative_hit is True
+    assert (rec.speculations, rec.wasted_llm_tokens, rec.wasted_tts_ms) == (2, 14, 320.5)
+    # wasted_tts_ms is an amount of audio, not a stage mark: it stays out of the ticks.
+    assert rec.server == {"endpoint_ms": 500.0}
+
+
+def test_an_older_server_leaves_the_speculation_work_unreported() -> None:
+    rec = _speculative_turn({"response_id": "r1", "speculative_hit": False,
+                             "endpoint_ms": 500.0})
+    assert rec.speculative_hit is False
+    assert (rec.speculations, rec.wasted_llm_tokens, rec.wasted_tts_ms) == (None, None, None)
+    # Values of the wrong type are not counts.
+    rec = _speculative_turn({"response_id": "r1", "speculations": True,
+                             "wasted_llm_tokens": "9", "wasted_tts_ms": None})
+    assert (rec.speculations, rec.wasted_llm_tokens, rec.wasted_tts_ms) == (None, None, None)
+
+
+def test_a_split_turn_sums_the_work_and_keeps_the_answers_marks() -> None:
+    """An endpoint in the pause starts a reply that is cancelled; the timings of both
+    replies arrive. The marks and the hit are the answer's; the thrown-away work of both
+    counts, and the grace for the timings ends only with the answer's."""
+    marks = _play([
+        (9.0, {"type": "input_audio_buffer.speech_stopped"}),
+        (9.1, {"type": "response.created", "response": {"id": "early"}}),
+        (9.3, {"type": "response.done", "response": {"id": "early", "status": "cancelled"}}),
+        (9.31, {"type": "cascade.turn.timings", "response_id": "early", "endpoint_ms": 400.0,
+                "speculative_hit": True, "speculations": 1, "wasted_llm_tokens": 5,
+                "wasted_tts_ms": 100.0}),
+        (10.6, {"type": "input_audio_buffer.speech_stopped"}),
+        (10.7, {"type": "response.created", "response": {"id": "r2"}}),
+        (11.5, _audio("r2", 1.0)),
+        (12.7, {"type": "response.done", "response": {"id": "r2", "status": "completed"}}),
+    ])
+    assert marks.answer == "r2" and timings_pending(marks)
+    marks.finished.clear()  # the client's grace for the answer's timings
+    on_event({"type": "cascade.turn.timings", "response_id": "early"}, 12.71, marks)
+    assert not marks.finished.is_set() and timings_pending(marks)
+    on_event({"type": "cascade.turn.timings", "response_id": "r2", "endpoint_ms": 600.0,
+              "speculative_hit": False, "speculations": 2, "wasted_llm_tokens": 7,
+              "wasted_tts_ms": 50.0}, 12.72, marks)
+    assert marks.finished.is_set() and not timings_pending(marks)
+    rec = _finish(marks, t0=0.0)
+    assert rec.early_endpoint and rec.server == {"endpoint_ms": 600.0}
+    assert rec.speculative_hit is False
+    assert (rec.speculations, rec.wasted_llm_tokens, rec.wasted_tts_ms) == (3, 12, 150.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from matplotlib.colors import to_rgb
 from PIL import Image
 
 from benchmarks.v2v import plots
@@ -81,10 +82,12 @@ def test_waterfall_shows_where_playback_ran_dry() -> None:
     assert fig is not None
     ax = fig.axes[0]
     red = [p for p in ax.patches
-           if tuple(round(c, 3) for c in p.get_facecolor()[:3]) == tuple(
+           if tuple(round(c, 3) for c in to_rgb(p.get_facecolor())) == tuple(
                round(int(plots.GAP_COLOR[i:i + 2], 16) / 255, 3) for i in (1, 3, 5))]
     assert [(p.get_x(), p.get_width()) for p in red] == [(1500.0, 120.0)]  # type: ignore[attr-defined]
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    box = ax.get_legend()
+    assert box is not None
+    legend = [t.get_text() for t in box.get_texts()]
     assert plots.GAP_LABEL in legend
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from benchmarks.v2v import conversation_stats
 from benchmarks.v2v import report as rep
+from benchmarks.v2v.cli import mode_specs
 from benchmarks.v2v.records import (
     BenchConfig,
     ClipInfo,
@@ -151,9 +153,9 @@ def test_per_clip_table_early_endpoints_and_transcript_wer() -> None:
     md = rep.markdown(make_report(records=records, sweep=False))
     assert "| streaming | 2 | 2 | 0 | 0 | 0 | 25.0 % |" in md
     assert "| serial | 2 | 2 | 0 | 0 | 1 | – |" in md
-    assert ("| clip | streaming v2v p50 | streaming done p50 | serial v2v p50 "
-            "| serial done p50 |") in md
-    assert "| long | 700 | 1600 | 2500 | 3400 |" in md
+    assert ("| clip | streaming v2v p50 | streaming done p50 | streaming ended early "
+            "| serial v2v p50 | serial done p50 | serial ended early |") in md
+    assert "| long | 700 | 1600 | 0/1 | 2500 | 3400 | 1/1 |" in md
     # One clip: no per-clip table.
     assert "Per clip" not in rep.markdown(make_report(sweep=False))
 
@@ -237,3 +239,148 @@ def test_one_transport_keeps_the_old_layout() -> None:
     md = rep.markdown(make_report())
     assert "WebSocket vs WebRTC" not in md and "streaming ws" not in md
     assert "- transports (compare phase): WebSocket\n" in md
+
+
+def _three_modes() -> Report:
+    """streaming, serial and semantic over two clips; semantic ends the pause clip early
+    once (of two turns) and answers sooner; one serial turn of the pause clip failed."""
+    records = []
+    for rnd in range(2):
+        for clip, fast in (("lights", 500.0), ("pause", 700.0)):
+            records += [turn("streaming", fast, rnd=rnd, clip=clip),
+                        turn("serial", fast + 1000, rnd=rnd, clip=clip),
+                        turn("semantic", fast - 200, rnd=rnd, clip=clip)]
+    records[-1].early_endpoint = True  # round 1, pause, semantic
+    records[-2] = turn("serial", None, rnd=1, clip="pause", error="no reply")
+    report = make_report(records=records, sweep=False)
+    report.config.modes = ["streaming", "serial", "semantic"]
+    report.config.mode_specs = mode_specs(report.config.modes, "auto")
+    return report
+
+
+def test_a_turn_detection_mode_is_its_own_column_without_a_ratio() -> None:
+    report = _three_modes()
+    assert [g.mode for g in report.compare] == ["streaming", "serial", "semantic"]
+    assert [g.early_endpoints for g in report.compare] == [0, 0, 1]
+    # The ratio stays serial over streaming; the work after the endpoint has one too.
+    assert set(report.ratio) == {"speech_stopped_ms", "final_transcript_ms", "first_text_ms",
+                                 "first_audio_ms", "done_ms", "after_endpoint_ms"}
+    assert report.ratio["first_audio_ms"] == {"p50": round(1500 / 600, 2),
+                                              "p90": round(1660 / 700, 2)}
+    assert report.ratio["after_endpoint_ms"] == {"p50": round(1250 / 350, 2),
+                                                 "p90": round(1410 / 450, 2)}
+    md = rep.markdown(report)
+    assert ("- modes: streaming (cascade streaming pipeline, server_vad, 500 ms of silence), "
+            "serial (cascade serial pipeline, server_vad, 500 ms of silence), semantic "
+            "(cascade streaming pipeline, semantic_vad, eagerness auto)") in md
+    assert ("| metric | streaming p50 | streaming p90 | streaming p99 | serial p50 "
+            "| serial p90 | serial p99 | semantic p50 | semantic p90 | semantic p99 "
+            "| serial / streaming (p50 / p90) |") in md
+    # streaming 500/700 x 2, serial 1500/1700/1500 (one failed), semantic 300/500 x 2.
+    assert ("| voice-to-voice (first audio) | 600 | 700 | 700 | 1500 | 1660 | 1696 | 400 "
+            "| 500 | 500 | 2.50× / 2.37× |") in md
+    assert ("| work after the endpoint (v2v - speech_stopped) | 350 | 450 | 450 | 1250 "
+            "| 1410 | 1446 | 150 | 250 | 250 | 3.57× / 3.13× |") in md
+    assert ("Work after the endpoint (v2v - speech_stopped), p50: streaming 350 ms, serial "
+            "1250 ms; streaming / serial = 0.28 (target <= 0.35).") in md
+    assert "| semantic | 4 | 4 | 0 | 0 | 1 |" in md
+    assert ("| clip | streaming v2v p50 | streaming done p50 | streaming ended early "
+            "| serial v2v p50 | serial done p50 | serial ended early | semantic v2v p50 "
+            "| semantic done p50 | semantic ended early |") in md
+    # Every turn counts for "ended early"; only replied ones for the latencies.
+    assert "| pause | 700 | 1600 | 0/2 | 1700 | 2600 | 0/2 | 500 | 1400 | 1/2 |" in md
+    console = Console(record=True, width=120)
+    rep.print_summary(report, console)
+    text = console.export_text()
+    for needle in ("semantic p50 / p90", "serial/streaming", "600 / 700", "400 / 500",
+                   "2.50× / 2.37×", "3/4", "Per clip: v2v p50 (ms)", "500 · 1/2",
+                   "1700 · 0/2", "streaming / serial = 0.28"):
+        assert needle in text, needle
+    again = Report.model_validate_json(report.model_dump_json())
+    assert again == report and again.config.mode_specs[2].turn_detection == "semantic_vad"
+
+
+def test_no_ratio_without_both_pipelines() -> None:
+    records = [turn("streaming", 500.0), turn("semantic", 300.0)]
+    report = make_report(records=records, sweep=False)
+    assert report.ratio == {}
+    md = rep.markdown(report)
+    assert "serial / streaming" not in md and "streaming / serial" not in md
+
+
+def _speculating(mode: str, v2v: float, hit: bool | None,
+                 totals: tuple[int, int, float] | None = None, *,
+                 phase: Phase = "compare") -> TurnRecord:
+    rec = turn(mode, v2v, phase=phase)
+    rec.speculative_hit = hit
+    if totals is not None:
+        rec.speculations, rec.wasted_llm_tokens, rec.wasted_tts_ms = totals
+    return rec
+
+
+def speculation_report() -> Report:
+    """streaming: hits at 400 and 500 ms, misses at 900 (a speculation thrown away) and
+    1100 ms (none started), with the work totals; serial: an older server (hit flag only,
+    two misses at 1500 ms); a conversation turn that hit at 700 ms."""
+    records = [_speculating("streaming", 400.0, True, (1, 0, 0.0)),
+               _speculating("streaming", 500.0, True, (2, 10, 200.0)),
+               _speculating("streaming", 900.0, False, (1, 20, 400.0)),
+               _speculating("streaming", 1100.0, False, (0, 0, 0.0)),
+               _speculating("serial", 1500.0, False), _speculating("serial", 1500.0, False),
+               _speculating("streaming", 700.0, True, (1, 3, 60.0), phase="conversation")]
+    records[-1].turn_index, records[-1].connection_id = 1, "streaming-1"
+    report = make_report(records=records, sweep=False)
+    report.conversation = conversation_stats.summarize(records)
+    return report
+
+
+def test_speculation_hits_against_misses_and_wasted_work() -> None:
+    report = speculation_report()
+    streaming, serial = report.compare
+    s = streaming.speculation
+    assert s is not None
+    assert (s.reported, s.hits, s.hit_rate, s.totals_reported) == (4, 2, 0.5, 4)
+    assert (s.speculations_per_turn, s.wasted_llm_tokens_per_turn,
+            s.wasted_tts_ms_per_turn) == (1.0, 7.5, 150.0)
+    assert s.v2v_hit is not None and (s.v2v_hit.n, s.v2v_hit.p50, s.v2v_hit.p90) == (
+        2, 450.0, 490.0)
+    assert s.v2v_miss is not None and (s.v2v_miss.n, s.v2v_miss.p50, s.v2v_miss.p90) == (
+        2, 1000.0, 1080.0)
+    # An older server: the hit flag without the work totals.
+    o = serial.speculation
+    assert o is not None and (o.reported, o.hits, o.hit_rate, o.totals_reported) == (
+        2, 0, 0.0, 0)
+    assert (o.speculations_per_turn, o.wasted_llm_tokens_per_turn,
+            o.wasted_tts_ms_per_turn, o.v2v_hit) == (None, None, None, None)
+    assert o.v2v_miss is not None and o.v2v_miss.n == 2
+    talk = report.conversation[0].speculation
+    assert talk is not None and (talk.hits, talk.reported, talk.wasted_tts_ms_per_turn) == (
+        1, 1, 60.0)
+    md = rep.markdown(report)
+    assert "## Speculation" in md
+    assert ("| phase | mode | hits | started per turn | wasted LLM tokens per turn "
+            "| wasted TTS ms per turn | v2v hits p50 / p90 | v2v misses p50 / p90 |") in md
+    assert ("| compare | streaming | 2/4 (50 %) | 1 | 7.5 | 150 | 450 / 490 (n=2) "
+            "| 1000 / 1080 (n=2) |") in md
+    assert "| compare | serial | 0/2 (0 %) | n/a | n/a | n/a | – | 1500 / 1500 (n=2) |" in md
+    assert ("| conversation | streaming | 1/1 (100 %) | 1 | 3 | 60 | 700 / 700 (n=1) | – |"
+            in md)
+    console = Console(record=True, width=120)
+    rep.print_summary(report, console)
+    text = console.export_text()
+    for needle in ("Speculation (cascade.turn.timings", "2/4 (50 %)", "7.5", "450/490 (2)",
+                   "1000/1080 (2)", "1500/1500 (2)", "700/700 (1)"):
+        assert needle in text, needle
+    raw = report.model_dump_json()
+    assert '"hit_rate":0.5' in raw and '"wasted_llm_tokens":20' in raw
+    assert Report.model_validate_json(raw) == report
+
+
+def test_without_speculation_reports_it_says_so() -> None:
+    report = make_report(sweep=False)
+    assert all(g.speculation is None for g in report.compare)
+    md = rep.markdown(report)
+    assert "## Speculation" in md and "The server reported no speculation" in md
+    console = Console(record=True, width=120)
+    rep.print_summary(report, console)
+    assert "Speculation" not in console.export_text()

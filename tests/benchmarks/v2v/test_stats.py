@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.v2v.records import TurnRecord
-from benchmarks.v2v.stats import group, metric_stats, percentile, ratios, realtime_limit
+from benchmarks.v2v.stats import (
+    group,
+    metric_stats,
+    percentile,
+    ratios,
+    realtime_limit,
+    speculation_summary,
+)
 
 
 def _rec(mode: str, v2v: float | None, *, n: int = 1, phase: str = "compare",
@@ -48,7 +55,34 @@ def test_group_summaries_count_replies_gaps_and_errors() -> None:
 def test_ratio_is_serial_over_streaming() -> None:
     summaries = group([_rec("streaming", 1000.0), _rec("serial", 1500.0)], "compare")
     assert ratios(summaries)["first_audio_ms"] == {"p50": 1.5, "p90": 1.5}
+    # The work after the endpoint (v2v - speech_stopped 500): 1000 / 500.
+    assert ratios(summaries)["after_endpoint_ms"] == {"p50": 2.0, "p90": 2.0}
     assert ratios(summaries[:1]) == {}
+    # Other modes (a turn detection variant) get no ratio of their own.
+    other = group([_rec("streaming", 1000.0), _rec("semantic", 600.0)], "compare")
+    assert ratios(other) == {}
+
+
+def test_speculation_summary_splits_hits_from_misses() -> None:
+    records = [_rec("streaming", 400.0), _rec("streaming", 800.0), _rec("streaming", 900.0),
+               _rec("streaming", None, error="no reply"), _rec("streaming", 300.0)]
+    for rec, hit, spec in zip(records, (True, False, False, False, None),
+                              ((1, 0, 0.0), (2, 12, 250.0), (0, 0, 0.0), (1, 30, 500.0),
+                               None), strict=True):
+        rec.speculative_hit = hit
+        if spec is not None:
+            rec.speculations, rec.wasted_llm_tokens, rec.wasted_tts_ms = spec
+    s = speculation_summary(records)
+    assert s is not None
+    assert (s.reported, s.hits, s.hit_rate, s.totals_reported) == (4, 1, 0.25, 4)
+    # Means over the turns that reported them, the failed one included (its work was done).
+    assert (s.speculations_per_turn, s.wasted_llm_tokens_per_turn,
+            s.wasted_tts_ms_per_turn) == (1.0, 10.5, 187.5)
+    # v2v: replied turns only, by the reply's origin; the unreported turn is in neither.
+    assert s.v2v_hit is not None and (s.v2v_hit.n, s.v2v_hit.p50) == (1, 400.0)
+    assert s.v2v_miss is not None and (s.v2v_miss.n, s.v2v_miss.p50) == (2, 850.0)
+    assert speculation_summary([_rec("default", 500.0)]) is None
+    assert group(records, "compare")[0].speculation == s
 
 
 def test_realtime_limit_is_the_last_level_before_the_first_failure() -> None:

@@ -287,7 +287,8 @@ async def test_a_turn_over_webrtc_is_timed_like_a_listener_hears_it(script: str)
     update = peer.client_events[0]
     SessionUpdateEvent.model_validate(update)
     session = update["session"]
-    assert session["audio"] == {"input": {"turn_detection": {"type": "server_vad"},
+    vad = {"type": "server_vad", "silence_duration_ms": 500}
+    assert session["audio"] == {"input": {"turn_detection": vad,
                                           "transcription": {"model": "whisper-1"}}}
     assert session["cascade"] == {"pipeline": "streaming", "timings": True}
     assert not any(e["type"] == "input_audio_buffer.append" for e in peer.client_events)
