@@ -98,7 +98,11 @@ def test_quick_embedded_run_writes_a_complete_report(tmp_path: Path) -> None:
     for group in report.compare:
         assert group.turns == group.replied == 1
         assert set(LATENCY_METRICS) <= set(group.metrics)
-    assert "first_audio_ms" in report.ratio
+    assert "first_audio_ms" in report.ratio and "after_endpoint_ms" in report.ratio
+    assert [(m.name, m.pipeline, m.turn_detection) for m in report.config.mode_specs] == [
+        ("streaming", "streaming", "server_vad"), ("serial", "serial", "server_vad")]
+    for group in report.compare:  # the server says whether each reply was speculative
+        assert group.speculation is not None and group.speculation.reported == 1
     assert [(g.mode, g.concurrency, g.turns) for g in report.sweep] == [
         ("streaming", 1, 1), ("streaming", 2, 2)]
     assert set(report.realtime_limit) == {"streaming"}
@@ -107,6 +111,7 @@ def test_quick_embedded_run_writes_a_complete_report(tmp_path: Path) -> None:
     summary = (out / "summary.md").read_text()
     assert "## Streaming vs serial" in summary and "## Barge-in" in summary
     assert "## Conversations" in summary and "Failed turns:" not in summary
+    assert "## Speculation" in summary and "| compare | streaming |" in summary
     for png in ("latency_cdf.png", "concurrency.png", "waterfall.png", "conversation.png"):
         data = (out / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n"), png
