@@ -51,7 +51,8 @@ class AsrTurn:
         self._on_partial = on_partial
         self._open_timeout_s = open_timeout_s
         self._max_pending = max_pending_ms * RATE // 1000 * 2  # bytes
-        self._pending: deque[bytes] = deque()
+        # Audio, and end-of-speech hints (an int: stream ms) kept in order with it.
+        self._pending: deque[bytes | int] = deque()
         self._pending_bytes = 0
         self._wake = asyncio.Event()
         self._input_done = False
@@ -70,6 +71,14 @@ class AsrTurn:
         self._pending.append(pcm16)
         self._pending_bytes += len(pcm16)
         self.samples += len(pcm16) // 2
+        self._wake.set()
+
+    def end_of_speech(self, sample: int) -> None:
+        """The VAD heard the speech pause at session sample ``sample``: the stage decodes
+        up to there at once (``AsrStream.end_of_speech``), after the audio before it."""
+        if self.error is not None or self._input_done:
+            return
+        self._pending.append(max(0, (sample - self.origin) * 1000 // RATE))
         self._wake.set()
 
     def covered_until(self) -> int:
@@ -139,6 +148,9 @@ class AsrTurn:
             while True:
                 while self._pending:
                     chunk = self._pending.popleft()
+                    if isinstance(chunk, int):
+                        await stream.end_of_speech(chunk)
+                        continue
                     self._pending_bytes -= len(chunk)
                     await stream.push(chunk)
                 if self._input_done:

@@ -12,14 +12,18 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
-import sys
-from typing import TYPE_CHECKING, Any
+from stages.common.cpu import quiet_threads
 
-from benchmarks.v2v.options import USAGE as BENCH_USAGE
-from benchmarks.v2v.options import add_arguments as add_bench_arguments
+quiet_threads()  # before numpy, ctranslate2, llama_cpp or onnxruntime load (see cpu.py)
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+from benchmarks.v2v.options import USAGE as BENCH_USAGE  # noqa: E402
+from benchmarks.v2v.options import add_arguments as add_bench_arguments  # noqa: E402
 
 if TYPE_CHECKING:
     from orchestrator.settings import ServeSettings

@@ -6,13 +6,22 @@ Read top-down, this is the whole timing behaviour of a turn in streaming mode:
                process; from the first voiced frame (minus ``prefix_padding_ms``) the
                audio also streams into ASR, so transcription runs while the user speaks.
                Newly *stable* ASR text is sent as transcription deltas (it never retracts).
-2. Pause.      When the VAD has heard ``speculative_pause_ms`` of silence inside a turn
-               and the latest ASR hypothesis covers all the speech so far, the LLM starts
-               on that text (a *speculative* reply, revision r) and its tokens already
-               stream into TTS phrase by phrase. Nothing of it reaches the client yet.
+2. Pause.      After ``asr_pause_hint_ms`` of silence the ASR is told where the speech
+               paused (``AsrStream.end_of_speech``) and decodes up to there at once,
+               instead of at its next scheduled decode. When the VAD has heard
+               ``speculative_pause_ms`` of silence inside a turn and the latest ASR
+               hypothesis covers the speech up to ``speculative_uncovered_ms`` before
+               its end, the LLM starts on that text (a *speculative* reply, revision r)
+               and its tokens already stream into TTS phrase by phrase. Nothing of it
+               reaches the client yet. A newer hypothesis with other words during the
+               same pause replaces it (r cancelled, r+1 on the new text).
 3. Resume.     If the user speaks again before the endpoint, revision r is cancelled
                (LLM request aborted, TTS stream closed); step 2 may fire again later.
-4. Endpoint.   After ``silence_duration_ms`` of silence the turn ends (speech_stopped).
+4. Endpoint.   ``server_vad``: after ``silence_duration_ms`` of silence the turn ends
+               (speech_stopped). ``semantic_vad``: an end-of-turn model (Smart Turn)
+               hears the turn's audio from ``first_check_ms`` of silence on, again every
+               ``recheck_ms``; a probability >= ``threshold`` ends the turn there, else
+               it ends after ``max_wait_ms`` (``SEMANTIC_EAGERNESS``).
                ASR finalizes in the background (VAD and barge-in keep running on the
                next frames) — nearly free, since the last decode already covered the
                speech; past ``asr_finalize_s`` the turn ends on the newest hypothesis.
@@ -53,6 +62,27 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class SemanticRule:
+    """When a ``semantic_vad`` turn ends (see step 4)."""
+
+    first_check_ms: int
+    threshold: float
+    max_wait_ms: int
+    recheck_ms: int = 150
+
+
+# OpenAI documents the longest waits (low 8 s, medium 4 s, high 2 s; auto = medium); the
+# first check and the threshold are ours: Smart Turn reads a pause of ~400 ms or more as
+# "finished" almost regardless of the words, so earlier checks are what make it eager.
+SEMANTIC_EAGERNESS: dict[str, SemanticRule] = {
+    "high": SemanticRule(first_check_ms=150, threshold=0.5, max_wait_ms=2000),
+    "medium": SemanticRule(first_check_ms=250, threshold=0.5, max_wait_ms=4000),
+    "auto": SemanticRule(first_check_ms=250, threshold=0.5, max_wait_ms=4000),
+    "low": SemanticRule(first_check_ms=400, threshold=0.7, max_wait_ms=8000),
+}
+
+
+@dataclass(frozen=True)
 class OverlapPolicy:
     # VAD (OpenAI server_vad fields)
     threshold: float = 0.5
@@ -64,6 +94,10 @@ class OverlapPolicy:
     serial: bool = False
     speculative: bool = True
     speculative_pause_ms: int = 200
+    speculative_uncovered_ms: int = 200
+    asr_pause_hint_ms: int = 64
+    # semantic_vad: the end-of-turn model decides (None: server_vad's silence rule).
+    semantic: SemanticRule | None = None
     barge_in_min_ms: int = 200
     min_speech_ms: int = 64
     playout_lead_ms: int = 300
@@ -72,8 +106,10 @@ class OverlapPolicy:
 
     @property
     def speculation_enabled(self) -> bool:
+        longest = (self.silence_duration_ms if self.semantic is None
+                   else self.semantic.max_wait_ms)
         return (self.speculative and not self.serial and self.create_response
-                and self.speculative_pause_ms < self.silence_duration_ms)
+                and self.speculative_pause_ms < longest)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from orchestrator import audio_codecs, metrics
 from orchestrator.backends import Backends
 from orchestrator.context import ContextOverflow, estimate_tools_tokens, fit_messages
 from orchestrator.playout import AudioOut, MediaPort
-from orchestrator.policy import OverlapPolicy
+from orchestrator.policy import SEMANTIC_EAGERNESS, OverlapPolicy
 from orchestrator.protocol import (
     ContentPart,
     ConversationItem,
@@ -128,6 +128,13 @@ class TurnTiming:
     first_delta: float | None = None
     final: float | None = None
     speculative_hit: bool | None = None
+    # Speculative replies started in this turn (kept or not) and the work of those
+    # thrown away.
+    speculations: int = 0
+    wasted_llm_tokens: int = 0
+    wasted_tts_ms: float = 0.0
+
+
 @dataclass
 class UserTurn:
     """The session's side of one user turn (``turn.TurnController`` numbers them): its
@@ -373,7 +380,8 @@ class RealtimeSession:
             self._controller = TurnController(
                 vad=self._make_vad(), asr=self._backends.asr,
                 make_reply=self._turn_reply, emit=self._on_turn_event, policy=policy,
-                auto_turns=auto, deadlines=self._settings.deadlines())
+                auto_turns=auto, deadlines=self._settings.deadlines(),
+                turn_model=self._backends.turn)
         else:
             self._controller.policy = policy
             self._controller.auto_turns = auto
@@ -390,10 +398,12 @@ class RealtimeSession:
                 create_response=bool(td.create_response),
                 interrupt_response=bool(td.interrupt_response), serial=serial,
                 max_turn_ms=max_turn)
-        if td is not None:  # semantic_vad: plain VAD with its flags, for now
+        if td is not None:  # semantic_vad: the end-of-turn model decides (policy.py, step 4)
+            rule = SEMANTIC_EAGERNESS[td.eagerness or "auto"]
             return OverlapPolicy(create_response=bool(td.create_response),
                                  interrupt_response=bool(td.interrupt_response), serial=serial,
-                                 max_turn_ms=max_turn)
+                                 max_turn_ms=max_turn, semantic=rule,
+                                 speculative_pause_ms=min(200, rule.first_check_ms))
         return OverlapPolicy(serial=serial, create_response=False, max_turn_ms=max_turn)
 
     async def _append(self, event: InputAudioBufferAppendEvent) -> None:
@@ -509,6 +519,12 @@ class RealtimeSession:
         elif isinstance(event, ReplyCancelled):
             if event.reason in ("user_resumed", "transcript_changed"):
                 metrics.SPECULATIVE_MISSES.inc()
+            timing = self._user_turn(event.turn).timing
+            timing.speculations += 1
+            timing.wasted_llm_tokens += event.llm_tokens
+            timing.wasted_tts_ms += event.tts_ms
+            metrics.SPECULATIVE_WASTED_TOKENS.inc(event.llm_tokens)
+            metrics.SPECULATIVE_WASTED_AUDIO.inc(event.tts_ms / 1000.0)
         elif isinstance(event, BargeIn):
             metrics.BARGE_INS.inc()
             if self._responder is not None and not self._responder.done:
@@ -538,6 +554,7 @@ class RealtimeSession:
             self._turns.pop(event.turn, None)  # the turn is complete
             timing.speculative_hit = event.speculative_hit
             if event.speculative_hit:
+                timing.speculations += 1
                 metrics.SPECULATIVE_HITS.inc()
             await self._start_response(event.run, timing)
 
@@ -715,7 +732,9 @@ class RealtimeSession:
         event = CascadeTurnTimingsEvent.model_validate(
             {"response_id": responder.response.id, "pipeline": record["pipeline"],
              "speculative_hit": record["speculative_hit"], "status": record["status"],
-             **fields})
+             "speculations": timing.speculations,
+             "wasted_llm_tokens": timing.wasted_llm_tokens,
+             "wasted_tts_ms": round(timing.wasted_tts_ms, 1), **fields})
         self._spawn(self._send(event))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:

@@ -88,6 +88,8 @@ class ReplyRun:
         self._task: asyncio.Task[None] | None = None
         self.timings = ReplyTimings()
         self.text = ""  # everything the LLM said so far
+        self.tokens = 0  # LLM deltas received (the work a cancelled speculation wasted)
+        self.audio_ms = 0.0  # audio synthesized so far
         self.serial = serial
         self.deadlines = deadlines or StageDeadlines()
         self._failure = failure  # (code, message): the reply cannot run (e.g. context)
@@ -243,6 +245,7 @@ class ReplyRun:
             if (delta.text or delta.tool_calls) and self.timings.first_token is None:
                 self.timings.first_token = time.monotonic()
             self.text += delta.text
+            self.tokens += 1
             yield delta
             self._waiting_llm(True)
         self._waiting_llm(False)
@@ -304,6 +307,7 @@ class ReplyRun:
                 chunks = await self._tts.synthesize(self.text, voice=self._voice,
                                                     sample_rate=self._sample_rate)
             self.timings.first_audio = time.monotonic()
+            self.audio_ms += sum(chunk.duration_ms for chunk in chunks)
             held.extend(ReplyAudio(chunk) for chunk in chunks)
         return ReplyDone(finish_reason=finish, usage=usage)
 
@@ -311,6 +315,7 @@ class ReplyRun:
         async for chunk in tts.chunks():
             if self.timings.first_audio is None:
                 self.timings.first_audio = time.monotonic()
+            self.audio_ms += chunk.duration_ms
             self._tts_progress(voiced=len(chunk.text), blocked=True)
             await self._out.put(ReplyAudio(chunk))
             self._tts_progress(blocked=False)

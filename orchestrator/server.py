@@ -36,7 +36,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from orchestrator import keys, web_demo, websocket
-from orchestrator.backends import Backends, embedded_backends, remote_backends
+from orchestrator.backends import (
+    Backends,
+    embedded_backends,
+    load_turn_model,
+    remote_backends,
+    remote_llm,
+)
 from orchestrator.metrics import ACTIVE_SESSIONS
 from orchestrator.outbox import Outbox
 from orchestrator.playout import MediaPort
@@ -100,14 +106,19 @@ async def load_resources(settings: ServeSettings) -> Resources:
             llm_model=settings.llm_model or None, llm_api_key=settings.llm_api_key or None,
         )
     else:
-        backends_job = embedded_backends()
+        llm = (remote_llm(settings.llm_url, llm_model=settings.llm_model or None,
+                          llm_api_key=settings.llm_api_key or None)
+               if settings.llm_url else None)
+        backends_job = embedded_backends(settings.cpu_budget(), llm=llm,
+                                         llm_parallel=settings.llm_parallel)
     results = await asyncio.gather(
         backends_job,
         asyncio.to_thread(SileroVadModel),
         open_store(settings.store_settings()),
+        asyncio.to_thread(load_turn_model, settings.cpu_budget().resolved().turn),
         return_exceptions=True,
     )
-    backends, vad, store = results
+    backends, vad, store, turn_model = results
     failure = next((r for r in results if isinstance(r, BaseException)), None)
     if failure is not None:
         if isinstance(backends, Backends):
@@ -117,7 +128,8 @@ async def load_resources(settings: ServeSettings) -> Resources:
                 await store.aclose()
         raise failure
     assert isinstance(backends, Backends) and isinstance(vad, SileroVadModel)
-    assert not isinstance(store, BaseException)
+    assert not isinstance(store, BaseException) and not isinstance(turn_model, BaseException)
+    backends.turn = turn_model
     return Resources(backends=backends, vad=vad, store=store)
 
 
@@ -139,8 +151,11 @@ class ServerState:
             resources = await self.loader(self.settings)
             self.secrets = keys.ClientSecrets(resources.store)
             self.resources = resources
-            log.info("ready: %s stages, %s store", "remote" if self.settings.distributed
-                     else "embedded", "redis" if self.settings.redis_url else "memory")
+            s = self.settings
+            placement = ("remote" if s.distributed else
+                         "embedded (remote LLM)" if s.llm_url else "embedded")
+            log.info("ready: %s stages, %s store", placement,
+                     "redis" if s.redis_url else "memory")
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("loading failed")

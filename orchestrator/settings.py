@@ -5,9 +5,10 @@ transport and the store read them from this object. ``CASCADE_LLM_API_KEY`` is s
 purpose with the LLM stage's settings: both name the key of the upstream LLM server.
 
 Stage placement follows the three URLs: none set runs the bundled engines in-process (the
-one-machine CPU default), all three set talks to stage services (the distributed shape).
-A mix is refused when the settings are built, before anything is loaded, because half a
-distributed deployment is almost always a typo in one variable.
+one-machine CPU default), all three set talks to stage services (the distributed shape),
+and ``llm_url`` alone runs ASR and TTS in-process with a remote OpenAI-compatible LLM
+(vLLM on a GPU box). Only ASR without TTS (or the reverse) is refused when the settings
+are built, before anything is loaded: it is almost always a typo in one variable.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.policy import StageDeadlines
 from orchestrator.store.settings import StoreSettings
+from stages.common.cpu import CpuBudget
 
 Pipeline = Literal["streaming", "serial"]
 
@@ -67,7 +69,8 @@ class ServeSettings(BaseSettings):
     # --- pipeline ------------------------------------------------------------------------
     # Server default; a session may pick the other one in its config.
     pipeline: Pipeline = "streaming"
-    # Stage services; all empty = embedded engines, all set = distributed.
+    # Stage services; all empty = embedded engines, all set = distributed, only llm_url =
+    # embedded ASR and TTS with a remote LLM.
     asr_url: str = ""
     llm_url: str = ""
     tts_url: str = ""
@@ -78,6 +81,17 @@ class ServeSettings(BaseSettings):
     # `max_model_len` from a server's /v1/models, as vLLM reports it). The prompt keeps the
     # instructions and the newest turns that fit (orchestrator/context.py).
     llm_context_window: int = Field(default=0, ge=0)
+
+    # --- CPU budget of the embedded engines (stages/common/cpu.py) --------------------------
+    # Threads in all (0: the cores this process may use); per stage (0: the whole budget,
+    # since a turn's stages mostly take turns; idle threads sleep instead of spinning).
+    cpu_threads: int = Field(default=0, ge=0)
+    asr_threads: int = Field(default=0, ge=0)
+    llm_threads: int = Field(default=0, ge=0)
+    tts_threads: int = Field(default=0, ge=0)
+    # Generations the embedded LLM runs at once (llama.cpp contexts; 0: the LLM stage's
+    # default, CASCADE_LLM_PARALLEL).
+    llm_parallel: int = Field(default=0, ge=0)
 
     # --- limits (each bounds what one client can make the server hold or do) --------------
     # Concurrent Realtime connections of this process; more are refused with close 1013.
@@ -122,20 +136,25 @@ class ServeSettings(BaseSettings):
         return addresses
 
     @model_validator(mode="after")
-    def _stage_urls_all_or_none(self) -> ServeSettings:
-        urls = {"asr_url": self.asr_url, "llm_url": self.llm_url, "tts_url": self.tts_url}
-        missing = [name for name, url in urls.items() if not url]
-        if missing and len(missing) < len(urls):
+    def _stage_urls_consistent(self) -> ServeSettings:
+        if bool(self.asr_url) != bool(self.tts_url):
+            missing = "tts_url" if self.asr_url else "asr_url"
             raise ValueError(
-                "stage URLs must be all set (distributed) or all empty (embedded engines); "
-                f"missing: {', '.join(missing)}"
-            )
+                "asr_url and tts_url must be both set (remote stages) or both empty "
+                f"(embedded engines; llm_url may still be remote); missing: {missing}")
+        if self.asr_url and not self.llm_url:
+            raise ValueError("with remote ASR and TTS the LLM must be remote too; "
+                             "missing: llm_url")
         return self
 
     @property
     def distributed(self) -> bool:
         """True when the stages are remote services."""
         return bool(self.asr_url)
+
+    def cpu_budget(self) -> CpuBudget:
+        return CpuBudget(total=self.cpu_threads, asr=self.asr_threads, llm=self.llm_threads,
+                         tts=self.tts_threads)
 
     def store_settings(self) -> StoreSettings:
         """The store's settings: its own ``CASCADE_STORE_*`` env plus the fields set here."""

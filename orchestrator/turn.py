@@ -23,8 +23,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from orchestrator.asr_turn import AsrTurn
-from orchestrator.policy import OverlapPolicy, StageDeadlines, speculation_still_valid
+from orchestrator.policy import (
+    OverlapPolicy,
+    SemanticRule,
+    StageDeadlines,
+    speculation_still_valid,
+)
 from orchestrator.reply import ReplyRun
 from stages.asr.types import AsrBackend, AsrPartial
 from stages.vad.stream import VadFrame
@@ -35,6 +43,16 @@ RATE = 16_000
 
 class VadLike(Protocol):
     def process(self, audio: bytes) -> list[VadFrame]: ...
+
+
+class EndOfTurnModel(Protocol):
+    """semantic_vad's judge (``stages.vad.smart_turn.SmartTurn``): the probability that the
+    speaker has finished, from the turn's last seconds of 16 kHz audio."""
+
+    async def predict(self, audio: npt.NDArray[np.float32]) -> float: ...
+
+
+TURN_MODEL_SECONDS = 8  # what Smart Turn listens to
 
 
 @dataclass(frozen=True)
@@ -74,9 +92,13 @@ class ReplyReleased:
 
 @dataclass(frozen=True)
 class ReplyCancelled:
+    """A speculative reply was thrown away, with the work it had done."""
+
     turn: int
     revision: int
     reason: str  # "user_resumed" | "transcript_changed" | "empty_turn" | ...
+    llm_tokens: int = 0
+    tts_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,8 @@ class _Speculation:
 class TurnController:
     def __init__(self, *, vad: VadLike, asr: AsrBackend, make_reply: MakeReply, emit: Emit,
                  policy: OverlapPolicy | None = None, auto_turns: bool = True,
-                 deadlines: StageDeadlines | None = None) -> None:
+                 deadlines: StageDeadlines | None = None,
+                 turn_model: EndOfTurnModel | None = None) -> None:
         self.policy = policy or OverlapPolicy()
         self.auto_turns = auto_turns  # False: manual turns (turn_detection null)
         self.deadlines = deadlines or StageDeadlines()
@@ -110,6 +133,7 @@ class TurnController:
         self._asr = asr
         self._make_reply = make_reply
         self._emit = emit
+        self._turn_model = turn_model
         self._lock = asyncio.Lock()  # one push/commit at a time; never held across a stage
         # audio clock and VAD state
         self.samples = 0
@@ -121,7 +145,7 @@ class TurnController:
         self._turn_boundary = 0  # where the last turn ended: padding never reaches before it
         # Recent input (bounded), so ASR gets prefix_padding_ms of audio before the first
         # voiced frame even when that frame sits in the middle of a large append.
-        self._history_max = 2 * (self._pad_samples() + 5 * RATE)  # bytes
+        self._history_max = 2 * (self._pad_samples() + TURN_MODEL_SECONDS * RATE)  # bytes
         self._history = bytearray()
         # the current turn
         self.turns = 0  # turns opened so far; the current one's number
@@ -133,6 +157,12 @@ class TurnController:
         self._reply_playing: ReplyRun | None = None
         self.speculative_hits = 0
         self.speculative_misses = 0
+        # the current pause
+        self._hinted = False  # the ASR was told about this pause
+        self._next_check_ms = 0  # semantic_vad: silence at which to ask the model next
+        self._check: asyncio.Task[None] | None = None
+        self.turn_checks = 0  # end-of-turn model decisions asked for
+        self.last_turn_probability: float | None = None
 
     def _pad_samples(self) -> int:
         return self.policy.prefix_padding_ms * RATE // 1000
@@ -186,7 +216,8 @@ class TurnController:
     async def _drop_speculation(self, spec: _Speculation, reason: str) -> None:
         log.debug("speculation r%d cancelled: %s", spec.revision, reason)
         await spec.run.cancel()
-        await self._emit(ReplyCancelled(spec.turn, spec.revision, reason))
+        await self._emit(ReplyCancelled(spec.turn, spec.revision, reason,
+                                        llm_tokens=spec.run.tokens, tts_ms=spec.run.audio_ms))
 
     async def wait_idle(self) -> None:
         """Wait until every ended turn has finished in the background (tests, shutdown)."""
@@ -207,6 +238,9 @@ class TurnController:
             self._turn_boundary = self.samples
 
     async def aclose(self) -> None:
+        check, self._check = self._check, None
+        if check is not None:
+            check.cancel()
         await self.cancel_speculation("closed")
         for task in list(self._ending):
             task.cancel()
@@ -227,6 +261,8 @@ class TurnController:
             self._voiced_run += n
             self._silence_run = 0
             self._last_voiced_end = frame.end_sample
+            self._hinted = False
+            self._next_check_ms = 0
             if not self._in_speech and self._voiced_run >= p.min_speech_ms * RATE // 1000:
                 await self._speech_started()
             elif self._in_speech and self._speculative is not None:
@@ -237,9 +273,21 @@ class TurnController:
         if not self._in_speech:
             return
         self._silence_run += n
-        if self._silence_run >= p.silence_duration_ms * RATE // 1000:
-            await self._endpoint()  # step 4
-        elif self._silence_run >= p.speculative_pause_ms * RATE // 1000:
+        silence_ms = self._silence_run * 1000 // RATE
+        turn = self._turn
+        if not self._hinted and turn is not None and silence_ms >= p.asr_pause_hint_ms:
+            self._hinted = True
+            turn.end_of_speech(self._last_voiced_end)  # step 2: decode the tail now
+        if p.semantic is None or self._turn_model is None:
+            if silence_ms >= p.silence_duration_ms:
+                await self._endpoint()  # step 4
+                return
+        elif silence_ms >= p.semantic.max_wait_ms:
+            await self._endpoint()
+            return
+        elif silence_ms >= max(self._next_check_ms, p.semantic.first_check_ms):
+            self._ask_turn_model(p.semantic)
+        if silence_ms >= p.speculative_pause_ms:
             self._maybe_speculate()  # step 2
 
     async def _speech_started(self) -> None:
@@ -266,22 +314,74 @@ class TurnController:
 
     def _maybe_speculate(self) -> None:
         turn = self._turn
-        if (self._speculative is not None or not self.policy.speculation_enabled
-                or turn is None or not self._in_speech):
+        if (not self.policy.speculation_enabled or turn is None or not self._in_speech
+                or turn.latest is None):
             return
-        if turn.latest is None or turn.covered_until() < self._last_voiced_end:
-            return  # the hypothesis does not cover the speech yet: wait for the next one
+        uncovered = self._last_voiced_end - turn.covered_until()
+        if uncovered > self.policy.speculative_uncovered_ms * RATE // 1000:
+            return  # the hypothesis misses too much of the speech: wait for the next one
         text = turn.hypothesis()
         if not text:
             return
+        spec = self._speculative
+        if spec is not None:
+            if speculation_still_valid(spec.text, text):
+                return
+            # A newer hypothesis says other words: replace the speculative reply.
+            self._speculative = None
+            self._spawn_drop(spec, "transcript_changed")
         self.revision += 1
         run = self._make_reply(turn.turn, text)
         run.start()
         self._speculative = _Speculation(turn.turn, self.revision, text, run)
         log.debug("turn %d: speculative reply r%d on %r", turn.turn, self.revision, text)
 
+    def _spawn_drop(self, spec: _Speculation, reason: str) -> None:
+        task = asyncio.create_task(self._drop_speculation(spec, reason),
+                                   name=f"speculation-drop-{spec.revision}")
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    # ------------------------------------------------------------------ semantic_vad
+    def _ask_turn_model(self, rule: SemanticRule) -> None:
+        """Ask the end-of-turn model about the audio so far (one question at a time); its
+        answer may end the turn (:meth:`_on_turn_probability`)."""
+        if self._check is not None or self._turn is None or self._turn_model is None:
+            return
+        silence_ms = self._silence_run * 1000 // RATE
+        self._next_check_ms = silence_ms + rule.recheck_ms
+        keep = min(len(self._history) // 2, TURN_MODEL_SECONDS * RATE,
+                   self.samples - self._turn.origin)
+        audio = (np.frombuffer(self._history, dtype="<i2")[-keep:].astype(np.float32)
+                 / np.float32(32768.0))
+        self.turn_checks += 1
+        self._check = asyncio.create_task(
+            self._judge(self._turn, self._last_voiced_end, audio, rule), name="turn-check")
+
+    async def _judge(self, turn: AsrTurn, voiced_end: int, audio: npt.NDArray[np.float32],
+                     rule: SemanticRule) -> None:
+        try:
+            assert self._turn_model is not None
+            probability = await self._turn_model.predict(audio)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the model failed: the max wait still ends the turn
+            log.exception("end-of-turn model failed")
+            return
+        finally:
+            self._check = None
+        async with self._lock:
+            self.last_turn_probability = probability
+            still_paused = (self._turn is turn and self._in_speech
+                            and self._last_voiced_end == voiced_end)
+            if still_paused and probability >= rule.threshold:
+                log.debug("turn %d: end of turn, p=%.2f after %d ms of silence", turn.turn,
+                          probability, self._silence_run * 1000 // RATE)
+                await self._endpoint()
+
     async def _endpoint(self) -> None:
         self._in_speech = False
+        self._next_check_ms = 0
         turn = self._turn
         assert turn is not None
         end_ms = self._last_voiced_end * 1000 // RATE

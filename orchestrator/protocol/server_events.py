@@ -346,6 +346,11 @@ class CascadeTurnTimingsEvent(ServerEventBase):
     pipeline: str
     speculative_hit: bool | None = None
     status: str
+    # Speculative replies started during the user's turn (the kept one included), and the
+    # LLM tokens / synthesized audio of those thrown away.
+    speculations: int = 0
+    wasted_llm_tokens: int = 0
+    wasted_tts_ms: float = 0.0
     endpoint_ms: float | None = None
     first_transcript_delta_ms: float | None = None
     final_transcript_ms: float | None = None

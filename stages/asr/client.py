@@ -99,6 +99,11 @@ class RemoteAsrStream:
                 return
             yield item
 
+    async def end_of_speech(self, audio_ms: int) -> None:
+        if not self._final.done():
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(f'{{"type":"end_of_speech","audio_ms":{int(audio_ms)}}}')
+
     async def finalize(self) -> AsrFinal:
         if not self._final.done():
             with contextlib.suppress(ConnectionClosed):

@@ -93,6 +93,12 @@ class WhisperAsr:
             queue_size=self.settings.queue_size,
         )
 
+    def warmup(self) -> None:
+        """One decode of a second of noise (blocking): CTranslate2 allocates its buffers
+        for the context bucket on first use."""
+        noise = np.random.default_rng(0).normal(0.0, 0.05, ASR_RATE).astype(np.float32)
+        self.decode_sync(noise, None, self.settings.language, "warmup")
+
     @classmethod
     async def load(cls, settings: AsrSettings | None = None) -> WhisperAsr:
         """Load the model in a thread (keeps the event loop responsive)."""

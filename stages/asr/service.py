@@ -33,7 +33,14 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from stages.asr.engine import SUPPORTED_RATES, WhisperAsr
 from stages.asr.settings import AsrSettings
-from stages.asr.types import AsrError, AsrFinal, CloseMessage, ControlMessage, FinalizeMessage
+from stages.asr.types import (
+    AsrError,
+    AsrFinal,
+    CloseMessage,
+    ControlMessage,
+    EndOfSpeechMessage,
+    FinalizeMessage,
+)
 from stages.common.audio import (
     ASR_RATE,
     AudioFormatError,
@@ -154,7 +161,11 @@ def create_app(settings: AsrSettings) -> FastAPI:
                     continue
                 except ValidationError:
                     await refuse("unknown_message_type",
-                                 "expected {\"type\": \"finalize\"} or {\"type\": \"close\"}")
+                                 "expected {\"type\": \"finalize\"}, {\"type\": \"close\"} "
+                                 "or {\"type\": \"end_of_speech\", \"audio_ms\": N}")
+                    continue
+                if isinstance(control, EndOfSpeechMessage):
+                    await session.end_of_speech(control.audio_ms)
                     continue
                 if isinstance(control, FinalizeMessage):
                     if resampler.src_rate != ASR_RATE:

@@ -31,6 +31,11 @@ on 2 CPU cores) whether the window holds 1 s or 20 s of audio. Streaming therefo
   is reused at once — even while another decode is in flight (that result is dropped) —
   so finalize is nearly free. Otherwise it waits for the decode in flight, and decodes the
   uncommitted tail once more only if speech arrived after that decode's window.
+* ``end_of_speech(ms)``: the caller's VAD heard a pause. The next decode starts at once
+  (no waiting for the decode interval), so a hypothesis covering the whole utterance is
+  ready ~one decode after the pause begins; with ``finalize()`` after the endpoint that
+  decode is the final one. This is what lets the turn controller start the reply
+  speculatively during the pause.
 * Hypothesis words lying on digital silence are dropped (Whisper's "Thank you." on
   pauses).
 
@@ -118,6 +123,7 @@ class WhisperStream:
         self._decodes = 0
         self._cost_ema = 0.0
         self._last_decode_start = -1e9
+        self._urgent = False  # end_of_speech(): decode now, skip the interval
         self._partials: asyncio.Queue[AsrPartial | None] = asyncio.Queue(
             maxsize=max(2, config.queue_size)
         )
@@ -126,6 +132,7 @@ class WhisperStream:
         self._stop_event = asyncio.Event()
         self._closing = False
         self._decoding = False  # a decode of this stream is in flight
+        self._decode_started_at = 0  # absolute end sample of the window in flight
         self._abandon = False  # finalize() went ahead without the decode in flight
         self._closed = False
         self._final: AsrFinal | None = None
@@ -186,6 +193,14 @@ class WhisperStream:
             if item is None:
                 return
             yield item
+
+    async def end_of_speech(self, audio_ms: int) -> None:
+        if self._closing:
+            return
+        end = min(self._total, audio_ms * ASR_RATE // 1000)
+        if self._decoded_upto < end or (self._decoding and self._decode_started_at < end):
+            self._urgent = True
+            self._audio_event.set()
 
     async def finalize(self) -> AsrFinal:
         async with self._finalize_lock:
@@ -284,6 +299,9 @@ class WhisperStream:
             if self._len < min_samples or self._window_start + self._len <= self._decoded_upto:
                 continue
             wait = self._last_decode_start + self._interval() - time.monotonic()
+            if self._urgent:
+                self._urgent = False
+                wait = 0.0
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), timeout=wait)
@@ -320,6 +338,7 @@ class WhisperStream:
         t0 = time.perf_counter()
         prompt = self._prompt()
         self._decoding = True
+        self._decode_started_at = start + n
         try:
             rel = await self._decoder(self._buf[:n], prompt, self._language, kind)
         finally:

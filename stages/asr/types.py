@@ -64,7 +64,15 @@ class CloseMessage(BaseModel):
     type: Literal["close"]
 
 
-ControlMessage = Annotated[FinalizeMessage | CloseMessage, Field(discriminator="type")]
+class EndOfSpeechMessage(BaseModel):
+    """The caller's VAD heard the speech end at ``audio_ms`` (ms since the stream start)."""
+
+    type: Literal["end_of_speech"]
+    audio_ms: int = Field(ge=0)
+
+
+ControlMessage = Annotated[FinalizeMessage | CloseMessage | EndOfSpeechMessage,
+                           Field(discriminator="type")]
 
 
 @runtime_checkable
@@ -77,6 +85,13 @@ class AsrStream(Protocol):
 
     def partials(self) -> AsyncIterator[AsrPartial]:
         """Interim results as they are produced; ends after finalize() or aclose()."""
+        ...
+
+    async def end_of_speech(self, audio_ms: int) -> None:
+        """Hint from the caller's VAD: the speech paused at ``audio_ms`` (ms since the
+        stream start). Decode up to there now, without waiting for the next scheduled
+        decode; if finalize() follows with no speech in between, that decode is the final
+        one (the trailing silence is never decoded again). Later speech voids the hint."""
         ...
 
     async def finalize(self) -> AsrFinal:

@@ -33,6 +33,7 @@ from piper import PiperVoice
 from piper.config import PiperConfig, SynthesisConfig
 
 from stages.common.audio import Float32Array, Int16Array, float_to_pcm16, resample
+from stages.common.cpu import onnx_session_options
 from stages.common.metrics import (
     TTS_ACTIVE_STREAMS,
     TTS_AUDIO_SECONDS,
@@ -87,10 +88,7 @@ def load_voice(settings: TtsSettings) -> PiperVoice:
         except ValueError as exc:  # already patched on disk, or no Ceil tensor
             log.info("model used as-is for alignments: %s", exc)
     providers = _providers(settings.device)
-    opts = onnxruntime.SessionOptions()
-    if providers == ["CPUExecutionProvider"]:
-        opts.intra_op_num_threads = settings.cpu_threads
-        opts.inter_op_num_threads = 1
+    opts = onnx_session_options(settings.cpu_threads)
     session = onnxruntime.InferenceSession(model, sess_options=opts, providers=providers)
     if settings.device == "cuda" and _CUDA not in session.get_providers():
         raise RuntimeError("device=cuda but the CUDA provider failed to initialise "
@@ -111,6 +109,10 @@ class PiperTts:
                                            thread_name_prefix="piper")
         self._streams: set[PiperTtsStream] = set()
         self._phonemize_word = functools.lru_cache(maxsize=8192)(self._phonemize_word_uncached)
+
+    def warmup(self) -> None:
+        """One short synthesis (blocking): onnxruntime plans and allocates on first use."""
+        self.render("Hello there.", self.source_rate, 1.0, threading.Event())
 
     # --- validation shared with the service ---
 

@@ -20,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from stages.common.cpu import onnx_session_options
+
 SAMPLE_RATE = 16_000
 FRAME_SAMPLES = 512  # 32 ms at 16 kHz: the only frame size the 16 kHz model accepts
 CONTEXT_SAMPLES = 64  # tail of the previous frame, prepended to each frame
@@ -43,11 +45,7 @@ class SileroVadModel:
     """One ONNX session; ``infer`` maps (576-sample window, state) -> (probability, state)."""
 
     def __init__(self, path: str | None = None, providers: list[str] | None = None) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
+        opts = onnx_session_options(1)
         self.path = path or default_model_path()
         # CPU by default: a 0.1 ms kernel gains nothing from a GPU round trip.
         self._session = ort.InferenceSession(

@@ -196,6 +196,9 @@ class FakeAsrStream:
         while (partial := await self._queue.get()) is not None:
             yield partial
 
+    async def end_of_speech(self, audio_ms: int) -> None:
+        self.owner.speech_ends.append(audio_ms)
+
     async def finalize(self) -> AsrFinal:
         self.owner.finalized += 1
         text = self._text(self._bursts) + self.owner.final_suffix
@@ -213,6 +216,7 @@ class FakeAsr:
         self.words = words
         self.final_suffix = final_suffix
         self.finalized = 0
+        self.speech_ends: list[int] = []  # end_of_speech hints received (stream ms)
         self.streams: list[FakeAsrStream] = []
 
     async def open_stream(self, *, language: str | None = None,

@@ -29,7 +29,7 @@ def test_env_applies_when_no_flag(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bad_settings_exit_with_the_reason() -> None:
     args = build_parser().parse_args(["serve", "--asr-url", "http://127.0.0.1:1"])
-    with pytest.raises(SystemExit, match="stage URLs must be all set"):
+    with pytest.raises(SystemExit, match="asr_url and tts_url must be both set"):
         serve_settings(args)
 
 

@@ -334,10 +334,17 @@ async def test_shutdown_closes_open_sockets_with_1012() -> None:
 # --- settings ---------------------------------------------------------------------------------
 
 
-def test_stage_urls_must_be_all_or_none() -> None:
-    with pytest.raises(ValueError, match="missing: llm_url, tts_url"):
-        ServeSettings(asr_url="http://asr:8001")
+def test_stage_url_placements() -> None:
+    with pytest.raises(ValueError, match="missing: tts_url"):
+        ServeSettings(asr_url="http://asr:8001", llm_url="http://l")
+    with pytest.raises(ValueError, match="missing: asr_url"):
+        ServeSettings(tts_url="http://tts:8003")
+    with pytest.raises(ValueError, match="missing: llm_url"):
+        ServeSettings(asr_url="http://a", tts_url="http://t")
     assert ServeSettings().distributed is False
+    # A remote LLM (vLLM) with the embedded ASR and TTS.
+    mixed = ServeSettings(llm_url="http://vllm:8000/v1")
+    assert mixed.distributed is False and mixed.llm_url
     remote = ServeSettings(asr_url="http://a", llm_url="http://l", tts_url="http://t")
     assert remote.distributed is True
     store = ServeSettings(redis_url="redis://r:6379/0", max_items=7).store_settings()
@@ -388,4 +395,4 @@ def test_cli_serve_refuses_a_mix_of_stage_urls() -> None:
 
     with pytest.raises(SystemExit) as info:
         cli.main(["serve", "--asr-url", "http://127.0.0.1:8001"])
-    assert "missing: llm_url, tts_url" in str(info.value.code)
+    assert "missing: tts_url" in str(info.value.code)
