@@ -201,6 +201,7 @@ class WhisperStream:
         if self._decoded_upto < end or (self._decoding and self._decode_started_at < end):
             self._urgent = True
             self._audio_event.set()
+            self._stop_event.set()  # cut short a wait for the decode interval
 
     async def finalize(self) -> AsrFinal:
         async with self._finalize_lock:
@@ -303,10 +304,13 @@ class WhisperStream:
                 self._urgent = False
                 wait = 0.0
             if wait > 0:
+                # _stop_event cuts the wait short: closing, or end_of_speech() (decode now).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), timeout=wait)
                 if self._closing:
                     break
+                self._stop_event.clear()
+                self._urgent = False
             try:
                 hyp = await self._decode_window("partial")
             except Exception:

@@ -132,7 +132,12 @@ async def test_websocket_bad_inputs(base_url: str) -> None:
         assert json.loads(await ws.recv())["code"] == "malformed_json"
         await ws.send('{"type": "dance"}')
         assert json.loads(await ws.recv())["code"] == "unknown_message_type"
-        await ws.send(with_silence(piper_clip(SENTENCES[1])).tobytes())
+        await ws.send('{"type": "end_of_speech", "audio_ms": -5}')
+        assert "end_of_speech" in json.loads(await ws.recv())["message"]
+        clip = with_silence(piper_clip(SENTENCES[1]))
+        await ws.send(clip.tobytes())
+        # The pause hint: decode up to the end of the speech at once (one more partial).
+        await ws.send(json.dumps({"type": "end_of_speech", "audio_ms": clip.size // 16}))
         await ws.send('{"type": "finalize"}')
         events = [json.loads(m) async for m in ws]
         assert events[-1]["type"] == "final"

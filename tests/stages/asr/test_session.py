@@ -163,3 +163,40 @@ async def test_finalize_does_not_wait_for_decode_of_silence() -> None:
     # decode started before finalize is still running when finalize has returned.
     assert dec.in_flight == 1, "finalize waited for the decode in flight"
     assert final.text == "one two three"
+
+
+async def test_end_of_speech_decodes_at_once_and_finalize_reuses_that_decode() -> None:
+    dec = FakeDecoder(delay=0.0)
+    stream = WhisperStream(dec, config(decode_interval_s=30.0))  # no scheduled decode soon
+    await stream.push(speech(3))
+    await asyncio.sleep(0.05)
+    first = dec.calls  # at most the first decode (the interval counts from it)
+    await stream.push(speech(1)[:3200])  # a little more audio: still no scheduled decode
+    await asyncio.sleep(0.05)
+    assert dec.calls == first
+    await stream.push(np.zeros(1600, dtype=np.int16).tobytes())  # 100 ms of pause
+    await stream.end_of_speech(1200 + 100)  # the VAD heard the pause after 1.3 s
+    async for p in stream.partials():
+        if p.audio_ms >= 1300:
+            break
+    assert dec.calls == first + 1  # decoded at once, not 30 s later
+    calls = dec.calls
+    await stream.push(np.zeros(6400, dtype=np.int16).tobytes())  # the rest of the silence
+    final = await stream.finalize()
+    assert dec.calls == calls  # the pause's decode was the final one
+    assert final.text == "one two three"
+
+
+async def test_end_of_speech_already_covered_is_a_no_op() -> None:
+    dec = FakeDecoder(delay=0.0)
+    stream = WhisperStream(dec, config(decode_interval_s=30.0))
+    await stream.push(speech(2))
+    async for p in stream.partials():
+        if p.audio_ms == stream.audio_ms:
+            break
+    calls = dec.calls
+    await stream.end_of_speech(500)  # inside what the last decode heard
+    await asyncio.sleep(0.05)
+    assert dec.calls == calls
+    await stream.aclose()
+    await stream.end_of_speech(900)  # after close: ignored, no error
