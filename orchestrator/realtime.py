@@ -133,6 +133,10 @@ class TurnTiming:
     speculations: int = 0
     wasted_llm_tokens: int = 0
     wasted_tts_ms: float = 0.0
+    # Why the turn ended ("silence", "semantic", "max_turn"; None: committed by the client)
+    # and semantic_vad's last end-of-turn probability.
+    endpoint_reason: str | None = None
+    turn_probability: float | None = None
 
 
 @dataclass
@@ -542,6 +546,7 @@ class RealtimeSession:
             behind_ms = self._controller.samples * 1000 / ASR_RATE - event.audio_end_ms
             timing = self._user_turn(event.turn).timing
             timing.eos, timing.endpoint = now - behind_ms / 1000.0, now
+            timing.endpoint_reason, timing.turn_probability = event.reason, event.probability
             await self._send(InputAudioBufferSpeechStoppedEvent(
                 audio_end_ms=event.audio_end_ms, item_id=self._user_turn(event.turn).item_id))
             await self._user_turn_committed(event.turn)
@@ -733,6 +738,9 @@ class RealtimeSession:
             {"response_id": responder.response.id, "pipeline": record["pipeline"],
              "speculative_hit": record["speculative_hit"], "status": record["status"],
              "speculations": timing.speculations,
+             "endpoint_reason": timing.endpoint_reason,
+             "turn_probability": (None if timing.turn_probability is None
+                                  else round(timing.turn_probability, 3)),
              "wasted_llm_tokens": timing.wasted_llm_tokens,
              "wasted_tts_ms": round(timing.wasted_tts_ms, 1), **fields})
         self._spawn(self._send(event))
@@ -759,6 +767,7 @@ class RealtimeSession:
         record: dict[str, object] = {"event": "turn", "session": self.session_id,
                                      "pipeline": pipeline,
                                      "speculative_hit": timing.speculative_hit,
+                                     "endpoint_reason": timing.endpoint_reason,
                                      "status": responder.response.status}
         for name, (histogram, at) in marks.items():
             if at is None:

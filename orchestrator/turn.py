@@ -65,6 +65,11 @@ class SpeechStarted:
 class SpeechStopped:
     turn: int
     audio_end_ms: int
+    # Why the turn ended: "silence" (server_vad, or semantic_vad's longest wait),
+    # "semantic" (the end-of-turn model said finished, with its ``probability``),
+    # "max_turn" (the turn reached max_turn_ms).
+    reason: str = "silence"
+    probability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,7 @@ class TurnController:
             if (self.auto_turns and turn is not None and self._in_speech
                     and turn.samples >= self.policy.max_turn_ms * RATE // 1000):
                 log.info("turn %d reached %d ms: ending it", turn.turn, self.policy.max_turn_ms)
-                await self._endpoint()
+                await self._endpoint("max_turn")
 
     async def commit(self) -> int | None:
         """Manual end of turn (input_audio_buffer.commit). Returns the turn's number; its
@@ -263,6 +268,7 @@ class TurnController:
             self._last_voiced_end = frame.end_sample
             self._hinted = False
             self._next_check_ms = 0
+            self.last_turn_probability = None
             if not self._in_speech and self._voiced_run >= p.min_speech_ms * RATE // 1000:
                 await self._speech_started()
             elif self._in_speech and self._speculative is not None:
@@ -280,10 +286,10 @@ class TurnController:
             turn.end_of_speech(self._last_voiced_end)  # step 2: decode the tail now
         if p.semantic is None or self._turn_model is None:
             if silence_ms >= p.silence_duration_ms:
-                await self._endpoint()  # step 4
+                await self._endpoint("silence")  # step 4
                 return
         elif silence_ms >= p.semantic.max_wait_ms:
-            await self._endpoint()
+            await self._endpoint("silence", self.last_turn_probability)
             return
         elif silence_ms >= max(self._next_check_ms, p.semantic.first_check_ms):
             self._ask_turn_model(p.semantic)
@@ -371,21 +377,23 @@ class TurnController:
         finally:
             self._check = None
         async with self._lock:
-            self.last_turn_probability = probability
             still_paused = (self._turn is turn and self._in_speech
                             and self._last_voiced_end == voiced_end)
+            if still_paused:
+                self.last_turn_probability = probability
             if still_paused and probability >= rule.threshold:
                 log.debug("turn %d: end of turn, p=%.2f after %d ms of silence", turn.turn,
                           probability, self._silence_run * 1000 // RATE)
-                await self._endpoint()
+                await self._endpoint("semantic", probability)
 
-    async def _endpoint(self) -> None:
+    async def _endpoint(self, reason: str, probability: float | None = None) -> None:
         self._in_speech = False
         self._next_check_ms = 0
         turn = self._turn
         assert turn is not None
         end_ms = self._last_voiced_end * 1000 // RATE
-        await self._emit(SpeechStopped(turn.turn, audio_end_ms=end_ms))
+        await self._emit(SpeechStopped(turn.turn, audio_end_ms=end_ms, reason=reason,
+                                       probability=probability))
         self._end_turn(auto=True)
 
     # ------------------------------------------------------------------ turn end

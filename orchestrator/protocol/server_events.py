@@ -351,6 +351,10 @@ class CascadeTurnTimingsEvent(ServerEventBase):
     speculations: int = 0
     wasted_llm_tokens: int = 0
     wasted_tts_ms: float = 0.0
+    # Why the user's turn ended: "silence", "semantic" (semantic_vad's end-of-turn model,
+    # with its probability), "max_turn"; None for a turn the client committed.
+    endpoint_reason: str | None = None
+    turn_probability: float | None = None
     endpoint_ms: float | None = None
     first_transcript_delta_ms: float | None = None
     final_transcript_ms: float | None = None

@@ -12,6 +12,7 @@ import base64
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from openai import AsyncOpenAI
@@ -166,6 +167,47 @@ async def test_distributed_shape_stage_services_behind_serve() -> None:
                  if e.type == "conversation.item.input_audio_transcription.completed"]
     assert wer(QUESTION, completed[0].transcript) <= 0.2
     assert events[-1].response.status == "completed"
+    assert any(e.type == "response.output_audio.delta" for e in events)
+
+
+async def test_remote_llm_with_embedded_asr_and_tts() -> None:
+    """cascade serve --llm-url alone: ASR and TTS in-process, the LLM a separate server."""
+    from orchestrator.launcher import stage_processes
+
+    with stage_processes(("llm",)) as urls, serve_process(
+            "--api-key", API_KEY, "--llm-url", urls["llm"]) as base:
+        ws_url = base.replace("http://", "ws://") + "/v1"
+        async with client(ws_url).realtime.connect(model="cascade") as conn:
+            await conn.recv()  # session.created
+            reader = asyncio.create_task(collect_until(conn, "response.done"))
+            await speak(conn, piper_clip(QUESTION, 24_000), 24_000, "audio/pcm", speedup=1.0)
+            events = await reader
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(urls["llm"] + "/metrics")).text
+    assert events[-1].response.status == "completed"
+    assert any(e.type == "response.output_audio.delta" for e in events)
+    # The reply's tokens came from the LLM server, not an embedded engine.
+    served = [line for line in metrics.splitlines() if line.startswith("cascade_llm_tokens_total")]
+    assert served and float(served[0].split()[-1]) > 0
+
+
+async def test_semantic_vad_ends_a_complete_question_on_the_model(server: str) -> None:
+    """semantic_vad with the real Smart Turn model: a finished question ends the turn on
+    the model's word ("semantic"), before server_vad's 500 ms of silence would have."""
+    async with client(server).realtime.connect(model="cascade") as conn:
+        await conn.recv()
+        await conn.session.update(session={  # type: ignore[arg-type]
+            "type": "realtime", "turn_detection": {"type": "semantic_vad", "eagerness": "high"},
+            "cascade": {"timings": True}})
+        reader = asyncio.create_task(collect_until(conn, "cascade.turn.timings"))
+        await speak(conn, piper_clip(QUESTION, 24_000), 24_000, "audio/pcm", speedup=1.0)
+        events = await reader
+    timings = events[-1]
+    assert timings.type == "cascade.turn.timings"
+    extra = timings.model_extra or {}
+    reason = getattr(timings, "endpoint_reason", None) or extra.get("endpoint_reason")
+    probability = getattr(timings, "turn_probability", None) or extra.get("turn_probability")
+    assert reason == "semantic" and probability is not None and probability >= 0.5
     assert any(e.type == "response.output_audio.delta" for e in events)
 
 

@@ -73,6 +73,7 @@ async def test_semantic_vad_ends_a_complete_turn_at_the_first_check() -> None:
     # Ended at the first question (150 ms of silence + one VAD frame), not after 500 ms.
     assert len(model.heard_s) == 1
     assert h.controller.last_turn_probability == 0.9
+    assert (stopped[0].reason, stopped[0].probability) == ("semantic", 0.9)
     released = h.of(ReplyReleased)
     assert len(released) == 1
 
@@ -84,7 +85,8 @@ async def test_semantic_vad_waits_while_the_model_says_incomplete() -> None:
     assert len(model.heard_s) >= 5  # asked again every 100 ms of silence
     assert all(s <= 8.0 for s in model.heard_s)
     await h.say(silence(900))  # past max_wait_ms (2 s): ended anyway
-    assert len(h.of(SpeechStopped)) == 1
+    stopped = h.of(SpeechStopped)
+    assert len(stopped) == 1 and (stopped[0].reason, stopped[0].probability) == ("silence", 0.1)
     assert len(h.of(ReplyReleased)) == 1
 
 
@@ -99,4 +101,5 @@ async def test_without_a_model_semantic_vad_falls_back_to_silence() -> None:
     await h.say(words(3), silence(450))
     assert h.of(SpeechStopped) == []
     await h.say(silence(150))
-    assert len(h.of(SpeechStopped)) == 1  # silence_duration_ms (500) as server_vad
+    stopped = h.of(SpeechStopped)
+    assert len(stopped) == 1 and stopped[0].reason == "silence"  # as server_vad
