@@ -3,16 +3,20 @@
 Slots and threading
 * ``parallel`` slots, each its own ``Llama`` (one llama.cpp context: its own KV cache and
   compute buffers) with its own worker thread, so that several sessions' replies run side
-  by side instead of queueing behind one generation. The weights are one file mapped by
-  the OS (``use_mmap``): each further slot costs its KV cache and compute buffers, not
-  another copy of the model (~66 MB for SmolLM2 at n_ctx 2048, measured as PSS).
-* ``n_threads`` / ``n_threads_batch`` are per slot (decode / prompt evaluation). Under full
-  load the engine runs ``parallel x n_threads`` compute threads; an idle slot runs none
-  (llama.cpp starts its compute threads per graph and they exit with it, so idle slots
-  cost no CPU). Give the engine's thread budget as ``n_threads`` = budget / parallel when
-  every slot may be busy at once; ggml's threads spin at every barrier, so
-  oversubscribed cores waste time in those spins (see the benchmark numbers in the
-  README / ``benchmarks/stages/llm.py``).
+  by side instead of queueing behind one generation, and each session's history stays
+  cached in its slot. The weights are one file mapped by the OS (``use_mmap``): a further
+  slot costs its KV cache and buffers, not another copy of the model. Measured for
+  SmolLM2 at n_ctx 2048: PSS 156 / 242 / 397 MB for 1 / 2 / 4 slots (~80 MB a slot; RSS
+  says 239 / 401 / 725 MB because it counts the shared mapping once per slot).
+* Threads are per slot: ``n_threads`` generate, ``n_threads_batch`` (default
+  ``n_threads``) evaluate prompts. Under full load the engine runs up to ``parallel x``
+  those; an idle slot runs none (llama.cpp's OpenMP threads sleep after a graph: measured
+  0 ms CPU per idle second with ``OMP_WAIT_POLICY=PASSIVE``, ~6 ms without). Several
+  single-threaded decodes share cores by time slicing; multi-threaded ones meet at a
+  barrier tens of times per token, which with PASSIVE is a futex wake each time (2-thread
+  decode measured 19-41 tokens/s vs 43-49 on one thread) and with spinning barriers
+  collapses whenever another process holds a core. Hence ``LlmSettings.decode_threads``
+  = 1 and ``cpu_threads`` for prompts, where 2 threads still pay off.
 * A request goes to an idle slot, chosen by ``stages.llm.slots`` for the prefix it already
   holds (a conversation's next turn lands where its history is cached; llama-cpp-python
   then evaluates only the new tokens). When no slot is idle, requests wait in arrival
@@ -20,6 +24,11 @@ Slots and threading
   ``LlmBusyError``, HTTP 429), and each goes to the first slot that frees. A request whose
   best slot is finishing a cancelled generation (a speculative reply restarted on the
   final transcript) waits for that slot: it frees within one token and holds the history.
+* llama-cpp-python's ``set_cache(LlamaRAMCache)`` is not used: it saves the context's
+  whole state after every completion, on the slot's thread before its next request
+  (measured 0.1-0.25 s and a 50-100 MB logits copy for 250-600 tokens; its capacity
+  limit does not count that copy), to help only a conversation that lost its slot, which
+  the slot choice avoids while there are as many slots as live sessions.
 * The event loop never runs inference. A worker hands deltas to the loop with
   ``loop.call_soon_threadsafe``; a semaphore of ``queue_size`` permits bounds what is in
   flight, so a slow consumer back-pressures the generator instead of growing a queue.
@@ -28,6 +37,8 @@ Slots and threading
   worker checks it between tokens and closes llama.cpp's token generator, so generation
   ends within one token's time (~10 ms for SmolLM2 on 2 cores). A request cancelled while
   waiting leaves the queue at once.
+* On a GPU (``n_gpu_layers``) every slot uploads its own copy of the weights; there, one
+  slot or a batching server (vLLM, llama.cpp's server) is the better choice.
 
 Device: ``cuda`` offloads every layer (``n_gpu_layers=-1``). That needs a CUDA build of
 llama-cpp-python (``CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python``); the CPU
@@ -147,6 +158,7 @@ class _Slot:
     held: Keys = ()  # prompt keys of what its KV cache holds (stages.llm.slots)
     last_used: float = 0.0  # when it last took or finished a generation
     job: _Job | None = None  # the generation it runs, or None when idle
+    warming: bool = False  # warmup() runs on it: not idle either
 
 
 @dataclass
@@ -173,8 +185,9 @@ class LlamaCppLlm:
         queue_size: int = 256,
         model_name: str = "smollm2-135m-instruct",
     ) -> None:
-        """``n_threads``/``n_threads_batch`` (default: ``n_threads``) are per slot; the
-        engine runs up to ``parallel x n_threads`` compute threads when every slot is busy."""
+        """``n_threads`` (generation) and ``n_threads_batch`` (prompts; default:
+        ``n_threads``) are per slot: with every slot busy the engine runs up to ``parallel``
+        times as many compute threads (module docstring)."""
         from llama_cpp import Llama
 
         path = model_path or bundled_model_path()
@@ -220,7 +233,8 @@ class LlamaCppLlm:
         return cls(
             s.resolved_model_path(),
             n_ctx=s.n_ctx,
-            n_threads=s.cpu_threads,
+            n_threads=s.decode_threads or s.cpu_threads,
+            n_threads_batch=s.cpu_threads,
             parallel=s.parallel,
             device=s.device,
             temperature=s.temperature,
@@ -235,17 +249,30 @@ class LlamaCppLlm:
         """Number of slots (llama.cpp contexts generating side by side)."""
         return len(self._slots)
 
+    @property
+    def threads(self) -> tuple[int, int]:
+        """(generation threads, prompt threads) of each slot."""
+        params = self._slots[0].llm.context_params
+        return int(params.n_threads), int(params.n_threads_batch)
+
     def warmup(self) -> None:
         """One tiny generation per slot (blocking): the first decode pays one-time setup
         costs in each context. Call it before serving."""
         for slot in self._slots:
             with self._lock:
-                if slot.job is not None:
+                if slot.job is not None or self._closed:
                     continue  # already serving: it is warm by now
-            for _ in slot.llm.create_chat_completion(
-                [{"role": "user", "content": "Hi"}], max_tokens=2, stream=True
-            ):
-                pass
+                slot.warming = True
+            try:
+                for _ in slot.llm.create_chat_completion(
+                    [{"role": "user", "content": "Hi"}], max_tokens=2, stream=True
+                ):
+                    pass
+            finally:
+                with self._lock:
+                    slot.warming = False
+                    slot.held = ()
+                    self._dispatch()
 
     @property
     def pending(self) -> int:
@@ -343,7 +370,7 @@ class LlamaCppLlm:
         for job in list(self._waiting):
             if job.stop.is_set():
                 continue  # its consumer is gone; _drop_waiting finishes it
-            free = [s for s in self._slots if s.job is None]
+            free = [s for s in self._slots if s.job is None and not s.warming]
             if not free:
                 break
             draining = [s for s in self._slots if s.job is not None and s.job.stop.is_set()]

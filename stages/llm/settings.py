@@ -33,9 +33,16 @@ class LlmSettings(StageSettings):
     temperature: float = 0.7
     max_tokens: int = 256
     # Slots: llama.cpp contexts generating side by side, each with its own KV cache
-    # (n_ctx tokens) and worker thread; the weights are mapped once. cpu_threads is per
-    # slot: under full load the engine runs parallel x cpu_threads compute threads.
-    parallel: int = Field(default=2, ge=1)
+    # (n_ctx tokens) and worker thread; the weights are mapped once (+~80 MB a slot for
+    # SmolLM2 at n_ctx 2048). 4 = one per session for the 4 concurrent voice sessions a
+    # 2-core box serves: each keeps its history cached (benchmarks/stages/llm.py).
+    parallel: int = Field(default=4, ge=1)
+    # Threads per slot: cpu_threads evaluate prompts (n_threads_batch); decode_threads
+    # generate (n_threads; 0 = cpu_threads). One decode thread: measured on 2 cores with
+    # OMP_WAIT_POLICY=PASSIVE (cascade's default), 2 threads decode SmolLM2 no faster
+    # than one (19-41 vs 43-49 tokens/s: a futex wake at every barrier, tens per token),
+    # and with spinning barriers 2 threads collapse whenever another process holds a core.
+    decode_threads: int = Field(default=1, ge=0)
     # Requests allowed to wait for a free slot (all busy) before 429 "server_busy".
     max_waiting: int = 8
     # Upstream OpenAI-compatible server (e.g. vLLM) for OpenAICompatLlm; "" = none.

@@ -57,6 +57,23 @@ def test_parallel_setting_reads_the_environment(monkeypatch: pytest.MonkeyPatch)
         LlmSettings()
 
 
+async def test_from_settings_gives_each_slot_its_threads() -> None:
+    llm = LlamaCppLlm.from_settings(LlmSettings(parallel=2, cpu_threads=2, decode_threads=1,
+                                                n_ctx=256))
+    try:
+        assert llm.parallel == 2
+        assert llm.threads == (1, 2)  # one thread generates, two evaluate prompts
+        assert await llm.context_window() == 256
+    finally:
+        await llm.aclose()
+    llm = LlamaCppLlm.from_settings(LlmSettings(parallel=1, cpu_threads=2, decode_threads=0,
+                                                n_ctx=256))
+    try:
+        assert llm.threads == (2, 2)  # 0: as many as cpu_threads
+    finally:
+        await llm.aclose()
+
+
 async def test_warmup_left_every_slot_idle(engine: LlamaCppLlm) -> None:
     assert engine.parallel == 2
     assert engine.busy_slots == 0 and engine.pending == 0
