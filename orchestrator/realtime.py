@@ -119,6 +119,9 @@ from stages.vad.stream import VadStream
 log = logging.getLogger(__name__)
 
 
+DEFAULT_INSTRUCTIONS = "You are a helpful voice assistant. Answer briefly."
+
+
 @dataclass
 class TurnTiming:
     """Wall-clock (time.monotonic) milestones of one user turn, for metrics and the log."""
@@ -194,6 +197,8 @@ class RealtimeSession:
         self._audio_received_ms = 0.0
         self._closed = False
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._prime_task: asyncio.Task[None] | None = None
+        self._primed: str | None = None  # the instructions last sent to warm the LLM
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
         self._lease: LeaseKeeper | None = None
 
@@ -237,6 +242,7 @@ class RealtimeSession:
         shown = self.session.model_copy(update={
             "cascade": self.session.cascade.model_copy(update={"resume_token": token})})
         await self._send(SessionCreatedEvent(session=shown))
+        self._prime_llm()
 
     async def _llm_context_window(self) -> int | None:
         """The LLM's context window: configured, else what the stage reports (the engine's
@@ -267,6 +273,32 @@ class RealtimeSession:
             await self._responder.cancel("client_cancelled")
         if self._controller is not None:
             await self._controller.aclose()
+        prime, self._prime_task = self._prime_task, None
+        if prime is not None and not prime.done():
+            prime.cancel()
+
+    def _prime_llm(self) -> None:
+        """Let the LLM read this session's instructions now, in the background, so the first
+        reply reuses them from its prompt cache (llama.cpp slot / vLLM prefix cache) instead
+        of evaluating them after the user's first endpoint. Once per instructions text."""
+        text = self.session.instructions or DEFAULT_INSTRUCTIONS
+        if not self._settings.llm_prime_instructions or text == self._primed or self._closed:
+            return
+        self._primed = text
+        if self._prime_task is not None and not self._prime_task.done():
+            self._prime_task.cancel()
+        self._prime_task = asyncio.create_task(self._prime(text), name="llm-prime")
+
+    async def _prime(self, text: str) -> None:
+        request = LlmRequest(messages=[ChatMessage(role="system", content=text)], max_tokens=1)
+        try:
+            async with asyncio.timeout(self._settings.llm_first_token_timeout_s):
+                async for _ in self._backends.llm.stream(request):
+                    pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # only a cache warm-up: the turns will see real errors
+            log.debug("session %s: priming the LLM failed: %s", self.session_id, exc)
 
     # ------------------------------------------------------------------ input
     async def handle(self, raw: str | bytes) -> None:
@@ -374,6 +406,7 @@ class RealtimeSession:
                                         owner=self._owner)
         self._configure_audio()
         await self._send(SessionUpdatedEvent(session=self.session))
+        self._prime_llm()
 
     def _configure_audio(self) -> None:
         """(Re)build the input path and the turn controller from the session config."""
@@ -617,8 +650,7 @@ class RealtimeSession:
         cfg = config or ResponseConfig()
         instructions = cfg.instructions if cfg.instructions is not None else (
             self.session.instructions)
-        messages = [ChatMessage(role="system", content=instructions
-                                or "You are a helpful voice assistant. Answer briefly.")]
+        messages = [ChatMessage(role="system", content=instructions or DEFAULT_INSTRUCTIONS)]
         context: list[ConversationItem] = (
             list(cfg.input) if cfg.input is not None
             else [] if cfg.conversation == "none" else self.items)

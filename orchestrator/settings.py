@@ -81,6 +81,10 @@ class ServeSettings(BaseSettings):
     # `max_model_len` from a server's /v1/models, as vLLM reports it). The prompt keeps the
     # instructions and the newest turns that fit (orchestrator/context.py).
     llm_context_window: int = Field(default=0, ge=0)
+    # Send each session's instructions to the LLM once when they are set (a 1-token
+    # request), so its prompt cache holds them before the first reply. Off for a paid API
+    # that bills every request.
+    llm_prime_instructions: bool = True
 
     # --- CPU budget of the embedded engines (stages/common/cpu.py) --------------------------
     # Threads in all (0: the cores this process may use); per stage (0: the whole budget,

@@ -28,6 +28,11 @@ LLM_TTFT_SECONDS = Histogram(
 )
 LLM_TOKENS = Counter("cascade_llm_tokens_total", "Generated tokens")
 LLM_ACTIVE_REQUESTS = Gauge("cascade_llm_active_requests", "Generations in progress")
+LLM_BUSY_SLOTS = Gauge("cascade_llm_busy_slots", "Embedded llama.cpp slots generating now")
+LLM_PROMPT_TOKENS = Counter("cascade_llm_prompt_tokens_total",
+                            "Prompt tokens of embedded generations")
+LLM_CACHED_PROMPT_TOKENS = Counter("cascade_llm_cached_prompt_tokens_total",
+                                   "Prompt tokens reused from a slot's KV cache")
 LLM_CANCELLED = Counter("cascade_llm_cancelled_total", "Generations stopped before their end")
 
 # TTS

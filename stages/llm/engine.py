@@ -59,7 +59,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from stages.common.metrics import LLM_ACTIVE_REQUESTS, LLM_CANCELLED, LLM_TOKENS, LLM_TTFT_SECONDS
+from stages.common.metrics import (
+    LLM_ACTIVE_REQUESTS,
+    LLM_BUSY_SLOTS,
+    LLM_CACHED_PROMPT_TOKENS,
+    LLM_CANCELLED,
+    LLM_PROMPT_TOKENS,
+    LLM_TOKENS,
+    LLM_TTFT_SECONDS,
+)
 from stages.llm.settings import LlmSettings, bundled_model_path
 from stages.llm.slots import STALE_AFTER_S, Keys, prompt_keys, rank, reply_key
 from stages.llm.types import (
@@ -379,6 +387,7 @@ class LlamaCppLlm:
                 continue  # its best slot frees within a token
             self._waiting.remove(job)
             best.job = job
+            LLM_BUSY_SLOTS.inc()
             best.held = job.keys
             best.last_used = now
             job.stats.slot = best.id
@@ -435,6 +444,7 @@ class LlamaCppLlm:
         # (the conversation's next turn) finds it idle.
         with self._lock:
             slot.job = None
+            LLM_BUSY_SLOTS.dec()
             slot.last_used = time.monotonic()
             if error is not None:
                 slot.held = ()  # what its KV cache holds is unknown now
@@ -524,6 +534,8 @@ def _watch_prompts(slot: _Slot) -> None:
             common = int(differ[0]) if differ.size else n
             job.stats.prompt_tokens = len(new)
             job.stats.cached_tokens = max(0, min(common, len(new) - 1))
+            LLM_PROMPT_TOKENS.inc(len(new))
+            LLM_CACHED_PROMPT_TOKENS.inc(job.stats.cached_tokens)
         return generate(tokens, *args, **kwargs)
 
     llm.generate = generate_watched  # type: ignore[method-assign]

@@ -30,12 +30,19 @@ class FakeLlm:
         self.emitted = 0  # tokens yielded over all requests
         self.closed_early = 0  # streams stopped before their end
 
+    @property
+    def replies(self) -> list[LlmRequest]:
+        """The requests for replies: all but the sessions' instruction primers (a lone
+        system message, one token; see ``RealtimeSession._prime_llm``)."""
+        return [r for r in self.requests
+                if not (r.max_tokens == 1 and [m.role for m in r.messages] == ["system"])]
+
     async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
         self.requests.append(request)
         finished = False
         try:
             await asyncio.sleep(self.first_token_s)
-            for i, token in enumerate(self.tokens):
+            for i, token in enumerate(self.tokens[:request.max_tokens or None]):
                 if i:
                     await asyncio.sleep(self.interval_s)
                 self.emitted += 1

@@ -211,11 +211,11 @@ async def test_a_long_conversation_is_trimmed_to_the_context_window() -> None:
         await c.wait_for("response.done", count=n)
     assert [d["response"]["status"] for d in c.of("response.done")] == ["completed"] * 30
     assert len(c.session.items) == 60  # the conversation itself is unchanged
-    last = c.llm.requests[-1].messages
+    last = c.llm.replies[-1].messages
     assert last[0].content == "Be brief."  # the instructions are always kept
     assert last[-1].content == "This is the user's turn number 30."  # the newest turn too
     assert len(last) < 61  # the oldest turns were left out
-    for request in c.llm.requests:
+    for request in c.llm.replies:
         assert sum(estimate_tokens(m) for m in request.messages) <= 400 - 100
     await c.session.aclose()
 
@@ -235,7 +235,7 @@ async def test_truncation_disabled_fails_the_reply_with_a_clear_error() -> None:
     assert done["status"] == "failed"
     assert done["status_details"]["error"]["code"] == "context_length_exceeded"
     assert [e["code"] for e in _errors(c)] == ["context_length_exceeded"]
-    assert c.llm.requests == []  # nothing was sent to the model
+    assert c.llm.replies == []  # nothing was sent to the model
     await c.session.aclose()
 
 

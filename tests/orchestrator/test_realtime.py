@@ -152,7 +152,8 @@ async def test_g711_in_and_out() -> None:
 
 
 async def test_barge_in_truncates_the_reply_to_the_words_heard() -> None:
-    c = Client(tts_ms_per_char=60.0)  # 2 s of reply audio, paced in real time
+    c = Client(tts_ms_per_char=60.0,  # 2 s of reply audio, paced in real time
+               settings=ServeSettings(max_audio_rate=1000.0, llm_prime_instructions=False))
     await c.session.start()
     await c.audio(speech_24k())
     await c.wait_for("response.output_audio.delta", count=5)
@@ -285,7 +286,7 @@ async def test_function_calling_round_trip() -> None:
         "content": [{"type": "input_text", "text": "Weather in Paris?"}]}})
     await c.send({"type": "response.create"})
     await c.wait_for("response.done")
-    request = c.llm.requests[0]
+    request = c.llm.replies[0]
     assert request.tools and request.tools[0].function.name == "get_weather"
     args = c.of("response.function_call_arguments.done")[0]
     assert args["name"] == "get_weather" and json.loads(args["arguments"]) == {"city": "Paris"}
@@ -299,7 +300,7 @@ async def test_function_calling_round_trip() -> None:
         "type": "function_call_output", "call_id": "call_1", "output": '{"sky": "sunny"}'}})
     await c.send({"type": "response.create"})
     await c.wait_for("response.done", count=2)
-    second = c.llm.requests[1]
+    second = c.llm.replies[1]
     roles = [m.role for m in second.messages]
     assert roles[-2:] == ["assistant", "tool"]
     assert second.messages[-2].tool_calls[0].function.name == "get_weather"  # type: ignore[index]
@@ -341,7 +342,7 @@ async def test_response_create_overrides_and_out_of_band_responses(client: Clien
         "input": [{"type": "message", "role": "user",
                    "content": [{"type": "input_text", "text": "only this"}]}]}})
     await client.wait_for("response.done")
-    request = client.llm.requests[-1]
+    request = client.llm.replies[-1]
     assert request.messages[0].content == "Summarize."
     assert [m.content for m in request.messages[1:]] == ["only this"]
     assert request.max_tokens == 20
@@ -351,3 +352,20 @@ async def test_response_create_overrides_and_out_of_band_responses(client: Clien
     done = client.of("response.done")[0]["response"]
     assert done["metadata"] == {"purpose": "summary"}
     assert len(client.session.items) == 1  # out of band: the conversation is unchanged
+
+
+async def test_the_llm_reads_the_instructions_before_the_first_turn(client: Client) -> None:
+    # At session.created, once per instructions text: a lone system message, one token.
+    await asyncio.sleep(0.05)
+    primers = [r for r in client.llm.requests if r not in client.llm.replies]
+    assert len(primers) == 1 and primers[0].max_tokens == 1
+    assert primers[0].messages[0].content == "You are a helpful voice assistant. Answer briefly."
+    await client.send({"type": "session.update", "session": {
+        "type": "realtime", "instructions": "Talk like a pirate."}})
+    await client.send({"type": "session.update", "session": {"type": "realtime"}})
+    await client.wait_for("session.updated", count=2)
+    await asyncio.sleep(0.05)
+    primers = [r for r in client.llm.requests if r not in client.llm.replies]
+    assert [p.messages[0].content for p in primers] == [
+        "You are a helpful voice assistant. Answer briefly.", "Talk like a pirate."]
+    assert client.llm.replies == []  # no reply was asked for
