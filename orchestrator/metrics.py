@@ -43,6 +43,13 @@ TURN_LLM_FIRST_TOKEN = Histogram(
     ["pipeline"],
     buckets=_TURN_BUCKETS,
 )
+TURN_REPLY_STARTED = Histogram(
+    "cascade_turn_reply_started_seconds",
+    "End of speech -> the kept reply's LLM request started (a speculative hit starts "
+    "before the endpoint)",
+    ["pipeline"],
+    buckets=_TURN_BUCKETS,
+)
 TURN_FIRST_AUDIO = Histogram(
     "cascade_turn_first_audio_seconds",
     "End of speech -> first reply audio delta sent to the client",

@@ -793,6 +793,7 @@ class RealtimeSession:
             "endpoint": (metrics.TURN_ENDPOINT_DELAY, timing.endpoint),
             "first_transcript_delta": (metrics.TURN_FIRST_TRANSCRIPT_DELTA, timing.first_delta),
             "final_transcript": (metrics.TURN_FINAL_TRANSCRIPT, timing.final),
+            "reply_started": (metrics.TURN_REPLY_STARTED, run.timings.started),
             "llm_first_token": (metrics.TURN_LLM_FIRST_TOKEN, run.timings.first_token),
             "first_audio": (metrics.TURN_FIRST_AUDIO, responder.first_audio_at),
         }

@@ -358,6 +358,7 @@ class CascadeTurnTimingsEvent(ServerEventBase):
     endpoint_ms: float | None = None
     first_transcript_delta_ms: float | None = None
     final_transcript_ms: float | None = None
+    reply_started_ms: float | None = None  # the kept reply's LLM request began
     llm_first_token_ms: float | None = None
     first_audio_ms: float | None = None
 

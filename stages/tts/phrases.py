@@ -46,7 +46,7 @@ class PhraseBounds:
     """Length bounds of phrases (see module docstring)."""
 
     first_min_words: int = 3
-    first_max_words: int = 7
+    first_max_words: int = 6
     later_min_chars: int = 60
     later_max_chars: int = 220
 

@@ -36,8 +36,11 @@ class TtsSettings(StageSettings):
     noise_w_scale: float | None = None
     # Word timings need piper's alignment output (model patched in memory with `onnx`).
     include_alignments: bool = True
+    # The first phrase ends at its first clause end after first_min_words words, or after
+    # first_max_words words: on the CPU default the LLM makes ~40 tokens/s, so each word
+    # of the first phrase delays the first audio by ~35 ms (plus its synthesis).
     first_min_words: int = 3
-    first_max_words: int = 7
+    first_max_words: int = 6
     later_min_chars: int = 60
     later_max_chars: int = 220
     # Longest text accepted per request / per WebSocket text message (OpenAI: 4096).
