@@ -36,6 +36,8 @@ on 2 CPU cores) whether the window holds 1 s or 20 s of audio. Streaming therefo
   ready ~one decode after the pause begins; with ``finalize()`` after the endpoint that
   decode is the final one. This is what lets the turn controller start the reply
   speculatively during the pause.
+* No decode is scheduled while only silence arrived since the last one (the pause in
+  which the reply starts speculatively is when the CPU matters most).
 * Hypothesis words lying on digital silence are dropped (Whisper's "Thank you." on
   pauses).
 
@@ -298,6 +300,11 @@ class WhisperStream:
             if self._closing:
                 break
             if self._len < min_samples or self._window_start + self._len <= self._decoded_upto:
+                continue
+            if not self._urgent and self._tail_is_quiet():
+                # Only silence since the last decode: it would hear nothing new (finalize
+                # reuses that decode too). Skipping it leaves the CPU to the reply that
+                # starts in this pause.
                 continue
             wait = self._last_decode_start + self._interval() - time.monotonic()
             if self._urgent:
