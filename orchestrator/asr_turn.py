@@ -89,7 +89,10 @@ class AsrTurn:
 
     def hypothesis(self) -> str:
         latest = self.latest
-        return "" if latest is None else (latest.stable + latest.unstable).strip()
+        if latest is None:
+            return ""
+        # Both parts are stripped on the wire: "order a" + "pizza." is two words.
+        return " ".join(part for part in (latest.stable.strip(), latest.unstable.strip()) if part)
 
     async def finish(self, timeout_s: float) -> AsrResult:
         """No more audio: the final transcript within ``timeout_s``, else the newest

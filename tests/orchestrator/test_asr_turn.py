@@ -92,3 +92,22 @@ async def test_a_stage_that_stops_reading_is_dropped_not_waited_on() -> None:
     done = h.of(TranscriptDone)
     assert len(done) == 1 and done[0].error is not None
     assert "behind" in done[0].error or "final transcript" in done[0].error
+
+
+async def test_the_hypothesis_joins_stable_and_unstable_words() -> None:
+    from orchestrator.asr_turn import AsrTurn
+    from stages.asr.types import AsrPartial
+    from tests.orchestrator.fakes import FakeAsr
+
+    async def ignore(turn: AsrTurn, partial: AsrPartial) -> None:
+        return None
+
+    turn = AsrTurn(FakeAsr(WORDS), turn=1, origin=0, on_partial=ignore)
+    # The wire strips both parts: the space between them is the hypothesis's to restore.
+    turn.latest = AsrPartial(stable="order a large", unstable="pizza.", audio_ms=900, revision=3)
+    assert turn.hypothesis() == "order a large pizza."
+    turn.latest = AsrPartial(stable="", unstable=" pizza. ", audio_ms=900, revision=4)
+    assert turn.hypothesis() == "pizza."
+    turn.latest = AsrPartial(stable="order", unstable="", audio_ms=900, revision=5)
+    assert turn.hypothesis() == "order"
+    turn.close()
