@@ -47,8 +47,8 @@ class PhraseBounds:
 
     first_min_words: int = 3
     first_max_words: int = 6
-    later_min_chars: int = 60
-    later_max_chars: int = 220
+    later_min_chars: int = 40
+    later_max_chars: int = 140
 
 
 def _boundary_kind(word: str, next_char: str | None, ws: str) -> str | None:

@@ -41,8 +41,8 @@ class TtsSettings(StageSettings):
     # of the first phrase delays the first audio by ~35 ms (plus its synthesis).
     first_min_words: int = 3
     first_max_words: int = 6
-    later_min_chars: int = 60
-    later_max_chars: int = 220
+    later_min_chars: int = 40
+    later_max_chars: int = 140
     # Longest text accepted per request / per WebSocket text message (OpenAI: 4096).
     max_text_chars: int = 4096
     # Threads that run piper; each stream synthesizes its phrases in order on one of them.
