@@ -7,7 +7,7 @@
     cascade stage asr|llm|tts [--host H] [--port P] [--device cpu|cuda] [--set key=value ...]
     cascade demo [--out reply.wav] [--question TEXT]
     cascade bench [--url URL] [--modes streaming,serial] [--max-concurrency N] [--quick] ...
-    cascade bench-stages [--out DIR]
+    cascade bench-stages [--out DIR] [--only asr,turn]
 """
 
 from __future__ import annotations
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_bench = sub.add_parser("bench-stages", help="per-stage latency benchmark (CPU default)")
     p_bench.add_argument("--out", default="out/bench-stages", help="folder for the JSON report")
+    p_bench.add_argument("--only", default="",
+                         help="comma list of stages to run (asr, llm, tts, vad, turn; "
+                              "default: all)")
     p_bench.add_argument("--repeats", type=int, default=3)
 
     return parser
@@ -169,9 +172,14 @@ def _run(args: argparse.Namespace) -> None:
 
         sys.exit(run_bench(args))
     elif args.command == "bench-stages":
-        from benchmarks.stages import run_all
+        from benchmarks.stages import STAGE_BENCHMARKS, run_all
 
-        sys.exit(run_all(args.out, repeats=args.repeats))
+        only = tuple(n for n in args.only.split(",") if n) or STAGE_BENCHMARKS
+        unknown = [n for n in only if n not in STAGE_BENCHMARKS]
+        if unknown:
+            raise SystemExit(f"cascade bench-stages: unknown stage(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(STAGE_BENCHMARKS)}")
+        sys.exit(run_all(args.out, repeats=args.repeats, only=only))
 
 
 if __name__ == "__main__":

@@ -37,3 +37,10 @@ def test_ice_host_address_must_be_an_ip() -> None:
     args = build_parser().parse_args(["serve", "--ice-host-address", "my-host"])
     with pytest.raises(SystemExit, match="'my-host' is not an IP address"):
         serve_settings(args)
+
+
+def test_bench_stages_only_names_known_stages() -> None:
+    from orchestrator import cli
+
+    with pytest.raises(SystemExit, match="unknown stage.*nope; choose from asr, llm"):
+        cli.main(["bench-stages", "--only", "asr,nope"])
