@@ -42,5 +42,5 @@ def test_ice_host_address_must_be_an_ip() -> None:
 def test_bench_stages_only_names_known_stages() -> None:
     from orchestrator import cli
 
-    with pytest.raises(SystemExit, match="unknown stage.*nope; choose from asr, llm"):
+    with pytest.raises(SystemExit, match=r"unknown stage.*nope; choose from asr, llm"):
         cli.main(["bench-stages", "--only", "asr,nope"])
