@@ -150,6 +150,17 @@ async def test_sdk_barge_in_truncates_to_the_audio_sent(server: str) -> None:
     assert spoken.startswith(heard) and len(heard) < len(spoken) + 1
 
 
+async def one_spoken_question(base_url: str) -> list[Any]:
+    """QUESTION spoken once on a new connection to ``base_url`` (http://...); its events
+    up to the reply's response.done."""
+    ws_url = base_url.replace("http://", "ws://") + "/v1"
+    async with client(ws_url).realtime.connect(model="cascade") as conn:
+        await conn.recv()  # session.created
+        reader = asyncio.create_task(collect_until(conn, "response.done"))
+        await speak(conn, piper_clip(QUESTION, 24_000), 24_000, "audio/pcm", speedup=1.0)
+        return await reader
+
+
 async def test_distributed_shape_stage_services_behind_serve() -> None:
     """cascade serve with --asr-url/--llm-url/--tts-url: the same turn over three services."""
     from orchestrator.launcher import stage_processes
@@ -157,12 +168,7 @@ async def test_distributed_shape_stage_services_behind_serve() -> None:
     with stage_processes(("asr", "llm", "tts")) as urls, serve_process(
             "--api-key", API_KEY, "--asr-url", urls["asr"], "--llm-url", urls["llm"],
             "--tts-url", urls["tts"]) as base:
-        ws_url = base.replace("http://", "ws://") + "/v1"
-        async with client(ws_url).realtime.connect(model="cascade") as conn:
-            await conn.recv()  # session.created
-            reader = asyncio.create_task(collect_until(conn, "response.done"))
-            await speak(conn, piper_clip(QUESTION, 24_000), 24_000, "audio/pcm", speedup=1.0)
-            events = await reader
+        events = await one_spoken_question(base)
     completed = [e for e in events
                  if e.type == "conversation.item.input_audio_transcription.completed"]
     assert wer(QUESTION, completed[0].transcript) <= 0.2
@@ -176,12 +182,7 @@ async def test_remote_llm_with_embedded_asr_and_tts() -> None:
 
     with stage_processes(("llm",)) as urls, serve_process(
             "--api-key", API_KEY, "--llm-url", urls["llm"]) as base:
-        ws_url = base.replace("http://", "ws://") + "/v1"
-        async with client(ws_url).realtime.connect(model="cascade") as conn:
-            await conn.recv()  # session.created
-            reader = asyncio.create_task(collect_until(conn, "response.done"))
-            await speak(conn, piper_clip(QUESTION, 24_000), 24_000, "audio/pcm", speedup=1.0)
-            events = await reader
+        events = await one_spoken_question(base)
         async with httpx.AsyncClient() as http:
             metrics = (await http.get(urls["llm"] + "/metrics")).text
     assert events[-1].response.status == "completed"
