@@ -166,7 +166,6 @@ class TurnController:
         self._hinted = False  # the ASR was told about this pause
         self._next_check_ms = 0  # semantic_vad: silence at which to ask the model next
         self._check: asyncio.Task[None] | None = None
-        self.turn_checks = 0  # end-of-turn model decisions asked for
         self.last_turn_probability: float | None = None
 
     def _pad_samples(self) -> int:
@@ -351,7 +350,7 @@ class TurnController:
     # ------------------------------------------------------------------ semantic_vad
     def _ask_turn_model(self, rule: SemanticRule) -> None:
         """Ask the end-of-turn model about the audio so far (one question at a time); its
-        answer may end the turn (:meth:`_on_turn_probability`)."""
+        answer may end the turn (:meth:`_judge`)."""
         if self._check is not None or self._turn is None or self._turn_model is None:
             return
         silence_ms = self._silence_run * 1000 // RATE
@@ -360,7 +359,6 @@ class TurnController:
                    self.samples - self._turn.origin)
         audio = (np.frombuffer(self._history, dtype="<i2")[-keep:].astype(np.float32)
                  / np.float32(32768.0))
-        self.turn_checks += 1
         self._check = asyncio.create_task(
             self._judge(self._turn, self._last_voiced_end, audio, rule), name="turn-check")
 
