@@ -16,6 +16,13 @@ Production on GPUs, vLLM's own server (tool calling needs a parser matching the 
 
 then point the orchestrator at it: ``OpenAICompatLlm("http://HOST:8002/v1",
 model="assistant")`` (settings: ``CASCADE_LLM_BASE_URL``, ``CASCADE_LLM_API_KEY``).
+
+Primers (``LlmRequest.prefill_only``) go out as ``max_tokens=1`` with the header
+``X-Cascade-Prefill-Only: 1``: vLLM's prefix cache keeps the prompt for the real request by
+itself and ignores the header; our service reads it and runs the request as a primer (never
+queued). A header, not a body field: vLLM warns about unknown body fields. The one token a
+server generates is dropped: a primer's stream yields at most the final delta
+(``finish_reason``, ``usage``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from stages.llm.settings import LlmSettings
 from stages.llm.types import LlmDelta, LlmError, LlmRequest, LlmUsage, ToolCallDelta
 
 _MODELS_TIMEOUT_S = 5.0
+# Marks a primer (``LlmRequest.prefill_only``) on the wire; our service honours it.
+PREFILL_ONLY_HEADER = "X-Cascade-Prefill-Only"
 
 
 class OpenAICompatLlm:
@@ -80,7 +89,14 @@ class OpenAICompatLlm:
             value = getattr(request, key)
             if value is not None:
                 body[key] = value
+        if request.prefill_only:
+            body["max_tokens"] = 1
         return body
+
+    def _request_headers(self, request: LlmRequest) -> dict[str, str]:
+        if request.prefill_only:
+            return {**self._headers, PREFILL_ONLY_HEADER: "1"}
+        return self._headers
 
     async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
         url = f"{self.base_url}/chat/completions"
@@ -88,7 +104,7 @@ class OpenAICompatLlm:
         usage: LlmUsage | None = None
         try:
             async with self._http.stream(
-                "POST", url, json=self._body(request), headers=self._headers
+                "POST", url, json=self._body(request), headers=self._request_headers(request)
             ) as resp:
                 if resp.status_code != 200:
                     raise _http_error(resp.status_code, await resp.aread())
@@ -109,7 +125,7 @@ class OpenAICompatLlm:
                         text = delta.get("content") or ""
                         calls = [ToolCallDelta.model_validate(c)
                                  for c in delta.get("tool_calls") or []]
-                        if text or calls:
+                        if (text or calls) and not request.prefill_only:
                             yield LlmDelta(text=text, tool_calls=calls or None)
         except httpx.HTTPError as exc:
             raise LlmError(f"LLM server unreachable at {url}: {exc}", code="unavailable",

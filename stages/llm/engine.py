@@ -24,6 +24,21 @@ Slots and threading
   ``LlmBusyError``, HTTP 429), and each goes to the first slot that frees. A request whose
   best slot is finishing a cancelled generation (a speculative reply restarted on the
   final transcript) waits for that slot: it frees within one token and holds the history.
+* Primers (``LlmRequest.prefill_only``): the prompt a reply will use, sent while the user is
+  still speaking, so that at the endpoint only the last words are evaluated (prompt
+  evaluation runs at ~100-200 tokens/s on 2 cores: a user message costs 100-300 ms). A
+  primer runs with ``max_tokens=1`` and posts no text: its stream yields exactly one delta,
+  ``finish_reason`` and ``usage`` (``completion_tokens`` 0), when it ran, and nothing when
+  it was skipped. It never queues: it runs only if, right now, no real request waits and
+  the slot it prefers among all slots (busy ones included) is idle and holds no live
+  conversation it would evict (``slots.rank``); otherwise it ends at once
+  (``cascade_llm_prefills_total{outcome="skipped"}``). A primer is best-effort: the
+  real request must not wait behind it for a slot it did not want, and a cold prefill on
+  some other slot would cost seconds of CPU for nothing. Afterwards the slot holds the
+  primer's prompt keys without a reply key (llama.cpp sampled one token but never
+  evaluated it), so the real request, which revises only the last message, is no
+  eviction there. A real request whose best slot is running a primer waits for it, as for
+  a draining slot: the primer ends right after its prefill.
 * llama-cpp-python's ``set_cache(LlamaRAMCache)`` is not used: it saves the context's
   whole state after every completion, on the slot's thread before its next request
   (measured 0.1-0.25 s and a 50-100 MB logits copy for 250-600 tokens; its capacity
@@ -58,6 +73,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from prometheus_client import Counter
 
 from stages.common.metrics import (
     LLM_ACTIVE_REQUESTS,
@@ -84,6 +100,10 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
 log = logging.getLogger(__name__)
+
+# Primers (prefill-only requests) by outcome: "run" (given a slot) or "skipped" (ended at once).
+LLM_PREFILLS = Counter("cascade_llm_prefills_total",
+                       "Prefill-only requests (primers) run on a slot or skipped", ["outcome"])
 
 _END = object()  # sentinel: the worker finished this request
 _ids = itertools.count(1)
@@ -112,6 +132,9 @@ class GenerationStats:
 
     ``slot`` is the slot that served it; ``cached_tokens`` of its ``prompt_tokens`` were
     already in that slot's KV cache (llama-cpp-python evaluated only the rest).
+    ``prefill_only``: a primer (``LlmRequest.prefill_only``); one that was skipped has no
+    ``slot`` and no ``started_at``; one that ran has no tokens (``ended_at - started_at`` is
+    its prefill).
     """
 
     request_id: int
@@ -126,6 +149,7 @@ class GenerationStats:
     slot: int | None = None
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
+    prefill_only: bool = False
 
 
 @dataclass(eq=False)
@@ -311,19 +335,34 @@ class LlamaCppLlm:
             loop=loop,
             queue=asyncio.Queue(),
             slots=threading.Semaphore(self._queue_size),
-            stats=GenerationStats(next(_ids), time.monotonic()),
+            stats=GenerationStats(next(_ids), time.monotonic(),
+                                  prefill_only=request.prefill_only),
         )
         with self._lock:
             if self._closed:
                 raise LlmError("the LLM engine is shut down", code="unavailable", status=503)
-            if len(self._jobs) >= len(self._slots) + self.max_waiting:
+            if request.prefill_only:
+                slot = self._primer_slot(job.keys)
+                if slot is not None:
+                    self._jobs.add(job)
+                    LLM_ACTIVE_REQUESTS.inc()
+                    self._start(slot, job, time.monotonic())
+                    self._lock.notify_all()
+            elif len(self._jobs) >= len(self._slots) + self.max_waiting:
                 raise LlmBusyError(
                     f"{len(self._jobs)} requests already in progress or waiting; try again"
                 )
-            self._jobs.add(job)
-            LLM_ACTIVE_REQUESTS.inc()
-            self._waiting.append(job)
-            self._dispatch()
+            else:
+                self._jobs.add(job)
+                LLM_ACTIVE_REQUESTS.inc()
+                self._waiting.append(job)
+                self._dispatch()
+        if request.prefill_only:
+            LLM_PREFILLS.labels("skipped" if job.stats.slot is None else "run").inc()
+            if job.stats.slot is None:
+                job.stats.ended_at = time.monotonic()
+                self.history.append(job.stats)
+                return
         try:
             while True:
                 item = await job.queue.get()
@@ -364,34 +403,57 @@ class LlamaCppLlm:
 
     # ---- scheduling (engine lock held) -----------------------------------------------
 
+    def _preference(self, slot: _Slot, keys: Keys, now: float) -> tuple[bool, int, bool, float]:
+        """Sort key of ``slot`` for a prompt with ``keys`` (lower is better): ``slots.rank``,
+        then an idle slot before a busy one, then the one used least recently."""
+        live = slot.job is not None or now - slot.last_used <= self.stale_after_s
+        return (*rank(slot.held, keys, live), slot.job is not None, slot.last_used)
+
+    def _start(self, slot: _Slot, job: _Job, now: float) -> None:
+        """Give ``job`` to the idle ``slot``; its worker picks it up once notified."""
+        slot.job = job
+        LLM_BUSY_SLOTS.inc()
+        slot.held = job.keys
+        slot.last_used = now
+        job.stats.slot = slot.id
+        job.stats.started_at = now
+
+    def _primer_slot(self, keys: Keys) -> _Slot | None:
+        """The slot a primer with ``keys`` runs on right now, or None to skip it: a real
+        request waits (the next slot to free is its), or the slot it prefers is busy (no
+        queueing: its conversation's slot may be running its previous primer), warming, or
+        holds a live conversation it would evict (module docstring)."""
+        if any(not job.stop.is_set() for job in self._waiting):
+            return None
+        now = time.monotonic()
+        candidates = [s for s in self._slots if not s.warming]
+        if not candidates:
+            return None
+        best = min(candidates, key=lambda s: self._preference(s, keys, now))
+        evicts = self._preference(best, keys, now)[0]
+        return None if best.job is not None or evicts else best
+
     def _dispatch(self) -> None:
         """Give waiting requests, oldest first, to idle slots (see module docstring)."""
         if self._closed:
             return  # aclose finishes whatever still waits
         assigned = False
         now = time.monotonic()
-
-        def preference(slot: _Slot, keys: Keys) -> tuple[bool, int, bool, float]:
-            live = slot.job is not None or now - slot.last_used <= self.stale_after_s
-            return (*rank(slot.held, keys, live), slot.job is not None, slot.last_used)
-
         for job in list(self._waiting):
             if job.stop.is_set():
                 continue  # its consumer is gone; _drop_waiting finishes it
             free = [s for s in self._slots if s.job is None and not s.warming]
             if not free:
                 break
-            draining = [s for s in self._slots if s.job is not None and s.job.stop.is_set()]
-            best = min(free + draining, key=lambda s: preference(s, job.keys))
+            # Slots that free soon: a cancelled generation within a token, a primer right
+            # after its prefill. Waiting pays when such a slot holds more of this prompt.
+            ending = [s for s in self._slots
+                      if s.job is not None and (s.job.stop.is_set() or s.job.request.prefill_only)]
+            best = min(free + ending, key=lambda s: self._preference(s, job.keys, now))
             if best.job is not None:
-                continue  # its best slot frees within a token
+                continue  # its best slot frees within a token or a prefill
             self._waiting.remove(job)
-            best.job = job
-            LLM_BUSY_SLOTS.inc()
-            best.held = job.keys
-            best.last_used = now
-            job.stats.slot = best.id
-            job.stats.started_at = best.last_used
+            self._start(best, job, now)
             assigned = True
         if assigned:
             self._lock.notify_all()
@@ -459,13 +521,17 @@ class LlamaCppLlm:
         job.post(_END, bounded=False)
 
     def _generate(self, llm: Llama, job: _Job) -> _Outcome:
-        """Run one request on ``llm`` (the slot's context)."""
+        """Run one request on ``llm`` (the slot's context).
+
+        A primer samples one token (the prompt's logits must be computed anyway) and posts
+        nothing but its final delta; that token is never evaluated, so the context holds
+        exactly the prompt and the slot records no reply."""
         req = job.request
         stats = job.stats
         kwargs: dict[str, Any] = {
             "messages": [_llama_message(m.model_dump(exclude_none=True)) for m in req.messages],
             "temperature": self.temperature if req.temperature is None else req.temperature,
-            "max_tokens": req.max_tokens or self.max_tokens,
+            "max_tokens": 1 if req.prefill_only else req.max_tokens or self.max_tokens,
             "stop": req.stop if req.stop is not None else [],
             "stream": True,
         }
@@ -484,7 +550,7 @@ class LlamaCppLlm:
                 choice = chunk["choices"][0] if chunk.get("choices") else {}
                 finish = choice.get("finish_reason") or finish
                 delta = _convert_delta(choice.get("delta") or {}, tools_seen)
-                if delta is None:
+                if delta is None or req.prefill_only:
                     continue
                 now = time.monotonic()
                 if stats.first_token_at is None:
@@ -510,6 +576,8 @@ class LlamaCppLlm:
             prompt_tokens = max(0, evaluated - stats.tokens)
         usage = LlmUsage(prompt_tokens=prompt_tokens, completion_tokens=stats.tokens)
         job.post(LlmDelta(finish_reason=finish or "stop", usage=usage))
+        if req.prefill_only:
+            return _Outcome(finished=True)  # no reply: the slot holds the prompt alone
         return _Outcome(finished=True, reply=None if tools_seen else "".join(text))
 
 

@@ -14,6 +14,11 @@ The request body is read by hand (not by a pydantic body parameter) so that the 
 limit is enforced while reading (413) and malformed JSON gets a clear 400.
 The first delta is awaited before the SSE response starts, so errors that happen before
 any token (busy: 429, context too long: 400) are real HTTP statuses, as with vLLM.
+
+Primers: a request with the header ``X-Cascade-Prefill-Only`` set to a true value (what
+``OpenAICompatLlm`` sends for ``LlmRequest.prefill_only``), or with ``"prefill_only": true``
+in the body, runs as a primer (engine docstring): it may end at once without running, and
+its response carries no content, only the finish reason and usage.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.common.metrics import REQUESTS_REJECTED
 from stages.common.service import add_common_routes, error_body
+from stages.llm.client import PREFILL_ONLY_HEADER
 from stages.llm.engine import LlamaCppLlm
 from stages.llm.settings import LlmSettings
 from stages.llm.types import (
@@ -70,6 +76,11 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
+    prefill_only: bool = False  # a cascade extension; see also PREFILL_ONLY_HEADER
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class RequestError(Exception):
@@ -258,6 +269,7 @@ def create_app(settings: LlmSettings, engine: LlmBackend | None = None) -> FastA
             messages=req.messages, tools=req.tools, tool_choice=req.tool_choice,
             temperature=req.temperature, max_tokens=req.max_completion_tokens or req.max_tokens,
             stop=req.stop,
+            prefill_only=req.prefill_only or _flag(request.headers.get(PREFILL_ONLY_HEADER)),
         )
         gen = backend.stream(llm_req)
         if req.stream:

@@ -4,6 +4,8 @@ The same models serve the in-process engine, the network client and the service'
 validation, so the orchestrator can switch between them without translating anything.
 ``LlmDelta.usage`` is an addition to the brief's fields: it rides on the last delta when the
 backend knows token counts (the engine always; the client when the server sends usage).
+``LlmRequest.prefill_only`` marks a *primer*: the prompt a reply will use, sent while the user
+is still speaking so that the backend reads it into its prompt cache ahead of the real request.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ class LlmRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
+    # Prefill only (a primer): read the prompt into the backend's cache, generate nothing the
+    # caller sees. The real request that follows with the same leading messages (the same
+    # tools; typically the final user message extends the primer's) then evaluates only what
+    # differs. The stream yields no text or tool-call deltas, at most one final delta with
+    # ``finish_reason`` and ``usage``; the caller ignores whatever comes back. Backends may
+    # skip a primer (the stream then just ends): the embedded engine never queues one behind
+    # busy slots or waiting requests. Over HTTP (``OpenAICompatLlm``) it is sent as
+    # ``max_tokens=1`` plus the header ``X-Cascade-Prefill-Only: 1``.
+    prefill_only: bool = False
 
 
 class FunctionCallDelta(BaseModel):

@@ -1,16 +1,19 @@
 """``OpenAICompatLlm.context_window``: read once from ``/v1/models`` (``max_model_len``, as
-vLLM and our service report it), never raising. A scripted HTTP transport plays the server
-so every odd answer can be tried; the real service and real vLLM are in test_service.py and
-test_vllm.py."""
+vLLM and our service report it), never raising; a primer (``prefill_only``) on the wire. A
+scripted HTTP transport plays the server so every odd answer can be tried; the real service
+and real vLLM are in test_service.py and test_vllm.py."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import httpx
 import pytest
 
-from stages.llm.client import OpenAICompatLlm
+from stages.llm.client import PREFILL_ONLY_HEADER, OpenAICompatLlm
+from stages.llm.types import LlmDelta, LlmUsage
+from tests.stages.llm.conftest import user
 
 
 class ModelsServer:
@@ -102,3 +105,49 @@ async def test_a_real_closed_port_gives_none() -> None:
         assert await client.context_window() is None
     finally:
         await client.aclose()
+
+
+def _sse(*chunks: dict[str, object]) -> bytes:
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + \
+        b"data: [DONE]\n\n"
+
+
+class CompletionsServer:
+    """Answers ``POST /v1/chat/completions`` as vLLM does for ``max_tokens=1``: one token,
+    finish ``length``, then usage; records each request."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        assert request.method == "POST" and request.url.path == "/v1/chat/completions"
+        self.requests.append(request)
+        body = _sse(
+            {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+            {"choices": [{"index": 0, "delta": {"content": "The"}, "finish_reason": None}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+            {"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 1}},
+        )
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+
+async def test_a_primer_goes_out_with_the_header_and_one_token() -> None:
+    server = CompletionsServer()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as http:
+        client = OpenAICompatLlm("http://llm:8000", model="smol", http_client=http)
+        primed = [d async for d in client.stream(user("Tell me about the", max_tokens=200,
+                                                      prefill_only=True))]
+        normal = [d async for d in client.stream(user("Tell me about the weather"))]
+    primer_req, normal_req = server.requests
+    assert primer_req.headers.get(PREFILL_ONLY_HEADER) == "1"
+    primer_body = json.loads(primer_req.content)
+    assert primer_body["max_tokens"] == 1  # whatever the request asked for
+    assert "prefill_only" not in primer_body  # vLLM warns about unknown body fields
+    assert primer_body["messages"] == [{"role": "user", "content": "Tell me about the"}]
+    # the token the server generated is dropped: only the end comes back
+    assert primed == [LlmDelta(finish_reason="length",
+                               usage=LlmUsage(prompt_tokens=30, completion_tokens=1))]
+    # an ordinary request: no header, no token limit added, its text streamed
+    assert PREFILL_ONLY_HEADER not in normal_req.headers
+    assert "max_tokens" not in json.loads(normal_req.content)
+    assert [d.text for d in normal] == ["The", ""]

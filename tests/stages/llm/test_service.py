@@ -102,6 +102,34 @@ async def test_client_disconnect_stops_generation(base: str) -> None:
         await client.aclose()
 
 
+def primers(base: str, outcome: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    m = re.search(rf'^cascade_llm_prefills_total{{outcome="{outcome}"}} ([0-9.e+-]+)$', text,
+                  re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+async def test_a_primer_over_http_runs_in_the_engine(base: str) -> None:
+    system = ChatMessage(role="system", content="You answer questions about the weather.")
+    run = primers(base, "run")
+    cached = metric(base, "cascade_llm_cached_prompt_tokens_total")
+    client = OpenAICompatLlm(base)
+    try:
+        primed = [d async for d in client.stream(LlmRequest(
+            messages=[system, ChatMessage(role="user", content="What is the weather in")],
+            prefill_only=True))]
+        assert [d.text for d in primed] == [""]  # no text, only the end
+        assert primers(base, "run") == run + 1
+        deltas = [d async for d in client.stream(LlmRequest(
+            messages=[system, ChatMessage(role="user", content="What is the weather in Rome?")],
+            max_tokens=4, temperature=0.0))]
+    finally:
+        await client.aclose()
+    assert deltas[-1].finish_reason in ("stop", "length")
+    # the real request found the primer's prompt in its slot
+    assert metric(base, "cascade_llm_cached_prompt_tokens_total") - cached >= 10
+
+
 async def test_two_concurrent_requests_over_http(base: str) -> None:
     client = OpenAICompatLlm(base)
 
