@@ -19,6 +19,11 @@ the same conversation (``warm``: only the new messages are evaluated), another
 conversation with the same instructions (``instructions``), or an unrelated conversation
 (``cold``). TTFT p50 and the prompt tokens llama.cpp took from the KV cache.
 
+Primer (``primer_*``): the third turn of that conversation on a one-slot engine holding its
+second turn, with and without a primer (``LlmRequest.prefill_only``) of the same prompt whose
+user message lacks its last 3 words, sent just before: TTFT p50 of the real request, the
+prompt tokens it took from the KV cache, and the primer's own run time (its prefill).
+
     python -m benchmarks.stages.llm                      # everything, as bench-stages does
     python -m benchmarks.stages.llm --only concurrency --parallel 1,2,4 --threads 1,2
 """
@@ -374,8 +379,46 @@ async def _prefix(rounds: int, threads: Threads) -> dict[str, float]:
     return out
 
 
+async def _primer(rounds: int, threads: Threads) -> dict[str, float]:
+    """Third-turn TTFT with and without a primer (module docstring), alternated."""
+    engine = await _engine(1, threads)
+    ttft: dict[str, list[float]] = {"without": [], "with": []}
+    cached: dict[str, list[float]] = {k: [] for k in ttft}
+    prompt: list[float] = []
+    primer_ms: list[float] = []
+    try:
+        for r in range(rounds):
+            second = _conversation(INSTRUCTIONS, HISTORY[:3])
+            question = f"({r}) {HISTORY[4]}"
+            for kind in ttft:
+                _, reply = await _ttft(engine, second)  # the slot holds the second turn
+                history = (*HISTORY[:3], reply)
+                if kind == "with":
+                    partial = question.rsplit(" ", 3)[0]
+                    primer = _conversation(INSTRUCTIONS, (*history, partial))
+                    primer.prefill_only = True
+                    async for _ in engine.stream(primer):
+                        pass
+                    p = engine.history[-1]
+                    if p.started_at is not None and p.ended_at is not None:
+                        primer_ms.append((p.ended_at - p.started_at) * 1000)
+                ms, _ = await _ttft(engine, _conversation(INSTRUCTIONS, (*history, question)))
+                stats = engine.history[-1]
+                ttft[kind].append(ms)
+                cached[kind].append(float(stats.cached_tokens or 0))
+                prompt.append(float(stats.prompt_tokens or 0))
+    finally:
+        await engine.aclose()
+    out = {"primer_prompt_tokens": statistics.median(prompt),
+           "primer_prefill_ms_p50": statistics.median(primer_ms) if primer_ms else 0.0}
+    for kind in ttft:
+        out[f"primer_ttft_ms_p50_{kind}"] = statistics.median(ttft[kind])
+        out[f"primer_cached_tokens_{kind}"] = statistics.median(cached[kind])
+    return out
+
+
 async def _run(repeats: int, only: Sequence[str] = ("single", "memory", "concurrency",
-                                                   "sessions", "prefix"),
+                                                   "sessions", "prefix", "primer"),
                parallel: Sequence[int] = (1, 2, 4), threads: Sequence[Threads] | None = None,
                concurrency: Sequence[int] = (1, 2, 4), sessions: int = 4,
                turns: int = 3) -> dict[str, float]:
@@ -394,6 +437,8 @@ async def _run(repeats: int, only: Sequence[str] = ("single", "memory", "concurr
         out.update(await _sessions(parallel, per_slot, sessions, turns))
     if "prefix" in only:
         out.update(await _prefix(rounds * 2, per_slot[0]))
+    if "primer" in only:
+        out.update(await _primer(rounds * 2, per_slot[0]))
     return {k: round(v, 2) for k, v in out.items()}
 
 
@@ -418,8 +463,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="single,memory,concurrency,sessions,prefix",
-                        help="comma list of: single, memory, concurrency, sessions, prefix")
+    parser.add_argument("--only", default="single,memory,concurrency,sessions,prefix,primer",
+                        help="comma list of: single, memory, concurrency, sessions, prefix, "
+                             "primer")
     parser.add_argument("--parallel", type=_ints, default=(1, 2, 4), help="slots, e.g. 1,2,4")
     parser.add_argument("--threads", type=_threads, default=None,
                         help="per slot DECODE:PROMPT threads, e.g. 1:2,2:2 (default: the "

@@ -16,7 +16,9 @@ Slots and threading
   barrier tens of times per token, which with PASSIVE is a futex wake each time (2-thread
   decode measured 19-41 tokens/s vs 43-49 on one thread) and with spinning barriers
   collapses whenever another process holds a core. Hence ``LlmSettings.decode_threads``
-  = 1 and ``cpu_threads`` for prompts, where 2 threads still pay off.
+  = 1 and ``cpu_threads`` for prompts, where 2 threads still pay off, except for a
+  remainder of fewer than ``SMALL_PREFILL_TOKENS`` after the cached prefix (the last words
+  after a primer), which runs on the decode threads (measured in ``_watch_prompts``).
 * A request goes to an idle slot, chosen by ``stages.llm.slots`` for the prefix it already
   holds (a conversation's next turn lands where its history is cached; llama-cpp-python
   then evaluates only the new tokens). When no slot is idle, requests wait in arrival
@@ -104,6 +106,9 @@ log = logging.getLogger(__name__)
 # Primers (prefill-only requests) by outcome: "run" (given a slot) or "skipped" (ended at once).
 LLM_PREFILLS = Counter("cascade_llm_prefills_total",
                        "Prefill-only requests (primers) run on a slot or skipped", ["outcome"])
+
+# Prompt remainders shorter than this are evaluated on the decode threads (_watch_prompts).
+SMALL_PREFILL_TOKENS = 16
 
 _END = object()  # sentinel: the worker finished this request
 _ids = itertools.count(1)
@@ -588,9 +593,19 @@ def _watch_prompts(slot: _Slot) -> None:
     passes the tokens to ``Llama.generate``, which keeps the longest common prefix of what
     the context holds (minus one token when the whole prompt matches: its logits must be
     recomputed). Wrapping ``generate`` on this instance sees exactly those tokens.
+
+    It also picks the threads for what remains to evaluate: fewer than
+    ``SMALL_PREFILL_TOKENS`` (the last words after a primer, a next turn's short message)
+    run on the decode threads, as a decode does. Measured on 2 cores shared with other
+    processes (OMP_WAIT_POLICY=PASSIVE, SmolLM2, 150 tokens held, median of 7): 2 prompt
+    threads take 106-118 ms for any batch of 2 to 8 tokens, one thread 32 / 44-54 / 75-99
+    ms for 2 / 4 / 8; they meet at 16 (165-207 vs 165-177 ms), and 32 favour 2 threads.
     """
     llm = slot.llm
     generate = llm.generate
+    params = llm.context_params
+    threads, batch_threads = int(params.n_threads), int(params.n_threads_batch)
+    small_threads = min(threads, batch_threads)
 
     def generate_watched(tokens: Sequence[int], *args: Any, **kwargs: Any) -> Any:
         job = slot.job
@@ -604,6 +619,8 @@ def _watch_prompts(slot: _Slot) -> None:
             job.stats.cached_tokens = max(0, min(common, len(new) - 1))
             LLM_PROMPT_TOKENS.inc(len(new))
             LLM_CACHED_PROMPT_TOKENS.inc(job.stats.cached_tokens)
+            small = len(new) - job.stats.cached_tokens < SMALL_PREFILL_TOKENS
+            llm._ctx.set_n_threads(threads, small_threads if small else batch_threads)
         return generate(tokens, *args, **kwargs)
 
     llm.generate = generate_watched  # type: ignore[method-assign]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from stages.llm.engine import GenerationStats, LlamaCppLlm
+from stages.llm.engine import SMALL_PREFILL_TOKENS, GenerationStats, LlamaCppLlm
 from stages.llm.slots import prompt_keys, reply_key
 from stages.llm.types import ChatMessage, LlmDelta, LlmRequest, ToolSpec
 from tests.stages.llm.conftest import LONG_PROMPT, WEATHER_TOOL, user
@@ -240,3 +240,26 @@ async def test_a_second_primer_is_skipped_while_the_first_fills_its_slot(
     gate.release()
     deltas, _ = await asyncio.wait_for(first, HANG_GUARD_S)
     assert len(deltas) == 1
+
+
+async def test_the_last_words_after_a_primer_run_on_the_decode_threads() -> None:
+    """A short remainder after the cached prefix is evaluated on the decode threads (one
+    here), a long prompt on the prompt threads (two here): see ``_watch_prompts``."""
+    import llama_cpp
+
+    engine = LlamaCppLlm(n_ctx=1024, n_threads=1, n_threads_batch=2, parallel=1, max_tokens=4)
+    ctx = engine._slots[0].llm._ctx.ctx
+
+    def batch_threads() -> int:
+        return int(llama_cpp.llama_n_threads_batch(ctx))
+
+    try:
+        _, p = await _run(engine, request(WEATHER, PARTIAL, prefill_only=True))
+        assert p.cached_tokens == 0 and batch_threads() == 2  # cold: the whole prompt
+        _, r = await _run(engine, request(WEATHER, FULL))
+        assert r.prompt_tokens is not None and r.cached_tokens is not None
+        assert r.prompt_tokens - r.cached_tokens < SMALL_PREFILL_TOKENS
+        assert batch_threads() == 1
+        assert engine.threads == (1, 2)  # the configuration is unchanged
+    finally:
+        await engine.aclose()
