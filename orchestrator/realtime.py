@@ -24,6 +24,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,7 @@ from orchestrator.reply import ReplyRun
 from orchestrator.responder import Responder
 from orchestrator.settings import ServeSettings
 from orchestrator.store import LeaseKeeper, LeaseLost, SessionStore, StoreError
+from orchestrator.store.write_behind import WriteBehind
 from orchestrator.turn import (
     BargeIn,
     ReplyCancelled,
@@ -201,6 +203,7 @@ class RealtimeSession:
         self._primed: str | None = None  # the instructions last sent to warm the LLM
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
         self._lease: LeaseKeeper | None = None
+        self._writes: WriteBehind | None = None  # item writes, in order, off the turn's path
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, *, resume_id: str | None = None,
@@ -236,6 +239,8 @@ class RealtimeSession:
         self._lease = LeaseKeeper(self._store, self.session_id, self._owner,
                                   self._settings.store_settings().lease_ttl_s)
         await self._lease.__aenter__()
+        self._writes = WriteBehind(self.session_id, on_error=self._write_failed,
+                                   on_lease_lost=lambda: self._spawn(self._taken_over()))
         self._lease_watch = asyncio.create_task(self._watch_lease(self._lease),
                                                 name=f"lease-watch-{self.session_id}")
         self._configure_audio()
@@ -263,16 +268,21 @@ class RealtimeSession:
         await self._taken_over()
 
     async def aclose(self) -> None:
-        """Connection gone: stop work now; the conversation stays in the store."""
+        """Connection gone: stop work now; the conversation stays in the store (the writes
+        still queued, a cancelled reply's last item state included, are applied before the
+        lease is released, so a resume finds them)."""
         self._closed = True
         if self._lease_watch is not None and not self._lease_watch.done():
             self._lease_watch.cancel()
-        if self._lease is not None:
-            await self._lease.stop(release=True)
         if self._responder is not None:
             await self._responder.cancel("client_cancelled")
         if self._controller is not None:
             await self._controller.aclose()
+        if self._writes is not None:
+            await self._writes.drain(self._settings.store_settings().lease_ttl_s / 2)
+            await self._writes.aclose()
+        if self._lease is not None:
+            await self._lease.stop(release=True)
         prime, self._prime_task = self._prime_task, None
         if prime is not None and not prime.done():
             prime.cancel()
@@ -851,13 +861,15 @@ class RealtimeSession:
                                        "status": item.status or "completed"})
         if previous is None:
             previous = self._last_item_id()
-        await self._add_item(item, previous)
+        await self._add_item(item, previous, wait=True)
         await self._send(ConversationItemDoneEvent(previous_item_id=previous, item=item))
 
     async def _delete_item(self, event: ConversationItemDeleteEvent) -> None:
         if await self._find(event.item_id, event.event_id) is None:
             return
-        await self._store.delete_item(self.session_id, event.item_id, owner=self._owner)
+        await self._write(partial(self._store.delete_item, self.session_id, event.item_id,
+                                  owner=self._owner),
+                          f"deleting item {event.item_id}", wait=True)
         self.items = [i for i in self.items if i.id != event.item_id]
         await self._send(ConversationItemDeletedEvent(item_id=event.item_id))
 
@@ -881,7 +893,7 @@ class RealtimeSession:
         heard = responder.playout.heard_text(event.audio_end_ms)
         truncated = item.model_copy(update={
             "content": [part.model_copy(update={"transcript": heard}) for part in item.content]})
-        await self._replace_item(truncated)
+        await self._replace_item(truncated, wait=True)
         await self._send(ConversationItemTruncatedEvent(
             item_id=event.item_id, content_index=event.content_index,
             audio_end_ms=event.audio_end_ms))
@@ -904,17 +916,38 @@ class RealtimeSession:
                 return self.items[i - 1].id if i else None
         return None
 
-    async def _add_item(self, item: ConversationItem, previous: str | None) -> None:
+    async def _write(self, write: Callable[[], Awaitable[object]], what: str, *,
+                     wait: bool) -> None:
+        """A store write in the session's order (store/write_behind.py): ``wait`` for its
+        outcome when the client must see its error (its own item.create/delete/truncate);
+        otherwise only queue it (the turn's items: the reply must not wait for a store)."""
+        writes = self._writes
+        try:
+            if writes is None:  # not started: nothing queued could come before it
+                await write()
+            elif wait:
+                await writes.run(write, what)
+            else:
+                await writes.put(write, what)
+        except LeaseLost:
+            self._spawn(self._taken_over())  # from any task: a reply's hooks included
+            raise
+
+    async def _write_failed(self, what: str, err: StoreError) -> None:
+        """A queued write the store refused (after retries): the client hears of it."""
+        await self._error(err.code, f"{what} could not be saved: {err}", None,
+                          type="server_error")
+
+    async def _add_item(self, item: ConversationItem, previous: str | None, *,
+                        wait: bool = False) -> None:
         if len(self.items) >= self._settings.max_items:
             raise ProtocolError("conversation_too_long", f"the conversation holds "
                                 f"{len(self.items)} items (limit {self._settings.max_items})",
                                 None, "item")
-        try:
-            await self._store.append_item(self.session_id, item.model_dump(mode="json"),
-                                          previous_item_id=previous, owner=self._owner)
-        except LeaseLost:
-            self._spawn(self._taken_over())  # from any task: a reply's hooks included
-            raise
+        data = item.model_dump(mode="json")
+        await self._write(partial(self._store.append_item, self.session_id, data,
+                                  previous_item_id=previous, owner=self._owner),
+                          f"item {item.id}", wait=wait)
         if previous == "root":
             self.items.insert(0, item)
             previous = None
@@ -924,17 +957,14 @@ class RealtimeSession:
             self.items.insert(index, item)
         await self._send(ConversationItemAddedEvent(previous_item_id=previous, item=item))
 
-    async def _replace_item(self, item: ConversationItem) -> None:
+    async def _replace_item(self, item: ConversationItem, *, wait: bool = False) -> None:
         for i, existing in enumerate(self.items):
             if existing.id == item.id:
                 self.items[i] = item
-                try:
-                    await self._store.update_item(self.session_id, item.id or "",
-                                                  item.model_dump(mode="json"),
-                                                  owner=self._owner)
-                except LeaseLost:
-                    self._spawn(self._taken_over())
-                    raise
+                data, item_id = item.model_dump(mode="json"), item.id or ""
+                await self._write(partial(self._store.update_item, self.session_id, item_id,
+                                          data, owner=self._owner),
+                                  f"item {item_id}", wait=wait)
                 return
 
     # ------------------------------------------------------------------ output

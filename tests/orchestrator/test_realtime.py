@@ -23,13 +23,13 @@ REPLY = ["Sure", ",", " the", " lights", " are", " on", " now", "."]
 class Client:
     def __init__(self, session_kwargs: dict[str, Any] | None = None,
                  settings: ServeSettings | None = None, tts_ms_per_char: float = 5.0,
-                 llm_interval_s: float = 0.001) -> None:
+                 llm_interval_s: float = 0.001, store: MemoryStore | None = None) -> None:
         self.events: list[dict[str, Any]] = []
         self.llm = FakeLlm(REPLY, interval_s=llm_interval_s)
         backends = Backends(asr=FakeAsr(["turn", "on", "the", "lights"]), llm=self.llm,
                             tts=FakeTts(ms_per_char=tts_ms_per_char))
         self.session = RealtimeSession(
-            backends=backends, vad=None, store=MemoryStore(),
+            backends=backends, vad=None, store=store or MemoryStore(),
             settings=settings or ServeSettings(max_audio_rate=1000.0), send=self._recv,
             make_vad=FakeVad, **(session_kwargs or {}))
 
@@ -108,6 +108,47 @@ async def test_a_spoken_turn_produces_the_openai_event_sequence(client: Client) 
     # user item then assistant item, in the conversation and in the store
     items = client.session.items
     assert [i.role for i in items] == ["user", "assistant"]  # type: ignore[union-attr]
+
+
+class SlowStore(MemoryStore):
+    """A store whose item writes hang until ``opened`` (a Redis having a slow moment)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = asyncio.Event()
+
+    async def append_item(self, *args: Any, **kwargs: Any) -> int:
+        await self.opened.wait()
+        return await super().append_item(*args, **kwargs)
+
+    async def update_item(self, *args: Any, **kwargs: Any) -> None:
+        await self.opened.wait()
+        await super().update_item(*args, **kwargs)
+
+
+async def test_the_reply_does_not_wait_for_the_store_and_close_saves_every_item() -> None:
+    store = SlowStore()
+    client = Client(store=store)
+    await client.session.start()
+    # The user's item (at speech_stopped) and the assistant's (as the reply opens) are
+    # queued, not awaited: the whole reply plays while the store holds nothing yet.
+    async with asyncio.timeout(20):  # awaited writes would hang the turn here
+        await client.audio(speech_24k())
+        await client.wait_for("response.done")
+    assert client.of("response.output_audio.delta")
+    sid = client.session.session_id
+    assert await MemoryStore.list_items(store, sid) == []
+    store.opened.set()
+    await client.session.aclose()  # drains the queue before releasing the lease
+    stored = await store.list_items(sid)
+    assert [(i["role"], i["content"][0]["transcript"]) for i in stored] == [
+        ("user", "turn on the lights"), ("assistant", "".join(REPLY))]
+    # A new connection resumes with everything there.
+    again = Client(store=store)
+    await again.session.start(resume_id=sid, resume_token=client.of("session.created")[0][
+        "session"]["cascade"]["resume_token"])
+    assert [i.id for i in again.session.items] == [i["id"] for i in stored]
+    await again.session.aclose()
 
 
 async def test_manual_turns_commit_then_response_create() -> None:
