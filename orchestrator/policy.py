@@ -6,6 +6,11 @@ Read top-down, this is the whole timing behaviour of a turn in streaming mode:
                process; from the first voiced frame (minus ``prefix_padding_ms``) the
                audio also streams into ASR, so transcription runs while the user speaks.
                Newly *stable* ASR text is sent as transcription deltas (it never retracts).
+               Each time it grows (no speculative reply running), the LLM also *reads*
+               the reply's prompt so far — instructions, history, the user's stable words
+               — as a prefill-only primer (``prefill_while_speaking``), so that at the
+               pause only the last words are left to prefill. A primer never queues: an
+               LLM busy with replies skips it.
 2. Pause.      After ``asr_pause_hint_ms`` of silence the ASR is told where the speech
                paused (``AsrStream.end_of_speech``) and decodes up to there at once,
                instead of at its next scheduled decode. When the VAD has heard
@@ -96,6 +101,7 @@ class OverlapPolicy:
     speculative_pause_ms: int = 200
     speculative_uncovered_ms: int = 200
     asr_pause_hint_ms: int = 64
+    prefill_while_speaking: bool = True
     # semantic_vad: the end-of-turn model decides (None: server_vad's silence rule).
     semantic: SemanticRule | None = None
     barge_in_min_ms: int = 200
@@ -103,6 +109,11 @@ class OverlapPolicy:
     playout_lead_ms: int = 300
     # Longest turn (server VAD): at this much audio the turn is ended as if the user paused.
     max_turn_ms: int = 60_000
+
+    @property
+    def priming_enabled(self) -> bool:
+        """Step 1's primers: only where a reply will follow, never in the serial baseline."""
+        return self.prefill_while_speaking and not self.serial and self.create_response
 
     @property
     def speculation_enabled(self) -> bool:

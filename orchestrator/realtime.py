@@ -201,6 +201,8 @@ class RealtimeSession:
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._prime_task: asyncio.Task[None] | None = None
         self._primed: str | None = None  # the instructions last sent to warm the LLM
+        self._turn_prime: asyncio.Task[None] | None = None  # the user's words so far
+        self._turn_prime_next: tuple[int, str] | None = None
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
         self._lease: LeaseKeeper | None = None
         self._writes: WriteBehind | None = None  # item writes, in order, off the turn's path
@@ -283,9 +285,10 @@ class RealtimeSession:
             await self._writes.aclose()
         if self._lease is not None:
             await self._lease.stop(release=True)
-        prime, self._prime_task = self._prime_task, None
-        if prime is not None and not prime.done():
-            prime.cancel()
+        for prime in (self._prime_task, self._turn_prime):
+            if prime is not None and not prime.done():
+                prime.cancel()
+        self._prime_task = self._turn_prime = None
 
     def _prime_llm(self) -> None:
         """Let the LLM read this session's instructions now, in the background, so the first
@@ -300,7 +303,30 @@ class RealtimeSession:
         self._prime_task = asyncio.create_task(self._prime(text), name="llm-prime")
 
     async def _prime(self, text: str) -> None:
-        request = LlmRequest(messages=[ChatMessage(role="system", content=text)], max_tokens=1)
+        await self._read_prompt(LlmRequest(messages=[ChatMessage(role="system", content=text)],
+                                           prefill_only=True))
+
+    def _prime_turn(self, number: int, words: str) -> None:
+        """The turn controller's hook (policy step 1): the user's stable words grew. The
+        LLM reads the prompt the reply will have, up to these words, in the background;
+        one primer at a time, then the newest words if they grew meanwhile."""
+        if self._closed or not words:
+            return
+        self._turn_prime_next = (number, words)
+        if self._turn_prime is None or self._turn_prime.done():
+            self._turn_prime = asyncio.create_task(self._prime_turns(), name="llm-prime-turn")
+
+    async def _prime_turns(self) -> None:
+        while self._turn_prime_next is not None and not self._closed:
+            number, words = self._turn_prime_next
+            self._turn_prime_next = None
+            request, failure = self._reply_request(
+                words, skip_item=self._user_turn(number).item_id)
+            if failure is None:
+                await self._read_prompt(request.model_copy(update={"prefill_only": True}))
+
+    async def _read_prompt(self, request: LlmRequest) -> None:
+        """A prefill-only request: only the LLM's cache changes; failures are the turns'."""
         try:
             async with asyncio.timeout(self._settings.llm_first_token_timeout_s):
                 async for _ in self._backends.llm.stream(request):
@@ -428,7 +454,7 @@ class RealtimeSession:
                 vad=self._make_vad(), asr=self._backends.asr,
                 make_reply=self._turn_reply, emit=self._on_turn_event, policy=policy,
                 auto_turns=auto, deadlines=self._settings.deadlines(),
-                turn_model=self._backends.turn)
+                turn_model=self._backends.turn, prime=self._prime_turn)
         else:
             self._controller.policy = policy
             self._controller.auto_turns = auto
@@ -657,6 +683,20 @@ class RealtimeSession:
         when the turn's item is not in the conversation yet: a speculative start).
         ``config`` (from ``response.create``) overrides the session for this reply; its
         ``input`` replaces the conversation as context, ``conversation: "none"`` too."""
+        request, failure = self._reply_request(transcript, config, skip_item)
+        rate = (self._media.output_rate if self._media is not None
+                else audio_codecs.sample_rate(self.session.output_format.type))
+        return ReplyRun(self._backends.llm,
+                        self._backends.tts if self._wants_audio(config) else None, request,
+                        sample_rate=rate, serial=self.session.cascade.pipeline == "serial",
+                        deadlines=self._settings.deadlines(), failure=failure)
+
+    def _reply_request(self, transcript: str | None, config: ResponseConfig | None = None,
+                       skip_item: str | None = None
+                       ) -> tuple[LlmRequest, tuple[str, str] | None]:
+        """The LLM request of ``_make_reply`` (the same one for a turn's primers, so the
+        LLM's cache holds exactly the prompt the reply will send), and why the reply
+        must fail instead (the history does not fit), if it must."""
         cfg = config or ResponseConfig()
         instructions = cfg.instructions if cfg.instructions is not None else (
             self.session.instructions)
@@ -688,9 +728,6 @@ class RealtimeSession:
                                                 parameters=t.parameters))
                  for t in session_tools] or None
         choice = cfg.tool_choice if cfg.tool_choice is not None else self.session.tool_choice
-        audio = self._wants_audio(cfg)
-        rate = (self._media.output_rate if self._media is not None
-                else audio_codecs.sample_rate(self.session.output_format.type))
         failure: tuple[str, str] | None = None
         if self._context_window is not None:  # the history must fit the model (context.py)
             try:
@@ -713,9 +750,7 @@ class RealtimeSession:
             tool_choice=None if tools is None else (
                 choice if isinstance(choice, str)
                 else {"type": "function", "function": {"name": choice.name}}))
-        return ReplyRun(self._backends.llm, self._backends.tts if audio else None, request,
-                        sample_rate=rate, serial=self.session.cascade.pipeline == "serial",
-                        deadlines=self._settings.deadlines(), failure=failure)
+        return request, failure
 
     def _wants_audio(self, cfg: ResponseConfig | None) -> bool:
         modalities = (cfg.output_modalities if cfg is not None and cfg.output_modalities

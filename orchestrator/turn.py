@@ -116,6 +116,8 @@ TurnEvent = (SpeechStarted | SpeechStopped | TranscriptDelta | TranscriptDone | 
              | ReplyCancelled | BargeIn)
 Emit = Callable[[TurnEvent], Awaitable[None]]
 MakeReply = Callable[[int, str], ReplyRun]  # (turn, the user's words) -> a reply run
+# (turn, the user's stable words so far): let the LLM read the reply's prompt up to them
+Prime = Callable[[int, str], None]
 
 
 @dataclass
@@ -130,7 +132,8 @@ class TurnController:
     def __init__(self, *, vad: VadLike, asr: AsrBackend, make_reply: MakeReply, emit: Emit,
                  policy: OverlapPolicy | None = None, auto_turns: bool = True,
                  deadlines: StageDeadlines | None = None,
-                 turn_model: EndOfTurnModel | None = None) -> None:
+                 turn_model: EndOfTurnModel | None = None,
+                 prime: Prime | None = None) -> None:
         self.policy = policy or OverlapPolicy()
         self.auto_turns = auto_turns  # False: manual turns (turn_detection null)
         self.deadlines = deadlines or StageDeadlines()
@@ -139,6 +142,7 @@ class TurnController:
         self._make_reply = make_reply
         self._emit = emit
         self._turn_model = turn_model
+        self._prime = prime
         self._lock = asyncio.Lock()  # one push/commit at a time; never held across a stage
         # audio clock and VAD state
         self.samples = 0
@@ -469,6 +473,9 @@ class TurnController:
         if len(stable) > len(turn.sent_stable) and stable.startswith(turn.sent_stable):
             delta, turn.sent_stable = stable[len(turn.sent_stable):], stable
             await self._emit(TranscriptDelta(turn.turn, delta))
+            if (self._prime is not None and turn is self._turn and self._in_speech
+                    and self._speculative is None and self.policy.priming_enabled):
+                self._prime(turn.turn, stable.strip())  # policy step 1
         if (turn is self._turn and self._in_speech
                 and self._silence_run >= self.policy.speculative_pause_ms * RATE // 1000):
             self._maybe_speculate()

@@ -34,6 +34,9 @@ LLM_PROMPT_TOKENS = Counter("cascade_llm_prompt_tokens_total",
 LLM_CACHED_PROMPT_TOKENS = Counter("cascade_llm_cached_prompt_tokens_total",
                                    "Prompt tokens reused from a slot's KV cache")
 LLM_CANCELLED = Counter("cascade_llm_cancelled_total", "Generations stopped before their end")
+# Primers (prefill-only requests) by outcome: "run" (given a slot) or "skipped" (ended at once).
+LLM_PREFILLS = Counter("cascade_llm_prefills_total",
+                       "Prefill-only requests (primers) run on a slot or skipped", ["outcome"])
 
 # TTS
 TTS_TTFA_SECONDS = Histogram(

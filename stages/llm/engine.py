@@ -75,13 +75,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-from prometheus_client import Counter
 
 from stages.common.metrics import (
     LLM_ACTIVE_REQUESTS,
     LLM_BUSY_SLOTS,
     LLM_CACHED_PROMPT_TOKENS,
     LLM_CANCELLED,
+    LLM_PREFILLS,
     LLM_PROMPT_TOKENS,
     LLM_TOKENS,
     LLM_TTFT_SECONDS,
@@ -102,10 +102,6 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
 log = logging.getLogger(__name__)
-
-# Primers (prefill-only requests) by outcome: "run" (given a slot) or "skipped" (ended at once).
-LLM_PREFILLS = Counter("cascade_llm_prefills_total",
-                       "Prefill-only requests (primers) run on a slot or skipped", ["outcome"])
 
 # Prompt remainders shorter than this are evaluated on the decode threads (_watch_prompts).
 SMALL_PREFILL_TOKENS = 16

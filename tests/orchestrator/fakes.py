@@ -32,13 +32,21 @@ class FakeLlm:
 
     @property
     def replies(self) -> list[LlmRequest]:
-        """The requests for replies: all but the sessions' instruction primers (a lone
-        system message, one token; see ``RealtimeSession._prime_llm``)."""
-        return [r for r in self.requests
-                if not (r.max_tokens == 1 and [m.role for m in r.messages] == ["system"])]
+        """The requests for replies: all but the primers."""
+        return [r for r in self.requests if not r.prefill_only]
+
+    @property
+    def primers(self) -> list[LlmRequest]:
+        """Prefill-only requests: the session's instructions, a turn's words so far."""
+        return [r for r in self.requests if r.prefill_only]
 
     async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
         self.requests.append(request)
+        if request.prefill_only:  # as the engine: read the prompt, no text
+            await asyncio.sleep(self.first_token_s)
+            yield LlmDelta(finish_reason="length",
+                           usage=LlmUsage(prompt_tokens=5, completion_tokens=0))
+            return
         finished = False
         try:
             await asyncio.sleep(self.first_token_s)

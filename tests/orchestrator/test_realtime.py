@@ -396,17 +396,49 @@ async def test_response_create_overrides_and_out_of_band_responses(client: Clien
 
 
 async def test_the_llm_reads_the_instructions_before_the_first_turn(client: Client) -> None:
-    # At session.created, once per instructions text: a lone system message, one token.
+    # At session.created, once per instructions text: a lone system message, read only.
     await asyncio.sleep(0.05)
-    primers = [r for r in client.llm.requests if r not in client.llm.replies]
-    assert len(primers) == 1 and primers[0].max_tokens == 1
+    primers = client.llm.primers
+    assert len(primers) == 1 and [m.role for m in primers[0].messages] == ["system"]
     assert primers[0].messages[0].content == "You are a helpful voice assistant. Answer briefly."
     await client.send({"type": "session.update", "session": {
         "type": "realtime", "instructions": "Talk like a pirate."}})
     await client.send({"type": "session.update", "session": {"type": "realtime"}})
     await client.wait_for("session.updated", count=2)
     await asyncio.sleep(0.05)
-    primers = [r for r in client.llm.requests if r not in client.llm.replies]
+    primers = client.llm.primers
     assert [p.messages[0].content for p in primers] == [
         "You are a helpful voice assistant. Answer briefly.", "Talk like a pirate."]
     assert client.llm.replies == []  # no reply was asked for
+
+
+async def test_the_llm_reads_each_turn_while_the_user_speaks(client: Client) -> None:
+    """Policy step 1: as the stable words grow, the LLM reads the reply's prompt so far
+    (the same history and instructions as the reply), so only the tail is left at the
+    pause."""
+    for turn in (1, 2):
+        await client.audio(speech_24k())
+        await client.wait_for("response.done", count=turn)
+        reply = client.llm.replies[-1]
+        primers = [p for p in client.llm.primers if len(p.messages) == len(reply.messages)]
+        assert primers, [p.messages for p in client.llm.primers]
+        final = reply.messages[-1].content or ""
+        assert final == "turn on the lights"
+        for primer in primers:
+            # The same prompt as the reply up to the user's words so far.
+            assert primer.messages[:-1] == reply.messages[:-1]
+            assert primer.messages[-1].role == "user"
+            assert final.startswith(primer.messages[-1].content or "?")
+            assert primer.tools == reply.tools
+        assert len(reply.messages) == 2 * turn  # instructions, history, the user's words
+
+
+async def test_the_serial_baseline_reads_nothing_ahead() -> None:
+    c = Client()
+    await c.session.start()
+    await c.send({"type": "session.update", "session": {
+        "type": "realtime", "cascade": {"pipeline": "serial"}}})
+    await c.audio(speech_24k())
+    await c.wait_for("response.done")
+    assert [[m.role for m in p.messages] for p in c.llm.primers] == [["system"]]
+    await c.session.aclose()
