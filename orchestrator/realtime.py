@@ -310,7 +310,7 @@ class RealtimeSession:
         """The turn controller's hook (policy step 1): the user's stable words grew. The
         LLM reads the prompt the reply will have, up to these words, in the background;
         one primer at a time, then the newest words if they grew meanwhile."""
-        if self._closed or not words:
+        if self._closed or not words or not self._settings.llm_prime_turns:
             return
         self._turn_prime_next = (number, words)
         if self._turn_prime is None or self._turn_prime.done():

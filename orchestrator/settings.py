@@ -85,6 +85,10 @@ class ServeSettings(BaseSettings):
     # request), so its prompt cache holds them before the first reply. Off for a paid API
     # that bills every request.
     llm_prime_instructions: bool = True
+    # While the user speaks, let the LLM read each turn's prompt up to the words recognized
+    # so far (prefill-only requests, policy.py step 1), so the reply prefills only the last
+    # words. A few extra requests per turn: off for a paid API that bills every request.
+    llm_prime_turns: bool = True
 
     # --- CPU budget of the embedded engines (stages/common/cpu.py) --------------------------
     # Threads in all (0: the cores this process may use); per stage (0: the whole budget,

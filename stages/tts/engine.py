@@ -104,7 +104,8 @@ class PiperTts:
         self.voice = load_voice(self.settings)
         self.source_rate = self.voice.config.sample_rate
         self.bounds = PhraseBounds(self.settings.first_min_words, self.settings.first_max_words,
-                                   self.settings.later_min_chars, self.settings.later_max_chars)
+                                   self.settings.later_min_chars, self.settings.later_max_chars,
+                                   self.settings.phrase_ramp)
         self.executor = ThreadPoolExecutor(max(1, self.settings.synth_workers),
                                            thread_name_prefix="piper")
         self._streams: set[PiperTtsStream] = set()

@@ -13,7 +13,10 @@ Design decisions:
   gives exactly the phrases of feeding the whole text at once.
 - The FIRST phrase is short so audio starts early: it ends at the first sentence end, at
   the first clause end after ``first_min_words`` words, or after ``first_max_words``
-  words even without punctuation.
+  words even without punctuation. The next ones RAMP UP by the same rule, the word cap
+  doubling each time (``ramp`` phrases in all: 4, then 8 words by default): each must be
+  synthesized while the one before plays, and a whole sentence after a 4-word opening
+  would not be (measured: 100-400 ms gaps ~1.6 s into replies).
 - LATER phrases are whole sentences, merged while shorter than ``later_min_chars``, up to
   ``later_max_chars``; a longer sentence is split at its last clause boundary (else its
   last word boundary) that fits.
@@ -46,9 +49,10 @@ class PhraseBounds:
     """Length bounds of phrases (see module docstring)."""
 
     first_min_words: int = 3
-    first_max_words: int = 6
+    first_max_words: int = 4
     later_min_chars: int = 40
     later_max_chars: int = 140
+    ramp: int = 2  # phrases cut by the first phrase's rule, the word cap doubling
 
 
 def _boundary_kind(word: str, next_char: str | None, ws: str) -> str | None:
@@ -105,12 +109,12 @@ def _word_ends(text: str, final: bool) -> list[tuple[int, int, str | None]]:
     return out
 
 
-def find_cut(text: str, *, first: bool, final: bool,
+def find_cut(text: str, *, index: int, final: bool,
              bounds: PhraseBounds = PhraseBounds()) -> int | None:
     """End index (exclusive) of the next phrase in ``text``, or None if not certain yet.
 
-    ``text`` is the unspoken buffer; ``first`` says whether this is the stream's first
-    phrase; ``final`` says no more text will come (the end of the text is a boundary).
+    ``text`` is the unspoken buffer; ``index`` is the phrase's number in the stream (0:
+    the first); ``final`` says no more text will come (the end of the text is a boundary).
     A final text that holds only whitespace is returned whole.
     """
     if not text:
@@ -118,13 +122,14 @@ def find_cut(text: str, *, first: bool, final: bool,
     ends = _word_ends(text, final)
     if final and not ends:
         return len(text)  # whitespace only
-    if first:
+    if index < max(1, bounds.ramp):
+        max_words = bounds.first_max_words << index
         for pos, count, kind in ends:
             if kind == "sentence":
                 return pos
             if kind == "clause" and count >= bounds.first_min_words:
                 return pos
-            if count >= bounds.first_max_words:
+            if count >= max_words:
                 return pos
         return None
     for pos, _count, kind in ends:
@@ -156,7 +161,7 @@ class PhraseCutter:
     def __init__(self, bounds: PhraseBounds = PhraseBounds()) -> None:
         self.bounds = bounds
         self._buf = ""
-        self._first = True
+        self._index = 0  # phrases handed out so far
         self.offset = 0  # index in the whole input where the buffer starts
 
     @property
@@ -173,18 +178,18 @@ class PhraseCutter:
     def _drain(self, final: bool) -> list[str]:
         out: list[str] = []
         while self._buf:
-            cut = find_cut(self._buf, first=self._first, final=final, bounds=self.bounds)
+            cut = find_cut(self._buf, index=self._index, final=final, bounds=self.bounds)
             if cut is None:
                 break
             out.append(self._buf[:cut])
             self._buf = self._buf[cut:]
             self.offset += cut
-            self._first = False
+            self._index += 1
         return out
 
     def take_pending(self) -> str:
         """Hand out the whole buffer as a phrase (only for runaway text with no spaces)."""
         text, self._buf = self._buf, ""
         self.offset += len(text)
-        self._first = False
+        self._index += 1
         return text

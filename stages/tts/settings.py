@@ -38,11 +38,13 @@ class TtsSettings(StageSettings):
     include_alignments: bool = True
     # The first phrase ends at its first clause end after first_min_words words, or after
     # first_max_words words: on the CPU default the LLM makes ~40 tokens/s, so each word
-    # of the first phrase delays the first audio by ~35 ms (plus its synthesis).
+    # of the first phrase delays the first audio by ~35 ms (plus its synthesis). The next
+    # `phrase_ramp - 1` phrases follow the same rule with the cap doubling (phrases.py).
     first_min_words: int = 3
-    first_max_words: int = 6
+    first_max_words: int = 4
     later_min_chars: int = 40
     later_max_chars: int = 140
+    phrase_ramp: int = Field(default=2, ge=1)
     # Longest text accepted per request / per WebSocket text message (OpenAI: 4096).
     max_text_chars: int = 4096
     # Threads that run piper; each stream synthesizes its phrases in order on one of them.

@@ -62,15 +62,16 @@ def test_first_phrase_is_short_and_later_ones_are_longer() -> None:
     text = ("Sure, I can help with that. The store opens at nine in the morning and "
             "closes at six. On weekends it opens later. You can also order online at any time.")
     phrases = split_phrases(text)
-    assert phrases[0] == "Sure, I can help with that. "
+    assert phrases[0] == "Sure, I can help "  # 4 words: "Sure," is too short a clause
+    assert phrases[1] == "with that. "  # the ramp: a sentence end, else at most 8 words
     # later phrases merge short sentences: "On weekends it opens later." is not alone
-    assert all(len(p.split()) > 8 for p in phrases[1:])
+    assert all(len(p.split()) > 8 for p in phrases[2:])
     assert any("opens later. You can also" in p for p in phrases)
 
 
 def test_first_phrase_cut_at_clause_after_a_few_words() -> None:
     text = "Well, I think that the answer, if you ask me, is quite simple really."
-    phrases = split_phrases(text)
+    phrases = split_phrases(text, PhraseBounds(first_max_words=6))
     assert phrases[0] == "Well, I think that the answer, "  # not after "Well," (1 word)
 
 
@@ -79,6 +80,18 @@ def test_first_phrase_word_cap_without_punctuation() -> None:
     phrases = split_phrases("one two three four five six seven eight nine ten", bounds)
     assert phrases[0] == "one two three four five "
     assert phrases[1] == "six seven eight nine ten"
+
+
+def test_the_phrases_after_the_first_ramp_up() -> None:
+    """Each ramp phrase is synthesized while the one before plays: the caps double."""
+    words = " ".join(f"w{i}" for i in range(40))
+    phrases = split_phrases(words, PhraseBounds(first_max_words=2, ramp=3, later_max_chars=40))
+    assert [len(p.split()) for p in phrases[:3]] == [2, 4, 8]
+    assert all(len(p) <= 40 for p in phrases[3:])  # then the later rule
+    assert "".join(phrases) == words
+    # The ramp's phrases end at clause ends too, once first_min_words long.
+    phrases = split_phrases("Okay. So the answer, as far as I know, is yes and no.")
+    assert phrases == ["Okay. ", "So the answer, ", "as far as I know, is yes and no."]
 
 
 def test_sentence_end_after_one_word_is_a_first_phrase() -> None:
@@ -145,6 +158,6 @@ def test_newline_is_a_boundary_and_whitespace_only_final() -> None:
     phrases = split_phrases("Title\n\nBody text here goes on. End.")
     assert phrases[0] == "Title\n\n"
     assert split_phrases("   ") == ["   "]
-    assert find_cut("", first=True, final=True) is None
-    assert find_cut("Hello", first=True, final=False) is None
-    assert find_cut("Hello", first=True, final=True) == 5
+    assert find_cut("", index=0, final=True) is None
+    assert find_cut("Hello", index=0, final=False) is None
+    assert find_cut("Hello", index=0, final=True) == 5
