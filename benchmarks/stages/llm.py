@@ -365,11 +365,7 @@ async def _prefix(rounds: int, threads: Threads) -> dict[str, float]:
             }
             for kind, other in before.items():
                 await _ttft(engine, other)  # what the slot holds before the turn
-                ms, _ = await _ttft(engine, turn)
-                stats = engine.history[-1]
-                ttft[kind].append(ms)
-                cached[kind].append(float(stats.cached_tokens or 0))
-                prompt.append(float(stats.prompt_tokens or 0))
+                await _measure(engine, turn, ttft[kind], cached[kind], prompt)
     finally:
         await engine.aclose()
     out = {"prefix_prompt_tokens": statistics.median(prompt)}
@@ -377,6 +373,16 @@ async def _prefix(rounds: int, threads: Threads) -> dict[str, float]:
         out[f"prefix_ttft_ms_p50_{kind}"] = statistics.median(ttft[kind])
         out[f"prefix_cached_tokens_{kind}"] = statistics.median(cached[kind])
     return out
+
+
+async def _measure(engine: LlamaCppLlm, request: LlmRequest, ttft: list[float],
+                   cached: list[float], prompt: list[float]) -> None:
+    """One request's TTFT, and how many of its prompt tokens its slot already held."""
+    ms, _ = await _ttft(engine, request)
+    stats = engine.history[-1]
+    ttft.append(ms)
+    cached.append(float(stats.cached_tokens or 0))
+    prompt.append(float(stats.prompt_tokens or 0))
 
 
 async def _primer(rounds: int, threads: Threads) -> dict[str, float]:
@@ -402,11 +408,8 @@ async def _primer(rounds: int, threads: Threads) -> dict[str, float]:
                     p = engine.history[-1]
                     if p.started_at is not None and p.ended_at is not None:
                         primer_ms.append((p.ended_at - p.started_at) * 1000)
-                ms, _ = await _ttft(engine, _conversation(INSTRUCTIONS, (*history, question)))
-                stats = engine.history[-1]
-                ttft[kind].append(ms)
-                cached[kind].append(float(stats.cached_tokens or 0))
-                prompt.append(float(stats.prompt_tokens or 0))
+                await _measure(engine, _conversation(INSTRUCTIONS, (*history, question)),
+                               ttft[kind], cached[kind], prompt)
     finally:
         await engine.aclose()
     out = {"primer_prompt_tokens": statistics.median(prompt),

@@ -9,7 +9,7 @@ that is provably unfinished can be used as a reference point.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -17,8 +17,7 @@ from stages.llm.engine import GenerationStats, LlamaCppLlm
 from stages.llm.settings import LlmSettings
 from stages.llm.types import ChatMessage, LlmBusyError, LlmDelta, LlmError, LlmRequest, Role
 from tests.stages.llm.conftest import LONG_PROMPT, user
-
-HANG_GUARD_S = 60.0  # a hang guard, not a speed bound
+from tests.support.waiting import HANG_GUARD_S, until
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +34,6 @@ async def _first(gen: AsyncIterator[LlmDelta]) -> LlmDelta:
 
 async def _rest(gen: AsyncIterator[LlmDelta]) -> list[LlmDelta]:
     return [d async for d in gen]
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(int(HANG_GUARD_S / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("the condition never held")
 
 
 def _stats_for(engine: LlamaCppLlm, n: int) -> list[GenerationStats]:
@@ -137,7 +128,7 @@ async def test_requests_beyond_slots_and_waiting_room_are_refused(engine: LlamaC
         for gen in running:
             await _first(gen)
         waiter = asyncio.create_task(_first(waiting))
-        await _until(lambda: engine.pending == 3)  # the third is queued, not refused
+        await until(lambda: engine.pending == 3)  # the third is queued, not refused
         assert engine.busy_slots == 2 and not waiter.done()
         with pytest.raises(LlmBusyError) as info:
             await anext(engine.stream(user("Hi")))
@@ -241,7 +232,7 @@ async def test_aclose_with_generations_in_flight() -> None:
     await _first(gens[0])
     await _first(gens[1])
     third = asyncio.create_task(_rest(gens[2]))  # waits for a slot
-    await _until(lambda: llm.pending == 3)
+    await until(lambda: llm.pending == 3)
     await asyncio.wait_for(llm.aclose(), HANG_GUARD_S)
     assert llm.pending == 0 and llm.busy_slots == 0
     assert await asyncio.wait_for(third, HANG_GUARD_S) == []  # ended, never started

@@ -22,8 +22,7 @@ from stages.llm.engine import SMALL_PREFILL_TOKENS, GenerationStats, LlamaCppLlm
 from stages.llm.slots import prompt_keys, reply_key
 from stages.llm.types import ChatMessage, LlmDelta, LlmRequest, ToolSpec
 from tests.stages.llm.conftest import LONG_PROMPT, WEATHER_TOOL, user
-
-HANG_GUARD_S = 60.0  # a hang guard, not a speed bound
+from tests.support.waiting import HANG_GUARD_S, until
 
 WEATHER = "You are a weather presenter. You answer questions about the weather in one sentence."
 TRAVEL = "You are a travel agent. You answer questions about journeys in one short sentence."
@@ -77,14 +76,6 @@ class Gate:
 
     def release(self) -> None:
         self._open.set()
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    for _ in range(int(HANG_GUARD_S / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("the condition never held")
 
 
 async def _all(gen: AsyncIterator[LlmDelta]) -> list[LlmDelta]:
@@ -188,10 +179,10 @@ async def test_a_real_request_waits_for_the_slot_its_primer_is_filling(
     engine = fresh
     gate = Gate(engine)
     primer = asyncio.create_task(_run(engine, request(WEATHER, PARTIAL, prefill_only=True)))
-    await _until(lambda: gate.entered == 1)  # the primer holds a slot, before its prefill
+    await until(lambda: gate.entered == 1)  # the primer holds a slot, before its prefill
     assert engine.busy_slots == 1
     real = asyncio.create_task(_run(engine, request(WEATHER, FULL)))
-    await _until(lambda: engine.pending == 2)
+    await until(lambda: engine.pending == 2)
     # a slot is free (cold), but the primer's slot holds the prompt: the request waits
     assert engine.busy_slots == 1
     # while a real request waits, another primer is skipped even though a slot is free
@@ -214,9 +205,9 @@ async def test_another_conversation_does_not_wait_for_a_primer(fresh: LlamaCppLl
     engine = fresh
     gate = Gate(engine)
     primer = asyncio.create_task(_run(engine, request(WEATHER, PARTIAL, prefill_only=True)))
-    await _until(lambda: gate.entered == 1)
+    await until(lambda: gate.entered == 1)
     real = asyncio.create_task(_run(engine, request(TRAVEL, FULL)))
-    await _until(lambda: gate.entered == 2)  # started on the other slot, primer still on
+    await until(lambda: gate.entered == 2)  # started on the other slot, primer still on
     assert engine.busy_slots == 2
     gate.release()
     _, p = await asyncio.wait_for(primer, HANG_GUARD_S)
@@ -231,7 +222,7 @@ async def test_a_second_primer_is_skipped_while_the_first_fills_its_slot(
     engine = fresh
     gate = Gate(engine)
     first = asyncio.create_task(_run(engine, request(WEATHER, "Tell me about", prefill_only=True)))
-    await _until(lambda: gate.entered == 1)
+    await until(lambda: gate.entered == 1)
     second = await asyncio.wait_for(_all(engine.stream(request(WEATHER, PARTIAL,
                                                                 prefill_only=True))),
                                     HANG_GUARD_S)
