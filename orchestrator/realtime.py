@@ -23,7 +23,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -310,7 +310,7 @@ class RealtimeSession:
         """The turn controller's hook (policy step 1): the user's stable words grew. The
         LLM reads the prompt the reply will have, up to these words, in the background;
         one primer at a time, then the newest words if they grew meanwhile."""
-        if self._closed or not words or not self._settings.llm_prime_turns:
+        if self._closed or not words:
             return
         self._turn_prime_next = (number, words)
         if self._turn_prime is None or self._turn_prime.done():
@@ -447,7 +447,8 @@ class RealtimeSession:
     def _configure_audio(self) -> None:
         """(Re)build the input path and the turn controller from the session config."""
         self._input_format = self.session.input_format.type
-        policy = self._policy()
+        # The operator's switch for policy step 1 (a paid API bills every primer).
+        policy = replace(self._policy(), prefill_while_speaking=self._settings.llm_prime_turns)
         auto = self.session.turn_detection is not None
         if self._controller is None:
             self._controller = TurnController(

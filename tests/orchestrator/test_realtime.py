@@ -442,3 +442,14 @@ async def test_the_serial_baseline_reads_nothing_ahead() -> None:
     await c.wait_for("response.done")
     assert [[m.role for m in p.messages] for p in c.llm.primers] == [["system"]]
     await c.session.aclose()
+
+
+async def test_an_operator_can_turn_the_turn_primers_off() -> None:
+    """CASCADE_LLM_PRIME_TURNS=false: a paid API is not billed for reading ahead."""
+    c = Client(settings=ServeSettings(max_audio_rate=1000.0, llm_prime_turns=False))
+    await c.session.start()
+    await c.audio(speech_24k())
+    await c.wait_for("response.done")
+    assert c.llm.replies
+    assert [[m.role for m in p.messages] for p in c.llm.primers] == [["system"]]
+    await c.session.aclose()
