@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from stages.asr.decode import decode_windows
 from stages.asr.types import AsrWord
 from stages.common.audio import Float32Array
+from stages.common.load import WorkMeter
 from stages.common.metrics import ASR_DECODE_SECONDS
 
 if TYPE_CHECKING:
@@ -46,14 +47,20 @@ class DecodeBatcher:
     """Gathers concurrent decode requests of different streams into batches."""
 
     def __init__(self, model: WhisperModel, pool: ThreadPoolExecutor,
-                 settings: AsrSettings) -> None:
+                 settings: AsrSettings, meter: WorkMeter | None = None) -> None:
         self._model = model
         self._pool = pool
+        self._meter = meter or WorkMeter()
         self._max_batch = max(1, settings.max_batch)
         self._beam_size = settings.beam_size
         self._min_context_s = settings.min_context_s
         self._pending: list[_Request] = []
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Requests not yet handed to the pool."""
+        return len(self._pending)
 
     async def decode(self, audio: Float32Array, prompt: str | None, language: str | None,
                      kind: str) -> list[AsrWord]:
@@ -75,7 +82,7 @@ class DecodeBatcher:
             try:
                 with ASR_DECODE_SECONDS.labels("batch").time():
                     results = await loop.run_in_executor(
-                        self._pool, decode_windows, self._model,
+                        self._pool, self._meter.wrap(decode_windows), self._model,
                         [(r[0], r[1]) for r in batch], lang, self._beam_size,
                         self._min_context_s)
             except Exception as exc:

@@ -45,6 +45,7 @@ from stages.common.audio import (
     pcm16_to_float,
     resample,
 )
+from stages.common.load import WorkMeter
 from stages.common.metrics import ASR_AUDIO_SECONDS, ASR_DECODE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,10 @@ class WhisperAsr:
         self.model = model or load_model(self.settings)
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.decode_workers),
                                         thread_name_prefix="asr-decode")
+        # Decodes waiting for / running on the pool: the replica's load (stages/common/load.py).
+        self.meter = WorkMeter(max(1, self.settings.decode_workers))
         self._batcher: DecodeBatcher | None = (
-            DecodeBatcher(self.model, self._pool, self.settings)
+            DecodeBatcher(self.model, self._pool, self.settings, self.meter)
             if self.settings.batch_decodes else None
         )
         self._streams: set[WhisperStream] = set()
@@ -107,6 +110,12 @@ class WhisperAsr:
     @property
     def active_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def queued(self) -> int:
+        """Decodes waiting for a pool thread (batched ones included)."""
+        waiting = self._batcher.pending if self._batcher is not None else 0
+        return self.meter.queued + waiting
 
     # ----------------------------------------------------------------- AsrBackend
     async def open_stream(self, *, language: str | None = None,
@@ -146,8 +155,8 @@ class WhisperAsr:
         if self._batcher is not None and kind != "file":
             return await self._batcher.decode(audio, prompt, language, kind)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.decode_sync, audio, prompt,
-                                          language, kind)
+        return await loop.run_in_executor(self._pool, self.meter.wrap(self.decode_sync), audio,
+                                          prompt, language, kind)
 
     def decode_sync(self, audio: Float32Array, prompt: str | None, language: str | None,
                     kind: str) -> list[AsrWord]:

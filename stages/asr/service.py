@@ -49,8 +49,9 @@ from stages.common.audio import (
     pcm16_to_float,
     read_wav,
 )
+from stages.common.load import StageLoad
 from stages.common.metrics import REQUESTS_REJECTED
-from stages.common.service import add_common_routes, error_body
+from stages.common.service import add_common_routes, busy_response, error_body, refuse_stream
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class _State:
     def __init__(self) -> None:
         self.asr: WhisperAsr | None = None
         self.sockets: set[WebSocket] = set()
+        # Streams past the capacity check whose engine stream is not open yet.
+        self.opening = 0
+
+    def active(self) -> int:
+        return (self.asr.active_streams if self.asr is not None else 0) + self.opening
 
 
 def create_app(settings: AsrSettings) -> FastAPI:
@@ -86,12 +92,33 @@ def create_app(settings: AsrSettings) -> FastAPI:
             await asr.aclose()
 
     app = FastAPI(title="cascade asr", lifespan=lifespan)
-    add_common_routes(app, STAGE, lambda: state.asr is not None)
+    def load() -> StageLoad:
+        asr = state.asr
+        return StageLoad(stage=STAGE, ready=asr is not None, active=state.active(),
+                         queued=asr.queued if asr is not None else 0,
+                         capacity=settings.max_streams,
+                         busy=asr.meter.busy() if asr is not None else 0.0)
+
+    add_common_routes(app, STAGE, lambda: state.asr is not None, load)
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket, sample_rate: str = str(ASR_RATE),
                      language: str | None = None, prompt: str | None = None) -> None:
-        await ws.accept()
+        # Not ready or full: refused in the handshake (503 + Retry-After), so a client
+        # tries another replica at once.
+        if state.asr is None:
+            await refuse_stream(ws, STAGE, "model is not loaded yet", "not_ready")
+            return
+        if state.active() >= settings.max_streams:
+            await refuse_stream(ws, STAGE, f"server is at its limit of {settings.max_streams} "
+                                "streams", "too_many_streams")
+            return
+        state.opening += 1
+        try:
+            await ws.accept()
+        except BaseException:
+            state.opening -= 1
+            raise
         send_lock = asyncio.Lock()
 
         async def send(event: str) -> None:
@@ -106,22 +133,20 @@ def create_app(settings: AsrSettings) -> FastAPI:
                     await ws.close(code=close, reason=code)
 
         asr = state.asr
-        if asr is None:
-            await refuse("not_ready", "model is not loaded yet", WS_TRY_LATER)
-            return
         rate = int(sample_rate) if sample_rate.isdigit() else -1
-        if rate not in SUPPORTED_RATES:
-            await refuse("unsupported_sample_rate",
-                         f"sample_rate={sample_rate} is not supported; use one of "
-                         f"{list(SUPPORTED_RATES)} (pcm16 mono)", WS_POLICY)
+        if asr is None or rate not in SUPPORTED_RATES:
+            state.opening -= 1
+            if asr is None:
+                await refuse("not_ready", "service is shutting down", WS_TRY_LATER)
+            else:
+                await refuse("unsupported_sample_rate",
+                             f"sample_rate={sample_rate} is not supported; use one of "
+                             f"{list(SUPPORTED_RATES)} (pcm16 mono)", WS_POLICY)
             return
-        if asr.active_streams >= settings.max_streams:
-            await refuse("too_many_streams",
-                         f"server is at its limit of {settings.max_streams} streams",
-                         WS_TRY_LATER)
-            return
-
-        session = await asr.open_stream(language=language, prompt=prompt)
+        try:
+            session = await asr.open_stream(language=language, prompt=prompt)
+        finally:
+            state.opening -= 1
         resampler = StreamResampler(rate, ASR_RATE)
         state.sockets.add(ws)
 
@@ -196,7 +221,7 @@ def create_app(settings: AsrSettings) -> FastAPI:
     async def transcriptions(request: Request) -> Response:
         asr = state.asr
         if asr is None:
-            return JSONResponse(error_body("model is not loaded yet", "not_ready"), 503)
+            return busy_response(STAGE, "model is not loaded yet", "not_ready")
         limit = settings.max_message_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

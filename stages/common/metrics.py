@@ -52,3 +52,23 @@ TTS_ACTIVE_STREAMS = Gauge("cascade_tts_active_streams", "Open streaming TTS ses
 REQUESTS_REJECTED = Counter(
     "cascade_stage_rejected_total", "Requests or stream messages refused", ["stage", "reason"]
 )
+
+# Load of this replica (stages/common/load.py), refreshed at each scrape: what the
+# orchestrator's replica routing reads from /load, for autoscalers.
+STAGE_ACTIVE = Gauge("cascade_stage_active_streams", "Streams or requests open now", ["stage"])
+STAGE_QUEUED = Gauge("cascade_stage_queued", "Inference work waiting for a worker", ["stage"])
+STAGE_CAPACITY = Gauge("cascade_stage_capacity", "Streams accepted before refusing",
+                       ["stage"])
+STAGE_BUSY = Gauge("cascade_stage_busy_ratio", "Inference workers' busy fraction, last 5 s",
+                   ["stage"])
+STAGE_LOAD = Gauge("cascade_stage_load",
+                   "Routing load figure: (active + queued) / capacity + busy / 2", ["stage"])
+
+# Replica routing, in the orchestrator (stages/common/replicas.py).
+REPLICA_UP = Gauge("cascade_replica_up", "1 while a stage replica is routed to",
+                   ["stage", "replica"])
+REPLICA_STREAMS = Counter("cascade_replica_streams_total",
+                          "Streams/requests this process sent to each stage replica",
+                          ["stage", "replica"])
+REPLICA_FAILOVERS = Counter("cascade_replica_failovers_total",
+                            "Streams moved to another replica, by why", ["stage", "reason"])

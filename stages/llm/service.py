@@ -36,8 +36,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stages.common.load import StageLoad
 from stages.common.metrics import REQUESTS_REJECTED
-from stages.common.service import add_common_routes, error_body
+from stages.common.service import RETRY_AFTER_S, add_common_routes, error_body
 from stages.llm.client import PREFILL_ONLY_HEADER
 from stages.llm.engine import LlamaCppLlm
 from stages.llm.settings import LlmSettings
@@ -91,7 +92,23 @@ class RequestError(Exception):
 
 def _reject(exc: RequestError) -> JSONResponse:
     REQUESTS_REJECTED.labels(STAGE, exc.code).inc()
-    return JSONResponse(error_body(exc.message, exc.code, exc.param), status_code=exc.status)
+    # Busy (429) or not ready (503): retryable, here a moment later or on another replica.
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
+    return JSONResponse(error_body(exc.message, exc.code, exc.param), status_code=exc.status,
+                        headers=headers)
+
+
+def _load(backend: LlmBackend | None, settings: LlmSettings) -> StageLoad:
+    """Requests in progress, waiting for a slot, and busy slots of the embedded engine
+    (another backend reports only readiness)."""
+    if isinstance(backend, LlamaCppLlm):
+        pending, busy = backend.pending, backend.busy_slots
+        return StageLoad(stage=STAGE, ready=True, active=pending,
+                         queued=max(0, pending - busy),
+                         capacity=backend.parallel + backend.max_waiting,
+                         busy=min(1.0, busy / backend.parallel))
+    return StageLoad(stage=STAGE, ready=backend is not None, active=0, queued=0,
+                     capacity=settings.parallel + settings.max_waiting, busy=0.0)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -243,7 +260,8 @@ def create_app(settings: LlmSettings, engine: LlmBackend | None = None) -> FastA
             await backend.aclose()
 
     app = FastAPI(title="cascade llm", lifespan=lifespan)
-    add_common_routes(app, STAGE, lambda: "engine" in state)
+    add_common_routes(app, STAGE, lambda: "engine" in state,
+                      lambda: _load(state.get("engine"), settings))
     model_name = settings.served_model_name
 
     @app.get("/v1/models")

@@ -34,6 +34,7 @@ from piper.config import PiperConfig, SynthesisConfig
 
 from stages.common.audio import Float32Array, Int16Array, float_to_pcm16, resample
 from stages.common.cpu import onnx_session_options
+from stages.common.load import WorkMeter
 from stages.common.metrics import (
     TTS_ACTIVE_STREAMS,
     TTS_AUDIO_SECONDS,
@@ -108,6 +109,8 @@ class PiperTts:
                                    self.settings.phrase_ramp)
         self.executor = ThreadPoolExecutor(max(1, self.settings.synth_workers),
                                            thread_name_prefix="piper")
+        # Phrases waiting for / running on the executor: the replica's load.
+        self.meter = WorkMeter(max(1, self.settings.synth_workers))
         self._streams: set[PiperTtsStream] = set()
         self._phonemize_word = functools.lru_cache(maxsize=8192)(self._phonemize_word_uncached)
 
@@ -295,7 +298,7 @@ class PiperTtsStream:
                 offset, text = item
                 t0 = time.perf_counter()
                 audio, words = await loop.run_in_executor(
-                    engine.executor, engine.render, text, self.sample_rate,
+                    engine.executor, engine.meter.wrap(engine.render), text, self.sample_rate,
                     self._length_scale, self._cancel)
                 TTS_SYNTH_SECONDS.observe(time.perf_counter() - t0)
                 duration_s = len(audio) / self.sample_rate

@@ -26,8 +26,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from stages.common.audio import REALTIME_RATE, wav_bytes
+from stages.common.load import StageLoad
 from stages.common.metrics import REQUESTS_REJECTED
-from stages.common.service import add_common_routes, error_body
+from stages.common.service import add_common_routes, error_body, refuse_stream
 from stages.tts.engine import PiperTts, PiperTtsStream
 from stages.tts.settings import TtsSettings
 from stages.tts.types import (
@@ -170,7 +171,14 @@ def create_app(settings: TtsSettings) -> FastAPI:
         await holder.pop("engine").aclose()
 
     app = FastAPI(title="cascade tts", lifespan=lifespan)
-    add_common_routes(app, STAGE, lambda: "engine" in holder)
+    def load() -> StageLoad:
+        engine = holder.get("engine")
+        return StageLoad(stage=STAGE, ready=engine is not None, active=len(sessions),
+                         queued=engine.meter.queued if engine is not None else 0,
+                         capacity=settings.max_streams,
+                         busy=engine.meter.busy() if engine is not None else 0.0)
+
+    add_common_routes(app, STAGE, lambda: "engine" in holder, load)
 
     def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
         REQUESTS_REJECTED.labels(STAGE, code).inc()
@@ -223,23 +231,31 @@ def create_app(settings: TtsSettings) -> FastAPI:
 
     @app.websocket("/v1/stream")
     async def ws_stream(ws: WebSocket) -> None:
-        engine = holder["engine"]
-        await ws.accept()
+        engine = holder.get("engine")
+        # Not ready or full: refused in the handshake (503 + Retry-After), so a client
+        # tries another replica at once.
+        if engine is None:
+            await refuse_stream(ws, STAGE, "voice is not loaded yet", "not_ready")
+            return
+        if len(sessions) >= settings.max_streams:
+            await refuse_stream(ws, STAGE, f"server is at its limit of {settings.max_streams} "
+                                "streams", "too_many_streams")
+            return
         try:
             rate = _parse_query(ws, engine, settings.sample_rate)
         except TtsError as exc:
+            await ws.accept()
             REQUESTS_REJECTED.labels(STAGE, exc.code).inc()
             await ws.send_text(ErrorEvent(code=exc.code, message=str(exc)).model_dump_json())
             await ws.close(1008, exc.code)
             return
-        if len(sessions) >= settings.max_streams:
-            REQUESTS_REJECTED.labels(STAGE, "too_many_streams").inc()
-            await ws.send_text(ErrorEvent(code="too_many_streams",
-                                          message="server is at max_streams").model_dump_json())
-            await ws.close(1013, "too_many_streams")
-            return
         session = _Session(ws, engine, rate)
-        sessions.add(session)
+        sessions.add(session)  # counted before the accept's await: no race past the limit
+        try:
+            await ws.accept()
+        except BaseException:
+            sessions.discard(session)
+            raise
         try:
             await session.send(ReadyEvent(sample_rate=rate, voice=settings.voice_name))
             await _receive_loop(session, settings)

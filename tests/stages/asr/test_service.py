@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from openai import OpenAI
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from stages.asr.client import AsrClient
 from stages.asr.types import AsrBackend
@@ -184,11 +185,20 @@ async def test_vanishing_client_and_stream_limit(base_url: str) -> None:
                 await asyncio.sleep(0.05)
             else:
                 pytest.fail("the two streams never showed as active")
-        async with connect(ws_url(base_url)) as c:
-            event = json.loads(await c.recv())
-            assert event["code"] == "too_many_streams"
-            await c.wait_closed()
-            assert c.close_code == 1013
+        # Refused in the handshake (503 + Retry-After + a JSON reason): a client learns it
+        # at connect time and can try another replica at once.
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(ws_url(base_url)):
+                pass
+        response = refused.value.response
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert json.loads(response.body)["error"]["code"] == "too_many_streams"
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            load = (await http.get("/load")).json()
+            ready = (await http.get("/readyz")).json()
+        assert load["stage"] == "asr" and load["ready"] is True
+        assert load["active"] == 2 and load["capacity"] == 2
+        assert ready["load"]["active"] == 2
         await a.send('{"type": "close"}')
         await b.send('{"type": "close"}')
 

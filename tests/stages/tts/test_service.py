@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from stages.tts.client import TtsClient
 from stages.tts.phrases import split_phrases
@@ -23,12 +23,14 @@ from tests.support.procs import stage_process
 TEXT = ("Hello there! The store opens at nine in the morning and closes at six in the "
         "evening. On weekends it opens later, at ten. You can also order online at any time.")
 MAX_BYTES = 65536
+MAX_STREAMS = 3
 
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
     with stage_process("tts", "--set", f"max_message_bytes={MAX_BYTES}",
-                       "--set", "max_text_chars=2000") as url:
+                       "--set", "max_text_chars=2000", "--set", f"max_streams={MAX_STREAMS}"
+                       ) as url:
         yield url
 
 
@@ -249,3 +251,40 @@ def test_http_errors_and_common_routes(base: str) -> None:
     for name in ("cascade_tts_ttfa_seconds", "cascade_tts_synth_seconds",
                  "cascade_tts_audio_seconds_total", "cascade_tts_active_streams"):
         assert name in metrics
+
+
+async def test_stream_limit_refused_in_handshake_and_load_reported(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as http:
+        for _ in range(600):  # earlier tests' streams are gone (hang guard, not a speed bound)
+            if (await http.get("/load")).json()["active"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        streams = [await connect(ws_url(base)) for _ in range(MAX_STREAMS)]
+        try:
+            for ws in streams:
+                assert (await recv_json(ws))["type"] == "ready"
+            load = (await http.get("/load")).json()
+            assert load == {**load, "stage": "tts", "ready": True, "active": MAX_STREAMS,
+                            "capacity": MAX_STREAMS}
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(ws_url(base))
+            response = refused.value.response
+            assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+            assert json.loads(response.body)["error"]["code"] == "too_many_streams"
+            metrics = (await http.get("/metrics")).text
+            assert f'cascade_stage_active_streams{{stage="tts"}} {MAX_STREAMS}.0' in metrics
+            assert 'cascade_stage_load{stage="tts"}' in metrics
+        finally:
+            for ws in streams:
+                await ws.close()
+        # A freed place is taken again.
+        client = TtsClient(base)
+        try:
+            for _ in range(600):
+                if (await http.get("/load")).json()["active"] < MAX_STREAMS:
+                    break
+                await asyncio.sleep(0.1)
+            chunks = await client.synthesize("Room again.")
+            assert "".join(c.text for c in chunks) == "Room again."
+        finally:
+            await client.aclose()
