@@ -304,7 +304,7 @@ class RealtimeSession:
 
     async def _prime(self, text: str) -> None:
         await self._read_prompt(LlmRequest(messages=[ChatMessage(role="system", content=text)],
-                                           prefill_only=True))
+                                           prefill_only=True, affinity=self.session_id or None))
 
     def _prime_turn(self, number: int, words: str) -> None:
         """The turn controller's hook (policy step 1): the user's stable words grew. The
@@ -750,7 +750,8 @@ class RealtimeSession:
             tools=tools,
             tool_choice=None if tools is None else (
                 choice if isinstance(choice, str)
-                else {"type": "function", "function": {"name": choice.name}}))
+                else {"type": "function", "function": {"name": choice.name}}),
+            affinity=self.session_id or None)  # one LLM replica holds this conversation
         return request, failure
 
     def _wants_audio(self, cfg: ResponseConfig | None) -> bool:

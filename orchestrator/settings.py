@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from orchestrator.policy import StageDeadlines
 from orchestrator.store.settings import StoreSettings
 from stages.common.cpu import CpuBudget
+from stages.common.replicas import split_urls
 
 Pipeline = Literal["streaming", "serial"]
 
@@ -70,7 +71,9 @@ class ServeSettings(BaseSettings):
     # Server default; a session may pick the other one in its config.
     pipeline: Pipeline = "streaming"
     # Stage services; all empty = embedded engines, all set = distributed, only llm_url =
-    # embedded ASR and TTS with a remote LLM.
+    # embedded ASR and TTS with a remote LLM. Each may list replicas ("http://a:8001,
+    # http://b:8001") or name a DNS name with many addresses (a headless Service): streams
+    # go to the least-loaded healthy replica (stages/common/replicas.py).
     asr_url: str = ""
     llm_url: str = ""
     tts_url: str = ""
@@ -153,6 +156,13 @@ class ServeSettings(BaseSettings):
         if self.asr_url and not self.llm_url:
             raise ValueError("with remote ASR and TTS the LLM must be remote too; "
                              "missing: llm_url")
+        for name in ("asr_url", "llm_url", "tts_url"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    split_urls(value)
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
         return self
 
     @property

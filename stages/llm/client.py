@@ -29,11 +29,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 
+from stages.common.replicas import (
+    NoReplicaError,
+    Replica,
+    ReplicaRefused,
+    ReplicaSet,
+    ReplicaUnreachable,
+)
 from stages.llm.settings import LlmSettings
 from stages.llm.types import LlmDelta, LlmError, LlmRequest, LlmUsage, ToolCallDelta
 
@@ -47,25 +54,33 @@ class OpenAICompatLlm:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         api_key: str | None = None,
         model: str = "smollm2-135m-instruct",
         *,
         timeout: float = 60.0,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        base = base_url.rstrip("/")
-        self.base_url = base if base.endswith("/v1") else base + "/v1"
-        self.model = model
+        urls = [u.strip().rstrip("/") for u in
+                (base_url.split(",") if isinstance(base_url, str) else base_url) if u.strip()]
+        urls = [u if u.endswith("/v1") else u + "/v1" for u in urls]
         self._headers = {"Accept": "text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        # Several servers (a list, or a DNS name with many addresses): each request goes to
+        # the least-loaded healthy one, a session's requests to the same one when possible
+        # (``LlmRequest.affinity``), the next one on refusal (429/503) or no connection.
+        self.replicas = ReplicaSet("llm", urls, headers={
+            k: v for k, v in self._headers.items() if k == "Authorization"})
+        self.base_url = self.replicas.specs[0]
+        self.model = model
+        self._timeout = timeout
         self._window: int | None = None
         self._window_known = False
         self._window_lock = asyncio.Lock()
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=5.0)
+            timeout=httpx.Timeout(timeout, connect=2.0)
         )
 
     @classmethod
@@ -98,38 +113,69 @@ class OpenAICompatLlm:
             return {**self._headers, PREFILL_ONLY_HEADER: "1"}
         return self._headers
 
+    async def _open(self, request: LlmRequest) -> tuple[Replica, httpx.Response]:
+        """Send the request to a replica; the response's status and headers are in, the
+        body is not read yet. Refusals and unreachable replicas move it to the next."""
+        body, headers = self._body(request), self._request_headers(request)
+        last_refusal: list[httpx.Response] = []
+
+        async def send_to(replica: Replica) -> tuple[Replica, httpx.Response]:
+            req = self._http.build_request("POST", f"{replica.url}/chat/completions",
+                                           json=body, headers=headers)
+            try:
+                resp = await self._http.send(req, stream=True)
+            except httpx.TransportError as exc:
+                raise ReplicaUnreachable(f"{type(exc).__name__}: {exc}") from exc
+            if resp.status_code in (429, 503):
+                await resp.aread()
+                await resp.aclose()
+                last_refusal[:] = [resp]
+                raise ReplicaRefused(f"HTTP {resp.status_code}")
+            return replica, resp
+
+        try:
+            return await self.replicas.attempt(send_to, deadline_s=self._timeout,
+                                               affinity=request.affinity)
+        except NoReplicaError as exc:
+            if last_refusal:  # every replica busy: the server's own answer (429 / 503)
+                raise _http_error(last_refusal[0].status_code, last_refusal[0].content) from exc
+            raise LlmError(f"LLM server unreachable: {exc}", code="unavailable",
+                           status=503) from exc
+
     async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
-        url = f"{self.base_url}/chat/completions"
         finish: str | None = None
         usage: LlmUsage | None = None
+        replica, resp = await self._open(request)
+        url = f"{replica.url}/chat/completions"
         try:
-            async with self._http.stream(
-                "POST", url, json=self._body(request), headers=self._request_headers(request)
-            ) as resp:
-                if resp.status_code != 200:
-                    raise _http_error(resp.status_code, await resp.aread())
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, "event:" lines
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = _parse_chunk(data)
-                    if chunk.get("usage"):
-                        u = chunk["usage"]
-                        usage = LlmUsage(prompt_tokens=int(u.get("prompt_tokens", 0)),
-                                         completion_tokens=int(u.get("completion_tokens", 0)))
-                    for choice in chunk.get("choices") or []:
-                        finish = choice.get("finish_reason") or finish
-                        delta = choice.get("delta") or {}
-                        text = delta.get("content") or ""
-                        calls = [ToolCallDelta.model_validate(c)
-                                 for c in delta.get("tool_calls") or []]
-                        if (text or calls) and not request.prefill_only:
-                            yield LlmDelta(text=text, tool_calls=calls or None)
+            if resp.status_code != 200:
+                raise _http_error(resp.status_code, await resp.aread())
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, "event:" lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = _parse_chunk(data)
+                if chunk.get("usage"):
+                    u = chunk["usage"]
+                    usage = LlmUsage(prompt_tokens=int(u.get("prompt_tokens", 0)),
+                                     completion_tokens=int(u.get("completion_tokens", 0)))
+                for choice in chunk.get("choices") or []:
+                    finish = choice.get("finish_reason") or finish
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") or ""
+                    calls = [ToolCallDelta.model_validate(c)
+                             for c in delta.get("tool_calls") or []]
+                    if (text or calls) and not request.prefill_only:
+                        yield LlmDelta(text=text, tool_calls=calls or None)
         except httpx.HTTPError as exc:
+            self.replicas.failed(replica, f"{type(exc).__name__}: {exc}")
             raise LlmError(f"LLM server unreachable at {url}: {exc}", code="unavailable",
                            status=503) from exc
+        finally:
+            await resp.aclose()  # mid-body: closes the connection, the server aborts
+            self.replicas.finished(replica)
         if finish is not None or usage is not None:
             yield LlmDelta(finish_reason=finish or "stop", usage=usage)
 
@@ -159,6 +205,7 @@ class OpenAICompatLlm:
         return [str(m["id"]) for m in resp.json().get("data", [])]
 
     async def aclose(self) -> None:
+        await self.replicas.aclose()
         if self._owns_http:
             await self._http.aclose()
 

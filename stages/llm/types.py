@@ -69,6 +69,10 @@ class LlmRequest(BaseModel):
     # busy slots or waiting requests. Over HTTP (``OpenAICompatLlm``) it is sent as
     # ``max_tokens=1`` plus the header ``X-Cascade-Prefill-Only: 1``.
     prefill_only: bool = False
+    # Routing only, never sent: requests with the same key (a session) go to the same LLM
+    # replica while it is healthy and not much busier than the others, so its prefix
+    # cache holds the conversation (stages/common/replicas.py).
+    affinity: str | None = None
 
 
 class FunctionCallDelta(BaseModel):

@@ -3,20 +3,30 @@
 Streams go over the ``/v1/stream`` WebSocket (one connection per stream); the server's
 ``ready`` event is awaited in ``open_stream`` so bad parameters raise ``TtsError`` there,
 exactly like the engine. ``speech`` is a thin helper for ``/v1/audio/speech``.
+
+Replicas: ``base_url`` may list several services (or a DNS name with many addresses; see
+``stages.common.replicas``): each stream opens on the least-loaded healthy one and stays
+there; a refusal (handshake 503) or an unreachable replica moves the open to the next; a
+stream broken mid-way marks its replica down for later streams.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from stages.common.replicas import Replica, ReplicaRefused, ReplicaSet, ReplicaUnreachable
 from stages.tts.types import ChunkEvent, TtsChunk, TtsError
+
+# Opening a stream on one replica (connect + the server's ready event).
+CONNECT_TIMEOUT_S = 2.0
 
 if TYPE_CHECKING:
     from stages.tts.types import TtsBackend, TtsStream
@@ -25,10 +35,17 @@ if TYPE_CHECKING:
 class TtsClientStream:
     """One remote stream; implements ``TtsStream``."""
 
-    def __init__(self, ws: ClientConnection, owner: TtsClient) -> None:
+    def __init__(self, ws: ClientConnection, owner: TtsClient,
+                 on_end: Callable[[str | None], None] | None = None) -> None:
         self._ws = ws
         self._owner = owner
         self._closed = False
+        self._on_end = on_end  # told once: None, or why the replica broke the stream
+
+    def _ended(self, broken: str | None) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(broken)
 
     async def push_text(self, text: str) -> None:
         if self._closed:
@@ -63,12 +80,14 @@ class TtsClientStream:
                     raise TtsError(event.get("message", "error"), event.get("code", "error"))
         except ConnectionClosed:
             if not self._closed:
+                self._ended(f"stream broken (close code {self._ws.close_code})")
                 raise
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._ended(None)
         try:
             await self._ws.send(json.dumps({"type": "cancel"}))
         except ConnectionClosed:
@@ -80,10 +99,11 @@ class TtsClientStream:
 class TtsClient:
     """``TtsBackend`` over the network: ``TtsClient("http://127.0.0.1:8003")``."""
 
-    def __init__(self, base_url: str, *, timeout: float = 30.0,
+    def __init__(self, base_url: str | Sequence[str] | ReplicaSet, *, timeout: float = 30.0,
                  max_message_bytes: int = 16 * 1024 * 1024) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._ws_base = "ws" + self.base_url.removeprefix("http")
+        self.replicas = (base_url if isinstance(base_url, ReplicaSet)
+                         else ReplicaSet("tts", base_url))
+        self.base_url = self.replicas.specs[0]
         self._timeout = timeout
         self._max_size = max_message_bytes
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
@@ -94,17 +114,42 @@ class TtsClient:
         query: dict[str, str | int] = {"sample_rate": sample_rate}
         if voice is not None:
             query["voice"] = voice
-        ws = await connect(f"{self._ws_base}/v1/stream?{urlencode(query)}",
-                           max_size=self._max_size, open_timeout=self._timeout)
-        try:
-            first = json.loads(await ws.recv())
-        except (ConnectionClosed, ValueError) as exc:
-            await ws.close()
-            raise TtsError(f"TTS service closed the stream at open: {exc}", "protocol") from exc
-        if first.get("type") != "ready":
-            await ws.close()
-            raise TtsError(first.get("message", "stream refused"), first.get("code", "error"))
-        stream = TtsClientStream(ws, self)
+        path = f"/v1/stream?{urlencode(query)}"
+
+        async def open_on(replica: Replica) -> TtsClientStream:
+            try:
+                ws = await connect("ws" + replica.url.removeprefix("http") + path,
+                                   max_size=self._max_size, open_timeout=CONNECT_TIMEOUT_S)
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (429, 503):
+                    raise ReplicaRefused(f"HTTP {status}") from exc
+                raise TtsError(f"TTS service refused the stream: HTTP {status}",
+                               "protocol") from exc
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                raise ReplicaUnreachable(f"{type(exc).__name__}: {exc}") from exc
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    first = json.loads(await ws.recv())
+            except (ConnectionClosed, TimeoutError) as exc:
+                await ws.close()
+                raise ReplicaUnreachable(f"closed before ready: {exc!r}") from exc
+            except ValueError as exc:
+                await ws.close()
+                raise TtsError(f"TTS service sent no ready event: {exc}", "protocol") from exc
+            if first.get("type") != "ready":
+                await ws.close()
+                raise TtsError(first.get("message", "stream refused"),
+                               first.get("code", "error"))
+
+            def ended(broken: str | None) -> None:
+                self.replicas.finished(replica)
+                if broken is not None:
+                    self.replicas.failed(replica, broken)
+
+            return TtsClientStream(ws, self, on_end=ended)
+
+        stream = await self.replicas.attempt(open_on, deadline_s=self._timeout)
         self._streams.add(stream)
         return stream
 
@@ -135,6 +180,7 @@ class TtsClient:
         for stream in list(self._streams):
             await stream.aclose()
         await self._http.aclose()
+        await self.replicas.aclose()
 
 
 if TYPE_CHECKING:
