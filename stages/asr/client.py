@@ -54,6 +54,7 @@ class RemoteAsrStream:
         self._ws = ws
         self._on_end = on_end  # told once: None, or why the replica broke the stream
         self._closing = False
+        self.replica = ""  # the service (replica) this stream runs on
         self._partials: asyncio.Queue[AsrPartial | None] = asyncio.Queue(max(2, queue_size))
         self._final: asyncio.Future[AsrFinal] = asyncio.get_running_loop().create_future()
         self.errors: list[AsrError] = []
@@ -181,7 +182,9 @@ class AsrClient:
                 if broken is not None:
                     self.replicas.failed(replica, broken)
 
-            return RemoteAsrStream(ws, on_end=ended)
+            stream = RemoteAsrStream(ws, on_end=ended)
+            stream.replica = replica.url
+            return stream
 
         stream = await self.replicas.attempt(open_on, deadline_s=self._timeout)
         self._streams = {s for s in self._streams if not s.done}

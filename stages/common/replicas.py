@@ -74,6 +74,7 @@ class Replica:
     local_open: int = 0  # this process's streams on it now
     delta: int = 0  # streams opened minus closed here since the last load report
     has_load: bool = True  # False: the server has no /load (vLLM): /health only
+    picked_at: float = 0.0  # equal loads: the least recently chosen goes first
     seen: set[str] = field(default_factory=set)  # DNS names that yielded it
 
     @property
@@ -162,8 +163,8 @@ class ReplicaSet:
         affine one first when close enough), then full ones, then down ones (oldest
         failure first)."""
         up = [r for r in self._replicas.values() if r.up]
-        ready = sorted((r for r in up if not r.full()), key=lambda r: r.score())
-        full = sorted((r for r in up if r.full()), key=lambda r: r.score())
+        ready = sorted((r for r in up if not r.full()), key=lambda r: (r.score(), r.picked_at))
+        full = sorted((r for r in up if r.full()), key=lambda r: (r.score(), r.picked_at))
         down = sorted((r for r in self._replicas.values() if not r.up),
                       key=lambda r: r.down_at)
         if affinity is not None and ready:
@@ -180,7 +181,7 @@ class ReplicaSet:
         to move on; any other exception is the request's own fault and propagates. The
         replica is counted as holding a stream from the call on: the caller reports its
         end with ``finished(replica)`` (a failed attempt is un-counted here)."""
-        await self._ensure_started()
+        await self.start()
         tried: list[str] = []
         reasons: list[str] = []
         try:
@@ -213,6 +214,7 @@ class ReplicaSet:
                              + "; ".join(reasons or ["none configured"]) + ")")
 
     def _opened(self, replica: Replica) -> None:
+        replica.picked_at = time.monotonic()
         replica.local_open += 1
         replica.delta += 1
         REPLICA_STREAMS.labels(self.stage, replica.url).inc()
@@ -241,8 +243,9 @@ class ReplicaSet:
                                      capacity=1, busy=1.0)
 
     # ------------------------------------------------------------------ polling
-    async def _ensure_started(self) -> None:
-        if self._poller is None and not self._closed:
+    async def start(self) -> None:
+        # poll_interval_s <= 0: no polling (routing by this process's own counts/failures).
+        if self._poller is None and not self._closed and self.poll_interval_s > 0:
             self._http = httpx.AsyncClient(timeout=self.probe_timeout_s, headers=self._headers)
             self._poller = asyncio.create_task(self._poll_loop(), name=f"replicas-{self.stage}")
 
@@ -306,12 +309,14 @@ class ReplicaSet:
         assert self._http is not None
         try:
             if replica.has_load:
+                counted = replica.delta  # changes up to now are in the report
                 resp = await self._http.get(f"{replica.root}/load")
                 if resp.status_code == 404:
                     replica.has_load = False
                 else:
                     load = StageLoad.model_validate_json(resp.content)
-                    replica.load, replica.delta = load, 0
+                    # Keep the streams opened/closed while the report was on its way.
+                    replica.load, replica.delta = load, replica.delta - counted
             if not replica.has_load:
                 # vLLM and other OpenAI-compatible servers: /health, or any answer below
                 # 500 from a server that has none, means it is up.

@@ -41,6 +41,7 @@ class TtsClientStream:
         self._owner = owner
         self._closed = False
         self._on_end = on_end  # told once: None, or why the replica broke the stream
+        self.replica = ""  # the service (replica) this stream runs on
 
     def _ended(self, broken: str | None) -> None:
         on_end, self._on_end = self._on_end, None
@@ -147,7 +148,9 @@ class TtsClient:
                 if broken is not None:
                     self.replicas.failed(replica, broken)
 
-            return TtsClientStream(ws, self, on_end=ended)
+            stream = TtsClientStream(ws, self, on_end=ended)
+            stream.replica = replica.url
+            return stream
 
         stream = await self.replicas.attempt(open_on, deadline_s=self._timeout)
         self._streams.add(stream)
