@@ -6,15 +6,15 @@ exactly like the engine. ``speech`` is a thin helper for ``/v1/audio/speech``.
 
 Replicas: ``base_url`` may list several services (or a DNS name with many addresses; see
 ``stages.common.replicas``): each stream opens on the least-loaded healthy one and stays
-there; a refusal (handshake 503) or an unreachable replica moves the open to the next; a
-stream broken mid-way marks its replica down for later streams.
+there; a refusal (handshake 503) or an unreachable replica moves the open to the next. A
+stream whose replica breaks mid-way moves to another one and goes on (``TtsClientStream``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
@@ -27,68 +27,141 @@ from stages.tts.types import ChunkEvent, TtsChunk, TtsError
 
 # Opening a stream on one replica (connect + the server's ready event).
 CONNECT_TIMEOUT_S = 2.0
+# A stream moves to another replica at most this often (a flapping fleet fails it instead).
+MAX_FAILOVERS = 3
 
 if TYPE_CHECKING:
     from stages.tts.types import TtsBackend, TtsStream
 
 
 class TtsClientStream:
-    """One remote stream; implements ``TtsStream``."""
+    """One remote stream; implements ``TtsStream``.
 
-    def __init__(self, ws: ClientConnection, owner: TtsClient,
-                 on_end: Callable[[str | None], None] | None = None) -> None:
-        self._ws = ws
+    It keeps the text it was given that has not come back as audio yet (whole phrases come
+    back, so the voiced part is dropped as chunks arrive: memory is bounded by what is in
+    flight). When its replica breaks the connection mid-stream, the stream reopens on
+    another replica and sends that text again (and the pending flush): the caller sees the
+    same chunk sequence, indexes and text offsets going on after a short gap, not an error.
+    It fails only when no replica takes it over.
+    """
+
+    def __init__(self, owner: TtsClient, replica: Replica, ws: ClientConnection,
+                 path: str) -> None:
         self._owner = owner
+        self._path = path
+        self._ws = ws
+        self._replica = replica
         self._closed = False
-        self._on_end = on_end  # told once: None, or why the replica broke the stream
-        self.replica = ""  # the service (replica) this stream runs on
+        self._send_lock = asyncio.Lock()
+        self._unvoiced = ""  # text sent and not yet voiced, from ``_voiced`` on
+        self._voiced = 0  # chars of the whole stream's text voiced so far
+        self._ws_origin = 0  # where the current connection's text begins in the stream's
+        self._flush_at: int | None = None  # end of the flushed text awaiting "done"
+        self._next_index = 0
+        self.failovers = 0
 
-    def _ended(self, broken: str | None) -> None:
-        on_end, self._on_end = self._on_end, None
-        if on_end is not None:
-            on_end(broken)
+    @property
+    def replica(self) -> str:
+        """The service (replica) this stream runs on now."""
+        return self._replica.url
+
+    async def _send(self, message: dict[str, str]) -> None:
+        """Send on the current connection; a broken one is left for ``chunks`` to replace
+        (the text is kept and sent again there)."""
+        try:
+            await self._ws.send(json.dumps(message))
+        except ConnectionClosed:
+            pass
 
     async def push_text(self, text: str) -> None:
         if self._closed:
             raise TtsError("stream is closed", "stream_closed")
         if text:
-            await self._ws.send(json.dumps({"type": "text", "text": text}))
+            async with self._send_lock:
+                self._unvoiced += text
+                await self._send({"type": "text", "text": text})
 
     async def flush(self) -> None:
         if not self._closed:
-            await self._ws.send(json.dumps({"type": "flush"}))
+            async with self._send_lock:
+                self._flush_at = self._voiced + len(self._unvoiced)
+                await self._send({"type": "flush"})
 
     async def chunks(self) -> AsyncIterator[TtsChunk]:
-        try:
-            while True:
-                raw = await self._ws.recv()
-                if isinstance(raw, bytes):
-                    raise TtsError("protocol error: audio without a chunk header", "protocol")
-                event = json.loads(raw)
-                kind = event.get("type")
-                if kind == "chunk":
-                    header = ChunkEvent.model_validate(event)
-                    audio = await self._ws.recv()
-                    if not isinstance(audio, bytes):
-                        raise TtsError("protocol error: expected binary audio", "protocol")
-                    yield TtsChunk(index=header.index, text=header.text,
-                                   text_offset=header.text_offset, audio=audio,
-                                   sample_rate=header.sample_rate,
-                                   duration_ms=header.duration_ms, words=header.words)
-                elif kind in ("done", "cancelled"):
+        while True:
+            try:
+                async for chunk in self._chunks_of_connection():
+                    yield chunk
+                return
+            except ConnectionClosed:
+                if self._closed:
                     return
-                elif kind == "error":
-                    raise TtsError(event.get("message", "error"), event.get("code", "error"))
-        except ConnectionClosed:
-            if not self._closed:
-                self._ended(f"stream broken (close code {self._ws.close_code})")
-                raise
+                await self._fail_over()
+
+    async def _chunks_of_connection(self) -> AsyncIterator[TtsChunk]:
+        ws = self._ws
+        while True:
+            raw = await ws.recv()
+            if isinstance(raw, bytes):
+                raise TtsError("protocol error: audio without a chunk header", "protocol")
+            event = json.loads(raw)
+            kind = event.get("type")
+            if kind == "chunk":
+                header = ChunkEvent.model_validate(event)
+                audio = await ws.recv()
+                if not isinstance(audio, bytes):
+                    raise TtsError("protocol error: expected binary audio", "protocol")
+                offset = self._ws_origin + header.text_offset
+                end = max(self._voiced, offset + len(header.text))
+                self._unvoiced = self._unvoiced[end - self._voiced:]
+                self._voiced = end
+                index, self._next_index = self._next_index, self._next_index + 1
+                yield TtsChunk(index=index, text=header.text, text_offset=offset,
+                               audio=audio, sample_rate=header.sample_rate,
+                               duration_ms=header.duration_ms, words=header.words)
+            elif kind in ("done", "cancelled"):
+                if kind == "done":
+                    self._flush_at = None
+                return
+            elif kind == "error":
+                raise TtsError(event.get("message", "error"), event.get("code", "error"))
+
+    async def _fail_over(self) -> None:
+        """The replica broke the stream: mark it down, open on another one, send again
+        what was not voiced (and the pending flush). Raises ``TtsError`` when none can."""
+        broken = self._replica
+        reason = f"stream broken (close code {self._ws.close_code})"
+        self._owner.replicas.finished(broken)
+        self._owner.replicas.failed(broken, reason)
+        try:
+            if self.failovers >= MAX_FAILOVERS:
+                raise TtsError(f"moved {self.failovers} times already", "tts_unavailable")
+            replica, ws = await self._owner._connect(self._path)
+        except Exception as exc:
+            self._closed = True
+            self._owner._streams.discard(self)
+            raise TtsError(f"the TTS replica broke the stream ({reason}) and no other took "
+                           f"it over: {exc}", "tts_unavailable") from exc
+        async with self._send_lock:
+            self._replica, self._ws, self._ws_origin = replica, ws, self._voiced
+            self.failovers += 1
+            flush_at = self._flush_at
+            if flush_at is not None and flush_at >= self._voiced:
+                cut = flush_at - self._voiced
+                head, tail = self._unvoiced[:cut], self._unvoiced[cut:]
+                if head:
+                    await self._send({"type": "text", "text": head})
+                await self._send({"type": "flush"})
+                if tail:
+                    await self._send({"type": "text", "text": tail})
+            elif self._unvoiced:
+                await self._send({"type": "text", "text": self._unvoiced})
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._ended(None)
+        self._owner.replicas.finished(self._replica)
         try:
             await self._ws.send(json.dumps({"type": "cancel"}))
         except ConnectionClosed:
@@ -116,8 +189,15 @@ class TtsClient:
         if voice is not None:
             query["voice"] = voice
         path = f"/v1/stream?{urlencode(query)}"
+        replica, ws = await self._connect(path)
+        stream = TtsClientStream(self, replica, ws, path)
+        self._streams.add(stream)
+        return stream
 
-        async def open_on(replica: Replica) -> TtsClientStream:
+    async def _connect(self, path: str) -> tuple[Replica, ClientConnection]:
+        """A ready stream connection on the best replica that takes it."""
+
+        async def open_on(replica: Replica) -> tuple[Replica, ClientConnection]:
             try:
                 ws = await connect("ws" + replica.url.removeprefix("http") + path,
                                    max_size=self._max_size, open_timeout=CONNECT_TIMEOUT_S)
@@ -142,19 +222,9 @@ class TtsClient:
                 await ws.close()
                 raise TtsError(first.get("message", "stream refused"),
                                first.get("code", "error"))
+            return replica, ws
 
-            def ended(broken: str | None) -> None:
-                self.replicas.finished(replica)
-                if broken is not None:
-                    self.replicas.failed(replica, broken)
-
-            stream = TtsClientStream(ws, self, on_end=ended)
-            stream.replica = replica.url
-            return stream
-
-        stream = await self.replicas.attempt(open_on, deadline_s=self._timeout)
-        self._streams.add(stream)
-        return stream
+        return await self.replicas.attempt(open_on, deadline_s=self._timeout)
 
     async def synthesize(self, text: str, *, voice: str | None = None,
                          sample_rate: int = 24000) -> list[TtsChunk]:

@@ -23,29 +23,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import re
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import pytest
 import pytest_asyncio
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect
 
-from orchestrator import audio_codecs
 from orchestrator.launcher import CascadeProcess, StageProcess
+from tests.support.realtime_client import (
+    NOT_TRANSCRIBED,
+    RATE,
+    SETTLE_S,
+    TRANSCRIBED,
+    TURN_S,
+    Client,
+    answered,
+    answered_turn,
+    arrival,
+    assert_failed_response,
+    finished,
+    kinds,
+    of,
+    speaking,
+)
 from tests.support.speech import piper_clip
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 KEY = "stage-faults-key"
-RATE = 24_000  # the session's default input format: audio/pcm, 24 kHz
 # Short deadlines (seconds), read by `cascade serve` from its environment. The LLM's are
 # the longest: by the last turns the prompt holds the whole conversation, and on a loaded
 # 2-core machine its first token was seen to take more than 4 s.
@@ -63,16 +72,11 @@ DEADLINES = {
 }
 # Slack on a deadline for the event loop, the network and a loaded 2-core machine.
 MARGIN_S = 5.0
-TURN_S = 90.0  # a whole turn, speech to response.done, when nothing is wrong
-SETTLE_S = 1.0  # after a reply: the client's queued audio plays out (no barge-in)
 SHORT = {"instructions": "You are a voice assistant. Answer in one short sentence.",
          "max_output_tokens": 40}
 LONG = {"instructions": "You are a storyteller. Always tell a long story of at least "
                         "twenty sentences.",
         "max_output_tokens": "inf"}
-
-Event = dict[str, Any]
-Stamped = tuple[float, Event]  # (time.monotonic() at arrival, event)
 
 
 # --------------------------------------------------------------------------- processes
@@ -129,162 +133,6 @@ def cluster() -> Iterator[Cluster]:
 
 
 # --------------------------------------------------------------------------- the client
-class Client:
-    """One Realtime connection; a reader task stamps every server event on arrival."""
-
-    def __init__(self, ws: ClientConnection, cluster: Cluster) -> None:
-        self.ws = ws
-        self.cluster = cluster
-        self.close_code: int | None = None
-        self._inbox: asyncio.Queue[Stamped | None] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            async for raw in self.ws:
-                self._inbox.put_nowait((time.monotonic(), json.loads(raw)))
-        except ConnectionClosed as closed:
-            self.close_code = None if closed.rcvd is None else closed.rcvd.code
-        finally:
-            self._inbox.put_nowait(None)
-
-    def drain(self) -> list[Stamped]:
-        """Events that arrived since the last wait (left over from the previous turn)."""
-        out: list[Stamped] = []
-        while not self._inbox.empty():
-            got = self._inbox.get_nowait()
-            if got is None:
-                self._inbox.put_nowait(None)
-                break
-            out.append(got)
-        return out
-
-    async def until(self, *kinds: str, limit_s: float) -> list[Stamped]:
-        """Every event up to and including the first of one of ``kinds``."""
-        seen: list[Stamped] = []
-
-        async def read() -> None:
-            while True:
-                got = await self._inbox.get()
-                if got is None:
-                    self._inbox.put_nowait(None)
-                    raise AssertionError(f"connection closed ({self.close_code}) while "
-                                         f"waiting for {kinds}; saw {_types(seen)}")
-                seen.append(got)
-                if got[1]["type"] in kinds:
-                    return
-
-        try:
-            await asyncio.wait_for(read(), limit_s)
-        except TimeoutError:
-            raise AssertionError(f"no {kinds} within {limit_s:g} s; saw {_types(seen)}\n"
-                                 f"{self.cluster.logs()}") from None
-        return seen
-
-    async def configure(self, session: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps({"type": "session.update",
-                                       "session": {"type": "realtime", **session}}))
-        await self.until("session.updated", limit_s=10)
-
-    async def speak(self, text: str, speedup: float = 2.0) -> None:
-        """``text`` as piper speech, 20 ms appends at ``speedup`` x real time, then 1.5 s
-        of silence (the endpoint comes after 0.5 s of it)."""
-        pcm = piper_clip(text, RATE)
-        audio = np.concatenate([np.zeros(RATE // 5, np.int16), pcm,
-                                np.zeros(RATE * 3 // 2, np.int16)])
-        frame = RATE // 50
-        for i in range(0, audio.size, frame):
-            payload = audio_codecs.encode_base64(audio[i:i + frame], "audio/pcm")
-            await self.ws.send(json.dumps({"type": "input_audio_buffer.append",
-                                           "audio": payload}))
-            await asyncio.sleep(0.02 / speedup)
-
-    def start_speaking(self, text: str, speedup: float = 2.0) -> asyncio.Task[None]:
-        return asyncio.create_task(self.speak(text, speedup), name="speak")
-
-    def logs(self) -> str:
-        return self.cluster.logs()
-
-
-def _types(events: list[Stamped]) -> list[str]:
-    return [e["type"] for _, e in events]
-
-
-def of(events: list[Stamped], kind: str) -> list[Event]:
-    return [e for _, e in events if e["type"] == kind]
-
-
-def arrival(events: list[Stamped], kind: str) -> float:
-    """When the first event of ``kind`` arrived."""
-    return next(t for t, e in events if e["type"] == kind)
-
-
-async def finished(task: asyncio.Task[None]) -> None:
-    """The speaking task ends (it only sends; bounded like every wait)."""
-    await asyncio.wait_for(task, 60)
-
-
-@contextlib.asynccontextmanager
-async def speaking(client: Client, text: str, speedup: float = 2.0
-                   ) -> AsyncIterator[asyncio.Task[None]]:
-    """The user speaks ``text`` in the background; a failed test stops the speech, so
-    it cannot spill into the next test's turn."""
-    task = client.start_speaking(text, speedup)
-    try:
-        yield task
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-TRANSCRIBED = "conversation.item.input_audio_transcription.completed"
-NOT_TRANSCRIBED = "conversation.item.input_audio_transcription.failed"
-
-
-def answered(response: Event) -> bool:
-    """The reply was given: ``completed``, or cut at the session's ``max_output_tokens``
-    (``SHORT`` keeps replies brief, and a small LLM sometimes runs past it)."""
-    details = response["status_details"] or {}
-    return response["status"] == "completed" or (
-        response["status"] == "incomplete" and details.get("reason") == "max_output_tokens")
-
-
-async def answered_turn(client: Client, text: str) -> list[Stamped]:
-    """A spoken turn that must be transcribed and answered with audio, error-free."""
-    client.drain()
-    async with speaking(client, text) as speech:
-        events = await client.until("response.done", limit_s=TURN_S)
-        await finished(speech)
-    transcripts = of(events, TRANSCRIBED)
-    assert transcripts and transcripts[0]["transcript"].strip(), (_types(events), client.logs())
-    response = events[-1][1]["response"]
-    assert answered(response), (
-        f"{response['status']}: {response['status_details']}\n{client.logs()}")
-    assert of(events, "response.output_audio.delta"), _types(events)
-    assert not of(events, "error"), of(events, "error")
-    await asyncio.sleep(SETTLE_S)
-    return events
-
-
-def assert_failed_response(events: list[Stamped], codes: set[str] | None = None) -> str:
-    """The response ended ``failed`` with a reason, after an ``error`` event with the same
-    code (a name, like every Realtime error code); returns the code."""
-    done = events[-1][1]
-    assert done["type"] == "response.done"
-    response = done["response"]
-    assert response["status"] == "failed", response
-    error = response["status_details"]["error"]
-    code: str = error["code"]
-    assert error["message"], error
-    assert re.fullmatch(r"[a-z][a-z0-9_]*", code), f"not an error code name: {error}"
-    if codes is not None:
-        assert code in codes, error
-    assert code in [e["error"]["code"] for e in of(events, "error")], _types(events)
-    return code
-
-
 # --------------------------------------------------------------------------- the tests
 TEXTS = {
     "capital": "What is the capital of France?",
@@ -303,7 +151,7 @@ async def client(cluster: Cluster) -> AsyncIterator[Client]:
     url = f"ws://127.0.0.1:{cluster.serve.port}/v1/realtime?model=cascade"
     async with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"},
                        max_size=2**24) as ws:
-        c = Client(ws, cluster)
+        c = Client(ws, cluster.logs)
         await c.until("session.created", limit_s=30)
         await c.configure(SHORT)
         yield c
@@ -334,7 +182,7 @@ async def test_a_stopped_llm_fails_the_reply_and_the_next_turn_works(
           f"speech ({failed - fault:.2f} s after the stop; first-token deadline "
           f"{LLM_FIRST_TOKEN_S:g} s)")
     assert failed - ended <= ASR_FINALIZE_S + LLM_FIRST_TOKEN_S + MARGIN_S
-    assert of(events, TRANSCRIBED), _types(events)  # the user's turn itself was fine
+    assert of(events, TRANSCRIBED), kinds(events)  # the user's turn itself was fine
     await asyncio.sleep(SETTLE_S)
     await answered_turn(client, TEXTS["capital"])  # same connection, LLM back
 

@@ -4,8 +4,9 @@ services, each a ``cascade stage`` process, and the network clients the orchestr
 
 * least-loaded choice from the replicas' own ``/load`` reports;
 * a full replica refuses in the handshake and the stream opens on the other at once;
-* a replica killed mid-stream fails that stream, is routed around, and is used again
-  once a new process answers on its address;
+* a replica killed mid-stream: a TTS stream moves to the other replica and goes on where
+  its audio stopped, an ASR stream fails; the dead replica is routed around, and used
+  again once a new process answers on its address;
 * a stream stays on its replica for its whole life (a TTS stream's rounds, an ASR turn);
 * a session's LLM requests stay on one replica (affinity) and move when it dies.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 from collections.abc import AsyncIterator, Iterator
 
@@ -172,16 +174,23 @@ async def test_tts_killed_replica_is_routed_around_then_used_again(tts_pair: Pai
     try:
         await client.replicas.start()
         victim = await client.open_stream()
-        survivor = b if victim.replica == a else a
+        dead = victim.replica
+        survivor = b if dead == a else a
         await victim.push_text(STORY)
         await victim.flush()
         chunks = victim.chunks()
-        await anext(chunks)  # mid-synthesis
-        tts_pair.kill(victim.replica)
-        with pytest.raises(Exception):  # noqa: B017 - the connection drops, however it shows
-            async for _ in chunks:
-                pass
-        down = next(r for r in client.replicas.replicas if r.url == victim.replica)
+        got = [await anext(chunks)]  # mid-synthesis
+        tts_pair.kill(dead)
+        # The stream moves to the survivor and goes on where the audio stopped: every
+        # phrase once, in order, with continuous indexes and offsets.
+        got += [c async for c in chunks]
+        assert victim.failovers == 1 and victim.replica == survivor
+        assert [c.index for c in got] == list(range(len(got)))
+        assert " ".join(c.text.strip() for c in got) == STORY
+        for before, after in itertools.pairwise(got):
+            assert STORY[before.text_offset:after.text_offset].strip() == before.text.strip()
+        await victim.aclose()
+        down = next(r for r in client.replicas.replicas if r.url == dead)
         assert not down.up
         # Every new stream goes to the survivor, at once and without an error.
         for _ in range(3):
@@ -189,7 +198,7 @@ async def test_tts_killed_replica_is_routed_around_then_used_again(tts_pair: Pai
             assert stream.replica == survivor
             await stream.aclose()
         # A new process on the dead one's address is found by the poll and used again.
-        await asyncio.to_thread(tts_pair.respawn(victim.replica).wait_ready, 120)
+        await asyncio.to_thread(tts_pair.respawn(dead).wait_ready, 120)
         await until(lambda: down.up, limit_s=30)
         seen = set()
         for _ in range(4):
