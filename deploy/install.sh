@@ -47,7 +47,7 @@ uv pip install --quiet -p .venv/bin/python --no-deps "${no_deps[@]}"
 # file inside the pipecat-ai wheel. Only that file is extracted; pipecat and its dependencies
 # are not installed. Downloaded once, checked against the hash pinned in pyproject.toml.
 pin=$(.venv/bin/python "$reqs" pyproject.toml smart-turn)
-read -r st_wheel _ st_sha256 <<<"$pin"
+read -r st_wheel st_member st_sha256 <<<"$pin"
 smart_turn=.venv/share/cascade/models/smart-turn-v3.2-cpu.onnx
 if ! echo "$st_sha256  $smart_turn" | sha256sum --check --status 2>/dev/null; then
   wheel_dir=$(mktemp -d)
@@ -62,7 +62,8 @@ if ! echo "$st_sha256  $smart_turn" | sha256sum --check --status 2>/dev/null; th
     grep -v "^WARNING: Location" "$wheel_dir/log" | tail -20 >&2
     exit 1
   fi
-  .venv/bin/python deploy/images/smart_turn.py pyproject.toml "$wheel_dir"/*.whl "$smart_turn"
+  .venv/bin/python deploy/images/smart_turn.py "$wheel_dir"/*.whl "$st_member" "$st_sha256" \
+    "$smart_turn"
   rm -rf "$wheel_dir"
   trap - EXIT
 fi

@@ -22,6 +22,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from stages.common.metrics import REPLICA_FAILOVERS
 from stages.common.replicas import Replica, ReplicaRefused, ReplicaSet, ReplicaUnreachable
 from stages.tts.types import ChunkEvent, TtsChunk, TtsError
 
@@ -145,6 +146,7 @@ class TtsClientStream:
         async with self._send_lock:
             self._replica, self._ws, self._ws_origin = replica, ws, self._voiced
             self.failovers += 1
+            REPLICA_FAILOVERS.labels("tts", "moved_mid_stream").inc()
             flush_at = self._flush_at
             if flush_at is not None and flush_at >= self._voiced:
                 cut = flush_at - self._voiced
