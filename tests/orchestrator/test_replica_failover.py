@@ -1,0 +1,261 @@
+"""The distributed shape with replicas, losing one of each kind mid-conversation.
+
+Real processes on loopback: redis-server, two ASR, one LLM and two TTS stage services, and
+two ``cascade serve`` orchestrators sharing the Redis store, each given both ASR and both
+TTS URLs (``--asr-url A,B``). ONE client conversation (raw WebSocket, piper speech sent
+like a microphone) lives through, in order:
+
+a) spoken turns, whose streams spread over both ASR and both TTS replicas;
+b) the TTS replica synthesizing the reply is killed (SIGKILL) as its audio starts: the
+   reply moves to the other replica and is completed, with no error;
+c) the ASR replica holding the user's turn is killed mid-utterance: the turn ends within
+   the finalize deadline (on the last hypothesis, or as a failed transcription) and the
+   next turn is answered by the surviving replica;
+d) the orchestrator itself is killed: the client resumes the session on the other one
+   with its token, every item of the conversation is there, and the next turn is answered.
+
+Each step prints its figures (the issue's closing note quotes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from websockets.asyncio.client import connect
+
+from orchestrator.launcher import CascadeProcess, StageProcess
+from tests.support.realtime_client import (
+    NOT_TRANSCRIBED,
+    RATE,
+    SETTLE_S,
+    TRANSCRIBED,
+    TURN_S,
+    Client,
+    Stamped,
+    answered,
+    answered_turn,
+    kinds,
+    of,
+    speaking,
+)
+from tests.support.redis_server import redis_server
+from tests.support.speech import piper_clip
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+KEY = "replica-failover-key"
+ASR_FINALIZE_S = 3.0
+MARGIN_S = 5.0
+DEADLINES = {"CASCADE_ASR_OPEN_TIMEOUT_S": "4", "CASCADE_ASR_FINALIZE_TIMEOUT_S": "3",
+             "CASCADE_LLM_FIRST_TOKEN_TIMEOUT_S": "8", "CASCADE_LLM_STALL_TIMEOUT_S": "8",
+             "CASCADE_TTS_TIMEOUT_S": "5"}
+SHORT = {"instructions": "You are a voice assistant. Answer in one short sentence.",
+         "max_output_tokens": 40}
+MEDIUM = {"instructions": "You are a storyteller. Tell a story of at least five sentences.",
+          "max_output_tokens": 90}
+TEXTS = {
+    "capital": "What is the capital of France?",
+    "kitchen": "Please turn on the lights in the kitchen.",
+    "story": "Tell me a story about a dragon.",
+    "train": "What time does the train to Boston leave tomorrow morning?",
+    "table": "I would like to book a table for four people at seven.",
+    "weather": "How is the weather today?",
+}
+
+
+@dataclass
+class Fleet:
+    asr: list[StageProcess]
+    llm: StageProcess
+    tts: list[StageProcess]
+    serve: list[CascadeProcess]
+    items: list[str] = field(default_factory=list)  # every conversation item id, in order
+    session: dict[str, Any] = field(default_factory=dict)  # as session.created gave it
+
+    def all(self) -> list[CascadeProcess]:
+        return [*self.asr, self.llm, *self.tts, *self.serve]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} (pid {p.proc.pid}) ---\n{p.log_tail(20)}"
+                         for p in self.all())
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    with redis_server() as redis_url:
+        stages = [StageProcess("asr"), StageProcess("asr"), StageProcess("llm"),
+                  StageProcess("tts"), StageProcess("tts")]
+        procs: list[CascadeProcess] = list(stages)
+        try:
+            for proc in stages:
+                proc.wait_ready(180)
+            asr, llm, tts = stages[:2], stages[2], stages[3:]
+            with pytest.MonkeyPatch.context() as env:  # the child copies os.environ at start
+                for var, value in DEADLINES.items():
+                    env.setenv(var, value)
+                serve = [CascadeProcess(f"serve-{n}", ["serve"], "--api-key", KEY,
+                                        "--redis-url", redis_url,
+                                        "--asr-url", ",".join(p.url for p in asr),
+                                        "--llm-url", llm.url,
+                                        "--tts-url", ",".join(p.url for p in tts))
+                         for n in ("a", "b")]
+            procs += serve
+            for proc in serve:
+                proc.wait_ready(180)
+            yield Fleet(asr, llm, tts, serve)
+        finally:
+            for proc in procs:
+                proc.stop()
+
+
+def ws_url(proc: CascadeProcess, **query: str) -> str:
+    q = "&".join(f"{k}={v}" for k, v in {"model": "cascade", **query}.items())
+    return f"ws://127.0.0.1:{proc.port}/v1/realtime?{q}"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(fleet: Fleet) -> AsyncIterator[Client]:
+    for text in TEXTS.values():  # synthesize the speech before any clock runs
+        piper_clip(text, RATE)
+    async with connect(ws_url(fleet.serve[0]), max_size=2**24,
+                       additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        c = Client(ws, fleet.logs)
+        created = (await c.until("session.created", limit_s=30))[-1][1]["session"]
+        fleet.session = created
+        await c.configure(SHORT)
+        yield c
+
+
+def remember(fleet: Fleet, events: list[Stamped]) -> None:
+    for _, event in events:
+        if event["type"] in ("conversation.item.added", "conversation.item.done"):
+            if event["item"]["id"] not in fleet.items:
+                fleet.items.append(event["item"]["id"])
+
+
+def streams_sent(metrics: str, stage: str) -> dict[str, float]:
+    """``cascade_replica_streams_total`` of one stage, by replica, from a /metrics text."""
+    out: dict[str, float] = {}
+    for m in re.finditer(r"^cascade_replica_streams_total\{([^}]*)\} (\S+)$", metrics,
+                         re.MULTILINE):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m[1]))
+        if labels.get("stage") == stage:
+            out[labels["replica"]] = float(m[2])
+    return out
+
+
+async def busy_replica(procs: list[StageProcess], limit_s: float = 10.0) -> StageProcess:
+    """The replica holding a stream now (its own /load says so)."""
+    deadline = time.monotonic() + limit_s
+    async with httpx.AsyncClient(timeout=2.0) as http:
+        while time.monotonic() < deadline:
+            for proc in procs:
+                if (await http.get(f"{proc.url}/load")).json()["active"] > 0:
+                    return proc
+            await asyncio.sleep(0.02)
+    raise AssertionError("no replica holds a stream")
+
+
+async def test_turns_spread_over_the_replicas(client: Client, fleet: Fleet) -> None:
+    for text in (TEXTS["capital"], TEXTS["kitchen"]):
+        remember(fleet, await answered_turn(client, text))
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{fleet.serve[0].url}/metrics")).text
+    for stage, procs in (("asr", fleet.asr), ("tts", fleet.tts)):
+        sent = streams_sent(metrics, stage)
+        print(f"\n[replicas] {stage} streams per replica after 2 turns: {sent}")
+        assert set(sent) == {p.url for p in procs} and all(sent.values()), sent
+
+
+async def test_a_killed_tts_replica_moves_the_reply(client: Client, fleet: Fleet) -> None:
+    await client.configure(MEDIUM)
+    client.drain()
+    async with speaking(client, TEXTS["story"]) as speech:
+        await client.until("response.output_audio.delta", limit_s=TURN_S)
+        victim = await busy_replica(fleet.tts)
+        victim.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        events = await client.until("response.done", limit_s=TURN_S)
+        await asyncio.wait_for(speech, 60)
+    remember(fleet, events)
+    response = events[-1][1]["response"]
+    assert answered(response), (response["status"], response["status_details"], fleet.logs())
+    assert not of(events, "error"), of(events, "error")
+    after = [t for t, e in events if e["type"] == "response.output_audio.delta" and t > killed]
+    gaps = [b - a for a, b in zip([killed, *after], after, strict=False)]
+    print(f"\n[replicas] TTS replica killed mid-reply: reply {response['status']}, "
+          f"{len(after)} audio deltas after the kill, longest gap {max(gaps, default=0):.2f} s")
+    assert after  # the reply went on after the kill
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{fleet.serve[0].url}/metrics")).text
+    # ... because its TTS stream moved (not because synthesis had already ended).
+    assert 'reason="moved_mid_stream",stage="tts"} 1.0' in metrics, fleet.logs()
+    await client.configure(SHORT)
+    await asyncio.sleep(SETTLE_S)
+    remember(fleet, await answered_turn(client, TEXTS["weather"]))
+
+
+async def test_a_killed_asr_replica_ends_the_turn_and_the_next_goes_elsewhere(
+        client: Client, fleet: Fleet) -> None:
+    client.drain()
+    async with speaking(client, TEXTS["train"], speedup=1.0) as speech:
+        await client.until("input_audio_buffer.speech_started", limit_s=20)
+        await asyncio.sleep(1.6)  # mid-utterance
+        victim = await busy_replica(fleet.asr)
+        victim.proc.send_signal(signal.SIGKILL)
+        events = await client.until(TRANSCRIBED, NOT_TRANSCRIBED,
+                                    limit_s=10 + ASR_FINALIZE_S + MARGIN_S)
+        await asyncio.wait_for(speech, 60)
+    ended = next(t for t, e in events if e["type"] == "input_audio_buffer.speech_stopped")
+    outcome_at, outcome = events[-1]
+    print(f"\n[replicas] ASR replica killed mid-utterance: {outcome['type'].rsplit('.', 1)[-1]}"
+          f" ({outcome.get('transcript', '')!r}) {outcome_at - ended:.2f} s after the end of "
+          "speech")
+    assert outcome_at - ended <= ASR_FINALIZE_S + MARGIN_S
+    if outcome["type"] == TRANSCRIBED and outcome["transcript"].strip():
+        events += await client.until("response.done", limit_s=TURN_S)
+    remember(fleet, events)
+    await asyncio.sleep(SETTLE_S)
+    started = time.monotonic()
+    remember(fleet, await answered_turn(client, TEXTS["table"]))
+    print(f"[replicas] next turn answered by the surviving ASR replica "
+          f"({time.monotonic() - started:.1f} s, turn included)")
+
+
+async def test_a_killed_orchestrator_resumes_on_the_other(client: Client, fleet: Fleet) -> None:
+    sid, token = fleet.session["id"], fleet.session["cascade"]["resume_token"]
+    assert len(fleet.items) >= 8, fleet.items  # 4+ answered turns: user + assistant items
+    a, b = fleet.serve
+    a.proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    await asyncio.to_thread(a.proc.wait, 10)
+    async with connect(ws_url(b, session_id=sid, resume_token=token), max_size=2**24,
+                       additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        resumed = Client(ws, fleet.logs)
+        created = (await resumed.until("session.created", limit_s=30))[-1][1]["session"]
+        back = time.monotonic() - killed
+        assert created["id"] == sid
+        lost = []
+        for item_id in fleet.items:
+            await ws.send(json.dumps({"type": "conversation.item.retrieve",
+                                      "item_id": item_id}))
+            got = (await resumed.until("conversation.item.retrieved", "error",
+                                       limit_s=10))[-1][1]
+            if got["type"] == "error":
+                lost.append(item_id)
+        print(f"\n[replicas] orchestrator killed: session resumed on the other one "
+              f"{back:.2f} s after the kill; items {len(fleet.items) - len(lost)}/"
+              f"{len(fleet.items)} there (lost {len(lost)})")
+        assert not lost, (lost, kinds(resumed.drain()))
+        await resumed.configure(SHORT)
+        await answered_turn(resumed, TEXTS["capital"])
