@@ -8,8 +8,8 @@ oldest dropped if the caller lags — partials supersede each other) and the fin
 
 Replicas: ``base_url`` may list several services (or a DNS name with many addresses; see
 ``stages.common.replicas``). Each stream opens on the least-loaded healthy one, trying the
-next when one refuses (handshake 503) or cannot be reached; a stream whose replica breaks
-before the final marks it down, so the next turn goes elsewhere.
+next when one refuses (handshake 503) or cannot be reached. A stream whose replica breaks
+before the final marks it down and moves to another one (``RemoteAsrStream``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlencode
 
 import httpx
@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from stages.asr.types import AsrError, AsrEvent, AsrFinal, AsrPartial, AsrWord
 from stages.common.audio import ASR_RATE, pcm16_from_bytes, wav_bytes
+from stages.common.metrics import REPLICA_FAILOVERS
 from stages.common.replicas import Replica, ReplicaRefused, ReplicaSet, ReplicaUnreachable
 
 _EVENT = TypeAdapter(AsrEvent)
@@ -35,6 +36,9 @@ _MAX_FRAME = 256 * 1024  # bytes of audio per WebSocket message (well under serv
 # Opening a stream on one replica; the whole open (all replicas) is bounded by the caller.
 CONNECT_TIMEOUT_S = 2.0
 RETRYABLE = (429, 503)
+# A stream keeps this much audio to send again on another replica if its own breaks.
+MAX_REPLAY_S = 60.0
+MAX_FAILOVERS = 3
 
 
 class AsrServiceError(RuntimeError):
@@ -47,22 +51,67 @@ class AsrServiceError(RuntimeError):
 
 
 class RemoteAsrStream:
-    """``AsrStream`` over one WebSocket to ``/v1/stream``."""
+    """``AsrStream`` over a WebSocket to ``/v1/stream``.
 
-    def __init__(self, ws: ClientConnection, queue_size: int = 256,
-                 on_end: Callable[[str | None], None] | None = None) -> None:
+    It keeps the audio (and end-of-speech hints) it sent, up to ``MAX_REPLAY_S``: when its
+    replica breaks the connection before the final transcript, the stream reopens on
+    another replica and sends it all again (and ``finalize`` if it was asked), so the turn
+    is transcribed whole instead of cut at the failure. Partials then start over (a stable
+    prefix may shrink for a moment; callers only act on growth). Longer streams, or no
+    replica taking over, fail as before.
+    """
+
+    def __init__(self, owner: AsrClient, replica: Replica, ws: ClientConnection, path: str,
+                 queue_size: int = 256) -> None:
+        self._owner = owner
+        self._replica = replica
         self._ws = ws
-        self._on_end = on_end  # told once: None, or why the replica broke the stream
+        self._path = path
         self._closing = False
-        self.replica = ""  # the service (replica) this stream runs on
+        self._finalizing = False
+        self._send_lock = asyncio.Lock()
+        # What was sent, in order: audio (bytes) and end-of-speech hints (int ms).
+        self._sent: list[bytes | int] | None = []
+        self._sent_bytes = 0
+        self._max_replay_bytes = int(MAX_REPLAY_S * owner.sample_rate) * 2
+        self.failovers = 0
         self._partials: asyncio.Queue[AsrPartial | None] = asyncio.Queue(max(2, queue_size))
         self._final: asyncio.Future[AsrFinal] = asyncio.get_running_loop().create_future()
         self.errors: list[AsrError] = []
         self._reader = asyncio.create_task(self._read())
 
+    @property
+    def replica(self) -> str:
+        """The service (replica) this stream runs on now."""
+        return self._replica.url
+
     async def _read(self) -> None:
+        holding = True  # this stream counts on self._replica's load
         try:
-            async for raw in self._ws:
+            while True:
+                await self._read_connection(self._ws)
+                code = self._ws.close_code
+                if self._final.done() or self._closing or code in _NOT_BROKEN:
+                    break
+                reason = f"stream broken (close code {code})"
+                self._owner.replicas.finished(self._replica)
+                self._owner.replicas.failed(self._replica, reason)
+                holding = await self._fail_over(reason)
+                if not holding:
+                    break
+        finally:
+            if holding:
+                self._owner.replicas.finished(self._replica)
+            self._put(None)
+            if not self._final.done():
+                last = self.errors[-1] if self.errors else None
+                self._final.set_exception(AsrServiceError(
+                    last.code if last else "closed",
+                    last.message if last else "stream closed before a final transcript"))
+
+    async def _read_connection(self, ws: ClientConnection) -> None:
+        try:
+            async for raw in ws:
                 if isinstance(raw, bytes):
                     continue
                 try:
@@ -78,18 +127,31 @@ class RemoteAsrStream:
                     self.errors.append(event)
         except ConnectionClosed:
             pass
-        finally:
-            self._put(None)
-            broken = None
-            if not self._final.done() and not self._closing and self._ws.close_code != 1000:
-                broken = f"stream broken (close code {self._ws.close_code})"
-            if self._on_end is not None:
-                self._on_end(broken)
-            if not self._final.done():
-                last = self.errors[-1] if self.errors else None
-                self._final.set_exception(AsrServiceError(
-                    last.code if last else "closed",
-                    last.message if last else "stream closed before a final transcript"))
+
+    async def _fail_over(self, reason: str) -> bool:
+        """Reopen on another replica and send everything again; False when it cannot."""
+        if self._sent is None or self.failovers >= MAX_FAILOVERS:
+            return False
+        try:
+            replica, ws = await self._owner._connect(self._path)
+        except Exception as exc:
+            self.errors.append(AsrError(code="asr_unavailable", message=(
+                f"the ASR replica broke the stream ({reason}) and no other took it over: "
+                f"{exc}")))
+            return False
+        async with self._send_lock:
+            self._replica, self._ws = replica, ws
+            self.failovers += 1
+            REPLICA_FAILOVERS.labels("asr", "moved_mid_stream").inc()
+            with contextlib.suppress(ConnectionClosed):
+                for item in list(self._sent):
+                    if isinstance(item, int):
+                        await ws.send(_end_of_speech(item))
+                    else:
+                        await ws.send(item)
+                if self._finalizing:
+                    await ws.send(_FINALIZE)
+        return True
 
     @property
     def done(self) -> bool:
@@ -103,13 +165,31 @@ class RemoteAsrStream:
             except asyncio.QueueFull:
                 self._partials.get_nowait()
 
+    def _keep(self, item: bytes | int) -> None:
+        if self._sent is None:
+            return
+        if isinstance(item, bytes):
+            self._sent_bytes += len(item)
+            if self._sent_bytes > self._max_replay_bytes:
+                self._sent = None  # too long to send again: this stream cannot move
+                return
+        self._sent.append(item)
+
+    async def _send(self, message: bytes | str) -> None:
+        """Send on the current connection; a broken one is replaced by the reader, which
+        sends again what was kept."""
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(message)
+
     async def push(self, pcm16: bytes) -> None:
         pcm16_from_bytes(pcm16)  # validates the byte count before anything is sent
         if self._final.done():
             raise AsrServiceError("closed", "stream is finalized or closed")
-        view = memoryview(pcm16)
-        for i in range(0, len(view), _MAX_FRAME):
-            await self._ws.send(view[i : i + _MAX_FRAME])
+        async with self._send_lock:
+            for i in range(0, len(pcm16), _MAX_FRAME):
+                piece = bytes(pcm16[i : i + _MAX_FRAME])
+                self._keep(piece)
+                await self._send(piece)
 
     async def partials(self) -> AsyncIterator[AsrPartial]:
         while True:
@@ -120,13 +200,15 @@ class RemoteAsrStream:
 
     async def end_of_speech(self, audio_ms: int) -> None:
         if not self._final.done():
-            with contextlib.suppress(ConnectionClosed):
-                await self._ws.send(f'{{"type":"end_of_speech","audio_ms":{int(audio_ms)}}}')
+            async with self._send_lock:
+                self._keep(int(audio_ms))
+                await self._send(_end_of_speech(int(audio_ms)))
 
     async def finalize(self) -> AsrFinal:
         if not self._final.done():
-            with contextlib.suppress(ConnectionClosed):
-                await self._ws.send('{"type":"finalize"}')
+            async with self._send_lock:
+                self._finalizing = True
+                await self._send(_FINALIZE)
         return await asyncio.shield(self._final)
 
     async def aclose(self) -> None:
@@ -137,8 +219,18 @@ class RemoteAsrStream:
         await self._ws.close()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._reader, timeout=5)
+        self._sent = None
         if self._final.done() and not self._final.cancelled():
             self._final.exception()  # mark retrieved: no "never retrieved" warning
+
+
+def _end_of_speech(audio_ms: int) -> str:
+    return f'{{"type":"end_of_speech","audio_ms":{audio_ms}}}'
+
+
+_FINALIZE = '{"type":"finalize"}'
+# Closes that are the request's own fault or a normal end: never moved to another replica.
+_NOT_BROKEN = (1000, 1008, 1009)
 
 
 class AsrClient:
@@ -163,8 +255,16 @@ class AsrClient:
         if prompt:
             query["prompt"] = prompt
         path = f"/v1/stream?{urlencode(query)}"
+        replica, ws = await self._connect(path)
+        stream = RemoteAsrStream(self, replica, ws, path)
+        self._streams = {s for s in self._streams if not s.done}
+        self._streams.add(stream)
+        return stream
 
-        async def open_on(replica: Replica) -> RemoteAsrStream:
+    async def _connect(self, path: str) -> tuple[Replica, ClientConnection]:
+        """A stream connection on the best replica that takes it."""
+
+        async def open_on(replica: Replica) -> tuple[Replica, ClientConnection]:
             try:
                 ws = await connect("ws" + replica.url[len("http"):] + path, max_size=2**24,
                                    open_timeout=CONNECT_TIMEOUT_S)
@@ -176,20 +276,9 @@ class AsrClient:
                 raise AsrServiceError(code, message) from exc
             except (OSError, TimeoutError, InvalidHandshake) as exc:
                 raise ReplicaUnreachable(f"{type(exc).__name__}: {exc}") from exc
+            return replica, ws
 
-            def ended(broken: str | None) -> None:
-                self.replicas.finished(replica)
-                if broken is not None:
-                    self.replicas.failed(replica, broken)
-
-            stream = RemoteAsrStream(ws, on_end=ended)
-            stream.replica = replica.url
-            return stream
-
-        stream = await self.replicas.attempt(open_on, deadline_s=self._timeout)
-        self._streams = {s for s in self._streams if not s.done}
-        self._streams.add(stream)
-        return stream
+        return await self.replicas.attempt(open_on, deadline_s=self._timeout)
 
     async def transcribe(self, pcm16: bytes, sample_rate: int = ASR_RATE) -> AsrFinal:
         wav = wav_bytes(pcm16_from_bytes(pcm16), sample_rate)
