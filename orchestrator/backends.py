@@ -17,6 +17,7 @@ from typing import cast
 from orchestrator.turn import EndOfTurnModel
 from stages.asr.types import AsrBackend
 from stages.common.cpu import CpuBudget
+from stages.common.replicas import ReplicaSet
 from stages.llm.types import LlmBackend
 from stages.tts.types import TtsBackend
 
@@ -31,6 +32,15 @@ class Backends:
     # semantic_vad's end-of-turn model, run in this process (None: not installed; then
     # semantic_vad ends turns on silence like server_vad).
     turn: EndOfTurnModel | None = None
+
+    def replicas(self) -> dict[str, list[dict[str, object]]]:
+        """The replicas of each remote stage, their health and load (embedded: none)."""
+        out: dict[str, list[dict[str, object]]] = {}
+        for name, backend in (("asr", self.asr), ("llm", self.llm), ("tts", self.tts)):
+            replicas = getattr(backend, "replicas", None)
+            if isinstance(replicas, ReplicaSet):
+                out[name] = replicas.snapshot()
+        return out
 
     async def aclose(self) -> None:
         for backend in (self.asr, self.llm, self.tts):

@@ -247,7 +247,8 @@ def create_app(settings: ServeSettings | None = None, *,
     @app.get("/readyz")
     async def readyz() -> Response:
         if state.resources is not None:
-            return JSONResponse({"status": "ready", "sessions": state.active})
+            return JSONResponse({"status": "ready", "sessions": state.active,
+                                 "stages": state.resources.backends.replicas()})
         if state.load_error is not None:
             return JSONResponse({"status": "failed", "error": state.load_error},
                                 status_code=503)

@@ -242,6 +242,12 @@ class ReplicaSet:
             replica.load = StageLoad(stage=self.stage, ready=True, active=1, queued=0,
                                      capacity=1, busy=1.0)
 
+    def snapshot(self) -> list[dict[str, object]]:
+        """Each replica's state as this process sees it (the orchestrator's /readyz)."""
+        return [{"url": r.url, "up": r.up, "reason": r.reason or None,
+                 "streams": r.local_open, "load": r.load.model_dump() if r.load else None}
+                for r in self._replicas.values()]
+
     # ------------------------------------------------------------------ polling
     async def start(self) -> None:
         # poll_interval_s <= 0: no polling (routing by this process's own counts/failures).

@@ -145,37 +145,43 @@ class OpenAICompatLlm:
     async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
         finish: str | None = None
         usage: LlmUsage | None = None
-        replica, resp = await self._open(request)
-        url = f"{replica.url}/chat/completions"
-        try:
-            if resp.status_code != 200:
-                raise _http_error(resp.status_code, await resp.aread())
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators, comments, "event:" lines
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = _parse_chunk(data)
-                if chunk.get("usage"):
-                    u = chunk["usage"]
-                    usage = LlmUsage(prompt_tokens=int(u.get("prompt_tokens", 0)),
-                                     completion_tokens=int(u.get("completion_tokens", 0)))
-                for choice in chunk.get("choices") or []:
-                    finish = choice.get("finish_reason") or finish
-                    delta = choice.get("delta") or {}
-                    text = delta.get("content") or ""
-                    calls = [ToolCallDelta.model_validate(c)
-                             for c in delta.get("tool_calls") or []]
-                    if (text or calls) and not request.prefill_only:
-                        yield LlmDelta(text=text, tool_calls=calls or None)
-        except httpx.HTTPError as exc:
-            self.replicas.failed(replica, f"{type(exc).__name__}: {exc}")
-            raise LlmError(f"LLM server unreachable at {url}: {exc}", code="unavailable",
-                           status=503) from exc
-        finally:
-            await resp.aclose()  # mid-body: closes the connection, the server aborts
-            self.replicas.finished(replica)
+        yielded = False
+        for attempt in range(2):
+            replica, resp = await self._open(request)
+            url = f"{replica.url}/chat/completions"
+            try:
+                if resp.status_code != 200:
+                    raise _http_error(resp.status_code, await resp.aread())
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments, "event:" lines
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = _parse_chunk(data)
+                    if chunk.get("usage"):
+                        u = chunk["usage"]
+                        usage = LlmUsage(prompt_tokens=int(u.get("prompt_tokens", 0)),
+                                         completion_tokens=int(u.get("completion_tokens", 0)))
+                    for choice in chunk.get("choices") or []:
+                        finish = choice.get("finish_reason") or finish
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content") or ""
+                        calls = [ToolCallDelta.model_validate(c)
+                                 for c in delta.get("tool_calls") or []]
+                        if (text or calls) and not request.prefill_only:
+                            yielded = True
+                            yield LlmDelta(text=text, tool_calls=calls or None)
+                break
+            except httpx.HTTPError as exc:
+                self.replicas.failed(replica, f"{type(exc).__name__}: {exc}")
+                if attempt == 0 and not yielded:
+                    continue  # died before its first token: the request moves, once
+                raise LlmError(f"LLM server unreachable at {url}: {exc}", code="unavailable",
+                               status=503) from exc
+            finally:
+                await resp.aclose()  # mid-body: closes the connection, the server aborts
+                self.replicas.finished(replica)
         if finish is not None or usage is not None:
             yield LlmDelta(finish_reason=finish or "stop", usage=usage)
 

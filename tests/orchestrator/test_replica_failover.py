@@ -171,10 +171,16 @@ async def test_turns_spread_over_the_replicas(client: Client, fleet: Fleet) -> N
         remember(fleet, await answered_turn(client, text))
     async with httpx.AsyncClient() as http:
         metrics = (await http.get(f"{fleet.serve[0].url}/metrics")).text
+        ready = (await http.get(f"{fleet.serve[0].url}/readyz")).json()
     for stage, procs in (("asr", fleet.asr), ("tts", fleet.tts)):
         sent = streams_sent(metrics, stage)
         print(f"\n[replicas] {stage} streams per replica after 2 turns: {sent}")
         assert set(sent) == {p.url for p in procs} and all(sent.values()), sent
+        # The orchestrator's /readyz shows each replica, up, with its polled load.
+        seen = {r["url"]: r for r in ready["stages"][stage]}
+        assert set(seen) == {p.url for p in procs}
+        assert all(r["up"] and r["load"]["stage"] == stage for r in seen.values()), seen
+    assert [r["url"] for r in ready["stages"]["llm"]] == [fleet.llm.url + "/v1"]
 
 
 async def test_a_killed_tts_replica_moves_the_reply(client: Client, fleet: Fleet) -> None:
@@ -230,6 +236,9 @@ async def test_a_killed_asr_replica_moves_the_turn(client: Client, fleet: Fleet)
     async with httpx.AsyncClient() as http:
         metrics = (await http.get(f"{fleet.serve[0].url}/metrics")).text
     assert 'reason="moved_mid_stream",stage="asr"} 1.0' in metrics, fleet.logs()
+    async with httpx.AsyncClient() as http:
+        ready = (await http.get(f"{fleet.serve[0].url}/readyz")).json()
+    assert {r["url"]: r["up"] for r in ready["stages"]["asr"]}[victim.url] is False
     await asyncio.sleep(SETTLE_S)
     remember(fleet, await answered_turn(client, TEXTS["table"]))  # the survivor alone
 

@@ -151,3 +151,37 @@ async def test_a_primer_goes_out_with_the_header_and_one_token() -> None:
     assert PREFILL_ONLY_HEADER not in normal_req.headers
     assert "max_tokens" not in json.loads(normal_req.content)
     assert [d.text for d in normal] == ["The", ""]
+
+
+class _DiesBeforeItsFirstToken(httpx.AsyncByteStream):
+    """A response body whose server goes away before the first token."""
+
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        yield b": keep-alive\n\n"
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+
+
+async def test_a_replica_dying_before_the_first_token_moves_the_request() -> None:
+    """Two replicas (scripted, no network: polling off): the first one's response breaks
+    before any token; the same request goes to the second and its text comes back, and
+    the first is marked down."""
+    served = CompletionsServer()
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.host)
+        if request.url.host == "10.9.0.1":
+            return httpx.Response(200, stream=_DiesBeforeItsFirstToken(),
+                                  headers={"content-type": "text/event-stream"})
+        return served(request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        client = OpenAICompatLlm("http://10.9.0.1:8000,http://10.9.0.2:8000", model="smol",
+                                 http_client=http)
+        client.replicas.poll_interval_s = 0
+        deltas = [d async for d in client.stream(user("Hello"))]
+        assert [d.text for d in deltas] == ["The", ""] and calls == ["10.9.0.1", "10.9.0.2"]
+        first = client.replicas.replicas[0]
+        assert first.url == "http://10.9.0.1:8000/v1" and not first.up
+        assert all(r.local_open == 0 for r in client.replicas.replicas)
+        await client.aclose()
