@@ -9,15 +9,16 @@ keep working for a single external endpoint). Until the first resolution a name 
 it is (the system resolver picks an address), so no stream waits for DNS.
 
 Each replica's ``GET /load`` (stages/common/load.py) is polled every ``poll_interval_s``
-with a short timeout. A new stream goes to the healthy replica with the lowest load
-figure, corrected for the streams this process opened or closed there since the last
-report (reports are up to one interval old). ``attempt(open_fn)`` tries replicas in that
-order within one deadline: a replica that refuses (at capacity, not ready:
-``ReplicaRefused``) is skipped for this stream; one that cannot be reached or dies
-(``ReplicaUnreachable``, or ``failed()`` reported by a stream) is marked down and used
-again once its ``/load`` (or ``/health`` for servers without one, such as vLLM) answers.
-When every replica is down they are still tried, oldest failure first: the poll may be
-stale, and trying costs one connect. A stage with one replica is not polled at all.
+with a short timeout (a vLLM server has none: its Prometheus gauges stand in). A new
+stream goes to the healthy replica with the lowest load figure, corrected for the streams
+this process opened or closed there since the last report (reports are up to one interval
+old). ``attempt(open_fn)`` tries replicas in that order within one deadline: a replica
+that refuses (at capacity, not ready: ``ReplicaRefused``) is skipped for this stream; one
+that cannot be reached or dies (``ReplicaUnreachable``, or ``failed()`` reported by a
+stream) is marked down and used again once its ``/load`` (or ``/health`` for other
+servers) answers. When every replica is down they are still tried, oldest failure first:
+the poll may be stale, and trying costs one connect. A stage with one replica is not
+polled at all.
 
 Streams stay where they opened (a turn's ASR stream is one WebSocket); ``affinity`` keeps
 a session's LLM requests on one replica, whose KV cache holds its conversation, while
@@ -39,6 +40,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from stages.common.load import StageLoad
@@ -126,6 +128,31 @@ def _with_host(url: str, address: str) -> str:
     host = f"[{address}]" if ":" in address else address
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def vllm_load(stage: str, metrics: str) -> StageLoad | None:
+    """A vLLM server's load from its Prometheus text: requests running + waiting, of
+    ``VLLM_MAX_SEQS`` (vLLM's default ``--max-num-seqs``), busy = KV cache usage. None when
+    the text has no vLLM gauges."""
+    values: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(metrics):
+            if family.name in _VLLM_GAUGES:
+                values[family.name] = sum(sample.value for sample in family.samples)
+    except ValueError:
+        return None
+    if "vllm:num_requests_running" not in values:
+        return None
+    running = int(values["vllm:num_requests_running"])
+    waiting = int(values.get("vllm:num_requests_waiting", 0))
+    usage = values.get("vllm:kv_cache_usage_perc", values.get("vllm:gpu_cache_usage_perc", 0.0))
+    return StageLoad(stage=stage, ready=True, active=running + waiting, queued=waiting,
+                     capacity=VLLM_MAX_SEQS, busy=min(1.0, max(0.0, usage)))
+
+
+VLLM_MAX_SEQS = 256
+_VLLM_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 
 
 def _rank(key: str, url: str) -> bytes:
@@ -317,10 +344,14 @@ class ReplicaSet:
             if replica.has_load:
                 counted = replica.delta  # changes up to now are in the report
                 resp = await self._http.get(f"{replica.root}/load")
-                if resp.status_code == 404:
-                    replica.has_load = False
+                if resp.status_code == 404:  # not ours: vLLM's gauges, if it is vLLM
+                    resp = await self._http.get(f"{replica.root}/metrics")
+                    load = vllm_load(self.stage, resp.text) if resp.status_code == 200 else None
                 else:
                     load = StageLoad.model_validate_json(resp.content)
+                if load is None:
+                    replica.has_load = False
+                else:
                     # Keep the streams opened/closed while the report was on its way.
                     replica.load, replica.delta = load, replica.delta - counted
             if not replica.has_load:

@@ -12,12 +12,14 @@ import pytest
 
 from stages.common.load import StageLoad
 from stages.common.replicas import (
+    VLLM_MAX_SEQS,
     NoReplicaError,
     Replica,
     ReplicaRefused,
     ReplicaSet,
     ReplicaUnreachable,
     split_urls,
+    vllm_load,
 )
 
 A, B, C = "http://10.0.0.1:8001", "http://10.0.0.2:8001", "http://10.0.0.3:8001"
@@ -183,3 +185,24 @@ async def test_a_name_with_many_addresses_becomes_many_replicas(
         assert "http://[fd00::5]:8001" in urls(rs.replicas)
     finally:
         await rs.aclose()
+
+
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="smol"} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="smol"} 1.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="smol"} 0.25
+"""
+
+
+def test_vllm_gauges_stand_in_for_load() -> None:
+    load = vllm_load("llm", VLLM_METRICS)
+    assert load == StageLoad(stage="llm", ready=True, active=3, queued=1,
+                             capacity=VLLM_MAX_SEQS, busy=0.25)
+    assert vllm_load("llm", "# TYPE other gauge\nother 1.0\n") is None
+    assert vllm_load("llm", "not prometheus {{{") is None

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from stages.common.replicas import VLLM_MAX_SEQS, ReplicaSet
 from stages.llm.client import OpenAICompatLlm
 from tests.stages.llm.conftest import LONG_PROMPT, user
 from tests.support.procs import free_port
@@ -123,3 +124,23 @@ async def test_closing_the_stream_aborts_generation_in_vllm(vllm_url: str) -> No
     generated = _metric(vllm_url, "vllm:generation_tokens_total") - tokens_before
     # At ~30 tokens/s on this CPU, the full request would have produced 1000 tokens.
     assert generated < 200, f"vLLM generated {generated} tokens after a cancel at 5"
+
+
+async def test_replica_routing_reads_vllms_load(vllm_url: str) -> None:
+    """A vLLM replica has no /load: routing reads its Prometheus gauges instead, so a
+    fleet of vLLM servers is balanced by the requests each is running."""
+    replicas = ReplicaSet("llm", [vllm_url + "/v1"], poll_interval_s=3600)
+    client = OpenAICompatLlm(vllm_url, model=MODEL)
+    try:
+        await replicas.start()
+        replica = replicas.replicas[0]
+        await replicas.probe(replica)
+        assert replica.up and replica.load is not None and replica.load.active == 0
+        gen = client.stream(user(LONG_PROMPT, max_tokens=1000, temperature=0.0))
+        await anext(gen)  # generating now
+        await replicas.probe(replica)
+        assert replica.load.active == 1 and replica.load.capacity == VLLM_MAX_SEQS
+        await gen.aclose()  # type: ignore[attr-defined]
+    finally:
+        await client.aclose()
+        await replicas.aclose()
