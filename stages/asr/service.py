@@ -99,7 +99,8 @@ def create_app(settings: AsrSettings) -> FastAPI:
                          capacity=settings.max_streams,
                          busy=asr.meter.busy() if asr is not None else 0.0)
 
-    add_common_routes(app, STAGE, lambda: state.asr is not None, load)
+    drain = add_common_routes(app, STAGE, lambda: state.asr is not None, load,
+                              settings.drain_timeout_s)
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket, sample_rate: str = str(ASR_RATE),
@@ -108,6 +109,9 @@ def create_app(settings: AsrSettings) -> FastAPI:
         # tries another replica at once.
         if state.asr is None:
             await refuse_stream(ws, STAGE, "model is not loaded yet", "not_ready")
+            return
+        if drain.draining:
+            await refuse_stream(ws, STAGE, "this replica is shutting down", "draining")
             return
         if state.active() >= settings.max_streams:
             await refuse_stream(ws, STAGE, f"server is at its limit of {settings.max_streams} "
@@ -222,6 +226,8 @@ def create_app(settings: AsrSettings) -> FastAPI:
         asr = state.asr
         if asr is None:
             return busy_response(STAGE, "model is not loaded yet", "not_ready")
+        if drain.draining:
+            return busy_response(STAGE, "this replica is shutting down", "draining")
         limit = settings.max_message_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket
@@ -51,13 +53,35 @@ async def refuse_stream(ws: WebSocket, stage: str, message: str,
     await ws.send_denial_response(busy_response(stage, message, code))
 
 
+class Drain:
+    """Graceful shutdown of a stage service (``serve`` drives it on SIGTERM): new streams
+    are refused (503 "draining", so clients go to another replica at once, and ``/readyz``
+    fails so a load balancer stops sending), the streams in progress finish, then the
+    process exits — after ``timeout_s`` at the latest, when the rest are cut (and move)."""
+
+    def __init__(self, timeout_s: float, active: Callable[[], int]) -> None:
+        self.timeout_s = timeout_s
+        self.active = active
+        self.draining = False
+
+
+def drain_of(app: FastAPI) -> Drain | None:
+    drain = getattr(app.state, "drain", None)
+    return drain if isinstance(drain, Drain) else None
+
+
 def add_common_routes(app: FastAPI, stage: str, is_ready: Callable[[], bool],
-                      load: Callable[[], StageLoad]) -> None:
-    """/healthz (process up), /readyz (model loaded, with the load), /load, /metrics, and
-    uniform 4xx bodies."""
+                      load: Callable[[], StageLoad], drain_timeout_s: float = 0.0) -> Drain:
+    """/healthz (process up), /readyz (model loaded and not draining, with the load),
+    /load, /metrics, and uniform 4xx bodies. Returns the service's ``Drain``: its stream
+    handlers refuse new streams while ``drain.draining``."""
+    drain = Drain(drain_timeout_s, lambda: load().active)
+    app.state.drain = drain
 
     def current() -> StageLoad:
         now = load()
+        if drain.draining:
+            now = now.model_copy(update={"ready": False})
         STAGE_ACTIVE.labels(stage).set(now.active)
         STAGE_QUEUED.labels(stage).set(now.queued)
         STAGE_CAPACITY.labels(stage).set(now.capacity)
@@ -71,9 +95,9 @@ def add_common_routes(app: FastAPI, stage: str, is_ready: Callable[[], bool],
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        body = {"status": "ready" if is_ready() else "loading", "stage": stage,
-                "load": current().model_dump()}
-        return JSONResponse(body, status_code=200 if is_ready() else 503)
+        status = "draining" if drain.draining else "ready" if is_ready() else "loading"
+        body = {"status": status, "stage": stage, "load": current().model_dump()}
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     @app.get("/load")
     async def load_route() -> StageLoad:
@@ -92,9 +116,45 @@ def add_common_routes(app: FastAPI, stage: str, is_ready: Callable[[], bool],
         msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else str(first.get("msg"))
         return JSONResponse(error_body(msg, "invalid_request", loc or None), status_code=400)
 
+    return drain
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM/SIGINT drains (``Drain``) before the usual
+    shutdown; a second one exits at once. uvicorn alone would cut every WebSocket with
+    1012 at the first signal."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self._drainer: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain.draining or self.drain.timeout_s <= 0:
+            super().handle_exit(sig, frame)
+            return
+        self.drain.draining = True
+        log.info("draining: %d streams in progress, up to %.0f s", self.drain.active(),
+                 self.drain.timeout_s)
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._start_drainer, sig)
+
+    def _start_drainer(self, sig: int) -> None:
+        self._drainer = asyncio.get_running_loop().create_task(self._drain_then_exit(sig))
+
+    async def _drain_then_exit(self, sig: int) -> None:
+        deadline = time.monotonic() + self.drain.timeout_s
+        while time.monotonic() < deadline:  # the active count has no event to wait on
+            if self.drain.active() == 0:
+                break
+            await asyncio.sleep(0.1)
+        log.info("drained (%d streams left): shutting down", self.drain.active())
+        super().handle_exit(sig, None)
+
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Run one service with uvicorn; SIGTERM/SIGINT drain connections (graceful shutdown)."""
+    """Run one service with uvicorn. SIGTERM/SIGINT: a stage service drains its streams
+    first (``Drain``), then uvicorn shuts down gracefully."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -104,4 +164,6 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
         timeout_graceful_shutdown=10,
         lifespan="on",
     )
-    asyncio.run(uvicorn.Server(config).serve())
+    drain = drain_of(app)
+    server = uvicorn.Server(config) if drain is None else _DrainingServer(config, drain)
+    asyncio.run(server.serve())

@@ -24,3 +24,6 @@ class StageSettings(BaseSettings):
     max_message_bytes: int = 4 * 1024 * 1024
     # Bound for each per-stream queue (audio chunks, events, text pieces).
     queue_size: int = 256
+    # SIGTERM: refuse new streams and let those in progress finish for up to this long
+    # (0: stop at once). Kubernetes' terminationGracePeriodSeconds must be longer.
+    drain_timeout_s: float = 20.0

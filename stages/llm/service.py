@@ -260,8 +260,9 @@ def create_app(settings: LlmSettings, engine: LlmBackend | None = None) -> FastA
             await backend.aclose()
 
     app = FastAPI(title="cascade llm", lifespan=lifespan)
-    add_common_routes(app, STAGE, lambda: "engine" in state,
-                      lambda: _load(state.get("engine"), settings))
+    drain = add_common_routes(app, STAGE, lambda: "engine" in state,
+                              lambda: _load(state.get("engine"), settings),
+                              settings.drain_timeout_s)
     model_name = settings.served_model_name
 
     @app.get("/v1/models")
@@ -279,6 +280,8 @@ def create_app(settings: LlmSettings, engine: LlmBackend | None = None) -> FastA
         backend = state.get("engine")
         if backend is None:
             return _reject(RequestError(503, "model is loading", "unavailable"))
+        if drain.draining:
+            return _reject(RequestError(503, "this replica is shutting down", "draining"))
         try:
             req = parse_request(await _read_body(request, settings.max_message_bytes))
         except RequestError as exc:

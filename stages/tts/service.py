@@ -28,7 +28,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from stages.common.audio import REALTIME_RATE, wav_bytes
 from stages.common.load import StageLoad
 from stages.common.metrics import REQUESTS_REJECTED
-from stages.common.service import add_common_routes, error_body, refuse_stream
+from stages.common.service import add_common_routes, busy_response, error_body, refuse_stream
 from stages.tts.engine import PiperTts, PiperTtsStream
 from stages.tts.settings import TtsSettings
 from stages.tts.types import (
@@ -178,7 +178,8 @@ def create_app(settings: TtsSettings) -> FastAPI:
                          capacity=settings.max_streams,
                          busy=engine.meter.busy() if engine is not None else 0.0)
 
-    add_common_routes(app, STAGE, lambda: "engine" in holder, load)
+    drain = add_common_routes(app, STAGE, lambda: "engine" in holder, load,
+                              settings.drain_timeout_s)
 
     def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
         REQUESTS_REJECTED.labels(STAGE, code).inc()
@@ -196,6 +197,8 @@ def create_app(settings: TtsSettings) -> FastAPI:
     @app.post("/v1/audio/speech", response_model=None)
     async def speech(req: SpeechRequest) -> Response:
         engine = holder["engine"]
+        if drain.draining:
+            return busy_response(STAGE, "this replica is shutting down", "draining")
         fmt = req.response_format
         if fmt not in SPEECH_FORMATS:
             return _error(400, f"unsupported response_format {fmt!r}; supported: "
@@ -236,6 +239,9 @@ def create_app(settings: TtsSettings) -> FastAPI:
         # tries another replica at once.
         if engine is None:
             await refuse_stream(ws, STAGE, "voice is not loaded yet", "not_ready")
+            return
+        if drain.draining:
+            await refuse_stream(ws, STAGE, "this replica is shutting down", "draining")
             return
         if len(sessions) >= settings.max_streams:
             await refuse_stream(ws, STAGE, f"server is at its limit of {settings.max_streams} "

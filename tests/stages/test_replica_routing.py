@@ -8,7 +8,8 @@ services, each a ``cascade stage`` process, and the network clients the orchestr
   its audio stopped, an ASR stream sends its audio again to the other and the turn is
   transcribed whole; the dead replica is routed around, and used again once a new
   process answers on its address;
-* a stream stays on its replica for its whole life (a TTS stream's rounds, an ASR turn);
+* a stream stays on its replica for its whole life (a TTS stream's rounds, an ASR turn),
+  even while the replica drains after SIGTERM (new streams go elsewhere);
 * a session's LLM requests stay on one replica (affinity) and move when it dies.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import signal
 from collections.abc import AsyncIterator, Iterator
 
@@ -24,6 +26,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 from orchestrator.launcher import StageProcess
 from stages.asr.client import AsrClient
@@ -207,6 +210,40 @@ async def test_tts_killed_replica_is_routed_around_then_used_again(tts_pair: Pai
             seen.add(stream.replica)
             await stream.aclose()
         assert seen == {a, b}
+    finally:
+        await client.aclose()
+
+
+async def test_sigterm_drains_a_tts_replica(tts_pair: Pair) -> None:
+    """SIGTERM: the replica refuses new streams (503 "draining", /readyz 503) while the
+    stream it is synthesizing finishes there; then the process exits by itself."""
+    client = TtsClient(ReplicaSet("tts", tts_pair.urls, poll_interval_s=0))
+    try:
+        stream = await client.open_stream()
+        victim = next(p for p in tts_pair.procs if p.url == stream.replica)
+        await stream.push_text(STORY)
+        await stream.flush()
+        chunks = stream.chunks()
+        got = [await anext(chunks)]
+        victim.proc.send_signal(signal.SIGTERM)
+        async with httpx.AsyncClient() as http:
+            for _ in range(200):  # the signal is handled between two event loop steps
+                ready = await http.get(f"{victim.url}/readyz")
+                if ready.status_code == 503:
+                    break
+                await asyncio.sleep(0.05)
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        with pytest.raises(InvalidStatus) as refused:
+            await connect("ws" + victim.url.removeprefix("http") + "/v1/stream")
+        assert json.loads(refused.value.response.body)["error"]["code"] == "draining"
+        other = await client.open_stream()
+        assert other.replica != victim.url
+        await other.aclose()
+        got += [c async for c in chunks]  # the stream in progress ends where it began
+        assert stream.failovers == 0 and " ".join(c.text.strip() for c in got) == STORY
+        await stream.aclose()
+        # uvicorn re-raises the SIGTERM it deferred once it has shut down.
+        assert await asyncio.to_thread(victim.proc.wait, 30) in (0, -signal.SIGTERM)
     finally:
         await client.aclose()
 
