@@ -47,6 +47,7 @@ from tests.support.realtime_client import (
     kinds,
     of,
     speaking,
+    ws_url,
 )
 from tests.support.redis_server import redis_server
 from tests.support.speech import piper_clip, word_errors
@@ -116,11 +117,6 @@ def fleet() -> Iterator[Fleet]:
         finally:
             for proc in procs:
                 proc.stop()
-
-
-def ws_url(proc: CascadeProcess, **query: str) -> str:
-    q = "&".join(f"{k}={v}" for k, v in {"model": "cascade", **query}.items())
-    return f"ws://127.0.0.1:{proc.port}/v1/realtime?{q}"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

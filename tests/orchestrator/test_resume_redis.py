@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from orchestrator.launcher import CascadeProcess
+from tests.support.realtime_client import ws_url
 from tests.support.redis_server import redis_server
 
 KEY = "resume-key"
@@ -34,11 +35,6 @@ def servers() -> Iterator[tuple[CascadeProcess, CascadeProcess]]:
         finally:
             a.stop()
             b.stop()
-
-
-def ws_url(proc: CascadeProcess, **query: str) -> str:
-    q = "&".join(f"{k}={v}" for k, v in {"model": "cascade", **query}.items())
-    return f"ws://127.0.0.1:{proc.port}/v1/realtime?{q}"
 
 
 async def recv_type(ws: ClientConnection, kind: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from orchestrator.launcher import CascadeProcess, free_port
+from tests.support.realtime_client import ws_url
 from tests.support.redis_server import redis_server
 
 KEY = "takeover-key"
@@ -56,11 +57,6 @@ def servers() -> Iterator[tuple[CascadeProcess, CascadeProcess]]:
         finally:
             for proc in procs:
                 proc.stop()
-
-
-def ws_url(proc: CascadeProcess, **query: str) -> str:
-    q = "&".join(f"{k}={v}" for k, v in {"model": "cascade", **query}.items())
-    return f"ws://127.0.0.1:{proc.port}/v1/realtime?{q}"
 
 
 async def next_event(ws: ClientConnection) -> dict[str, Any]:

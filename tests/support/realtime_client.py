@@ -20,6 +20,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from orchestrator import audio_codecs
+from orchestrator.launcher import CascadeProcess
 from tests.support.speech import piper_clip
 
 RATE = 24_000  # the session's default input format: audio/pcm, 24 kHz
@@ -106,6 +107,13 @@ class Client:
     def logs(self) -> str:
         """The server's (and its stages') log tails, for failure messages."""
         return self._logs()
+
+
+def ws_url(proc: CascadeProcess, **query: str) -> str:
+    """The Realtime WebSocket URL of a ``cascade serve`` process, with extra query
+    parameters (``session_id``, ``resume_token``, ...)."""
+    q = "&".join(f"{k}={v}" for k, v in {"model": "cascade", **query}.items())
+    return f"ws://127.0.0.1:{proc.port}/v1/realtime?{q}"
 
 
 def kinds(events: list[Stamped]) -> list[str]:
