@@ -115,9 +115,13 @@ llama_wheel() {
   if ! ls "$dir"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
     log "compiling $req once for this machine (~5-8 min on 2 cores)"
     start=$(date +%s)
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-      nice -n 10 python3 -m pip wheel --quiet --no-deps --no-cache-dir --no-binary llama-cpp-python \
-      --disable-pip-version-check -w "$dir" "$req"
+    if ! CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+        nice -n 10 python3 -m pip wheel --quiet --no-deps --no-cache-dir \
+        --no-binary llama-cpp-python --disable-pip-version-check -w "$dir" "$req" \
+        >"$dir/build.log" 2>&1; then
+      grep -v "^WARNING: Location" "$dir/build.log" | tail -30 >&2
+      return 1
+    fi
     log "llama-cpp-python wheel in $(( $(date +%s) - start )) s"
   fi
   find "$EXTRA/wheels" -name 'llama_cpp_python-*.whl' ! -name "*-$version-*" -delete

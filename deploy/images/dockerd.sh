@@ -15,7 +15,8 @@
 # a private user-defined network (its bridge goes away with the network). On exit the
 # daemon is stopped, and anything it still changed is undone: iptables chains named
 # DOCKER* and the rules that jump to them (only those that were not there before),
-# docker0 (if it appeared), ip_forward (restored to its old value).
+# bridges that appeared (docker0, br-* of networks a killed caller left), ip_forward
+# (restored to its old value).
 
 CASCADE_IMAGES_CACHE=${CASCADE_IMAGES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cascade-images}
 _dockerd_run=""
@@ -27,6 +28,10 @@ _docker_chains() {
   for table in filter nat; do
     iptables -w -t "$table" -S 2>/dev/null | awk -v t="$table" '$1 == "-N" && $2 ~ /^DOCKER/ {print t, $2}'
   done | sort
+}
+
+_bridges() {
+  ip -o link show type bridge 2>/dev/null | awk -F': ' '{print $2}' | sort
 }
 
 dockerd_up() {
@@ -48,8 +53,7 @@ dockerd_up() {
   fi
   _dockerd_run=$(mktemp -d /tmp/cascade-dockerd.XXXXXX)
   _dockerd_forward=$(cat /proc/sys/net/ipv4/ip_forward 2>/dev/null || echo "")
-  _dockerd_had_docker0=0
-  ip link show docker0 >/dev/null 2>&1 && _dockerd_had_docker0=1
+  _dockerd_bridges_before=$(_bridges)
   _dockerd_chains_before=$(_docker_chains)
   dockerd --data-root "$CASCADE_IMAGES_CACHE/docker" --exec-root "$_dockerd_run/exec" \
     --pidfile "$_dockerd_run/dockerd.pid" -H "unix://$_dockerd_run/docker.sock" \
@@ -59,7 +63,13 @@ dockerd_up() {
   export DOCKER_HOST="unix://$_dockerd_run/docker.sock"
   local i
   for i in $(seq 1 60); do
-    docker info >/dev/null 2>&1 && { echo "dockerd: started (pid $_dockerd_pid)" >&2; return 0; }
+    if docker info >/dev/null 2>&1; then
+      echo "dockerd: started (pid $_dockerd_pid)" >&2
+      # Containers and networks a killed run left in this private data root.
+      docker container prune -f >/dev/null 2>&1 || true
+      docker network prune -f >/dev/null 2>&1 || true
+      return 0
+    fi
     kill -0 "$_dockerd_pid" 2>/dev/null || break
     sleep 0.5
   done
@@ -91,9 +101,12 @@ dockerd_down() {
     iptables -w -t "$table" -F "$chain" 2>/dev/null || true
     iptables -w -t "$table" -X "$chain" 2>/dev/null || true
   done < <(_docker_chains)
-  if [ "$_dockerd_had_docker0" = 0 ] && ip link show docker0 >/dev/null 2>&1; then
-    ip link delete docker0 2>/dev/null || true
-  fi
+  # docker0 and the br-* bridge of a user network the caller could not remove (killed
+  # midway): a stopped daemon leaves them behind.
+  local bridge
+  for bridge in $(comm -13 <(echo "$_dockerd_bridges_before") <(_bridges)); do
+    case "$bridge" in docker0|br-*) ip link delete "$bridge" 2>/dev/null || true ;; esac
+  done
   if [ -n "$_dockerd_forward" ] &&
      [ "$(cat /proc/sys/net/ipv4/ip_forward)" != "$_dockerd_forward" ]; then
     echo "$_dockerd_forward" >/proc/sys/net/ipv4/ip_forward || true
