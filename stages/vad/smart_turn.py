@@ -21,9 +21,9 @@ Input (as Pipecat feeds it, checked against its reference feature code: features
 - The padded window is normalized to zero mean and unit variance (Whisper's
   ``do_normalize``), then turned into Whisper log-mel features: 80 mel bins, 25 ms
   (400-sample) Hann windows every 10 ms, log10, clamped to 8 below the maximum, scaled
-  by (x + 4) / 4; the last STFT frame is dropped, giving 800 frames. faster-whisper's
-  ``FeatureExtractor`` computes exactly this in numpy (no torch); ``SmartTurn.features``
-  reuses its STFT and filterbank but keeps the mel projection off OpenBLAS (see there).
+  by (x + 4) / 4; the last STFT frame is dropped, giving 800 frames. ``stages/vad/mel.py``
+  computes the filterbank and STFT in numpy exactly as faster-whisper's
+  ``FeatureExtractor`` does (tested), so the orchestrator needs no ASR package.
 - ONNX input ``input_features``: float32 [batch, 80, 800]. Output (named ``logits`` but
   already passed through a sigmoid): float32 [batch, 1], P(turn complete).
 
@@ -44,7 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from faster_whisper.feature_extractor import FeatureExtractor
+
+from stages.vad.mel import mel_filters, stft
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,7 @@ class SmartTurn:
                 f"{[(i.name, i.shape) for i in inputs]}, outputs {[o.name for o in outputs]}"
             )
         self._output = outputs[0].name
-        # faster-whisper's Whisper front end supplies the mel filterbank and the STFT.
-        self._features = FeatureExtractor(feature_size=N_MELS, sampling_rate=SAMPLE_RATE,
-                                          hop_length=HOP, chunk_length=WINDOW_SECONDS,
-                                          n_fft=N_FFT)
+        self._mel_filters = mel_filters(SAMPLE_RATE, N_FFT, N_MELS)
         self._window = np.hanning(N_FFT + 1)[:-1].astype(np.float32)  # periodic Hann
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smart-turn")
         self._closed = False
@@ -161,13 +159,13 @@ class SmartTurn:
         """Whisper log-mel features of ``window(audio)``: float32 [80, 800]."""
         x = self.window(audio)
         x = (x - x.mean()) / np.sqrt(x.var() + np.float32(_NORM_EPS))
-        # faster-whisper's ``FeatureExtractor.__call__`` with padding=0, except for the mel
-        # projection: its ``filters @ power`` goes to OpenBLAS, whose worker threads then
-        # spin after the call and doubled the CPU cost of a decision (115 vs 60 ms on
-        # 2 cores). ``einsum`` without ``optimize`` runs numpy's own single-threaded loop.
-        spec = FeatureExtractor.stft(x, N_FFT, HOP, window=self._window, return_complex=True)
-        power = np.abs(spec[:, :-1].astype(np.complex64)) ** 2  # 800 frames: drop the last
-        mel = np.einsum("mf,ft->mt", self._features.mel_filters, power, optimize=False)
+        # Whisper's feature extraction (stages/vad/mel.py), except for the mel projection:
+        # ``filters @ power`` goes to OpenBLAS, whose worker threads then spin after the
+        # call and doubled the CPU cost of a decision (115 vs 60 ms on 2 cores). ``einsum``
+        # without ``optimize`` runs numpy's own single-threaded loop.
+        spec = stft(x, N_FFT, HOP, self._window)
+        power = np.abs(spec[:, :-1]) ** 2  # 800 frames: drop the last
+        mel = np.einsum("mf,ft->mt", self._mel_filters, power, optimize=False)
         log_spec = np.log10(np.maximum(mel, np.float32(1e-10)))
         log_spec = np.maximum(log_spec, log_spec.max() - np.float32(8.0))
         out: FloatArray = ((log_spec + np.float32(4.0)) / np.float32(4.0)).astype(np.float32)

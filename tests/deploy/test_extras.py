@@ -109,8 +109,7 @@ def test_remote_stages_serve_needs_no_stage_extra(hide: set[str],
     monkeypatch.setattr(orchestrator.server, "create_app", lambda settings: settings)
     monkeypatch.setattr(stages.common.service, "serve",
                         lambda app, host, port: served.append(port))
-    hide.update(m for extra in ("asr", "tts", "llm", "bench") for m in cli.EXTRA_MODULES[extra]
-                if m not in {"faster_whisper", "ctranslate2"})  # core until smart_turn changes
+    hide.update(m for extra in ("asr", "tts", "llm", "bench") for m in cli.EXTRA_MODULES[extra])
     urls = [f"--{s}-url=http://127.0.0.1:9" for s in cli.STAGES]
     cli.main(["serve", "--port", "2", *urls])
     assert served == [2]

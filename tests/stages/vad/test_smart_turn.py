@@ -20,6 +20,7 @@ import onnxruntime as ort
 import pytest
 from faster_whisper.feature_extractor import FeatureExtractor
 
+from stages.vad.mel import mel_filters, stft
 from stages.vad.smart_turn import (
     MODEL_ENV,
     N_FRAMES,
@@ -232,3 +233,15 @@ def test_device_choice(caplog: pytest.LogCaptureFixture) -> None:
         assert cuda.probability(_turn(COMPLETE)) > 0.5
     finally:
         cuda.close()
+
+
+def test_numpy_front_end_pieces_equal_faster_whispers() -> None:
+    """stages/vad/mel.py stands in for faster-whisper's filterbank and STFT (so the
+    orchestrator does not need ctranslate2): the same numbers."""
+    reference = FeatureExtractor(feature_size=80, chunk_length=8)
+    np.testing.assert_allclose(mel_filters(16_000, 400, 80), reference.mel_filters,
+                               rtol=1e-6, atol=1e-9)
+    x = np.random.default_rng(1).normal(0.0, 0.3, 16_000).astype(np.float32)
+    window = np.hanning(401)[:-1].astype(np.float32)
+    expected = FeatureExtractor.stft(x, 400, 160, window=window, return_complex=True)
+    np.testing.assert_allclose(stft(x, 400, 160, window), expected, rtol=1e-5, atol=1e-4)
