@@ -4,6 +4,7 @@ services, each a ``cascade stage`` process, and the network clients the orchestr
 
 * least-loaded choice from the replicas' own ``/load`` reports;
 * a full replica refuses in the handshake and the stream opens on the other at once;
+* a replica that hangs (SIGSTOP) is passed over after one connect timeout or probe;
 * a replica killed mid-stream: a TTS stream moves to the other replica and goes on where
   its audio stopped, an ASR stream sends its audio again to the other and the turn is
   transcribed whole; the dead replica is routed around, and used again once a new
@@ -209,7 +210,53 @@ async def test_tts_killed_replica_is_routed_around_then_used_again(tts_pair: Pai
             stream = await client.open_stream()
             seen.add(stream.replica)
             await stream.aclose()
-        assert seen == {a, b}
+        assert dead in seen  # used again (the survivor may still be the busier one)
+    finally:
+        await client.aclose()
+
+
+async def test_a_hung_tts_replica_is_passed_over_then_used_again(tts_pair: Pair) -> None:
+    """A replica that stops answering (SIGSTOP: its socket still accepts, nothing answers)
+    costs a new stream one connect timeout, then none: it is down until it answers."""
+    a, b = tts_pair.urls
+    hung = tts_pair.procs[0]
+    client = TtsClient(ReplicaSet("tts", [a, b], poll_interval_s=POLL_S))
+    try:
+        await client.replicas.start()
+        await until(lambda: all(r.load is not None for r in client.replicas.replicas))
+        hung.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                stream = await client.open_stream()
+                assert stream.replica == b
+                await stream.aclose()
+            down = next(r for r in client.replicas.replicas if r.url == a)
+            await until(lambda: not down.up, limit_s=10)  # the probe timed out
+            # A client that knows nothing yet (no polling) tries A first: its handshake
+            # times out and the stream opens on B.
+            blind = TtsClient(ReplicaSet("tts", [a, b], poll_interval_s=0))
+            before = REGISTRY.get_sample_value("cascade_replica_failovers_total",
+                                               {"stage": "tts", "reason": "unreachable"})
+            try:
+                stream = await blind.open_stream()
+                assert stream.replica == b
+                await stream.aclose()
+            finally:
+                await blind.aclose()
+            assert REGISTRY.get_sample_value("cascade_replica_failovers_total", {
+                "stage": "tts", "reason": "unreachable"}) == (before or 0.0) + 1
+        finally:
+            hung.proc.send_signal(signal.SIGCONT)
+        # Back once it answers (and once the handshakes queued while it hung are gone:
+        # until then it reports them as streams and is, rightly, not the least loaded).
+        await until(lambda: down.up and down.load is not None and down.load.active == 0,
+                    limit_s=30)
+        seen = set()
+        for _ in range(4):
+            stream = await client.open_stream()
+            seen.add(stream.replica)
+            await stream.aclose()
+        assert a in seen  # used again
     finally:
         await client.aclose()
 
