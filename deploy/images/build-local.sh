@@ -7,6 +7,7 @@
 #   bash deploy/images/build-local.sh --gpu           # the CPU images, asr-cuda and tts-gpu
 #   bash deploy/images/build-local.sh --no-cache      # ignore the layer cache (a cold build)
 #   bash deploy/images/build-local.sh --rebuild-base  # debootstrap the base image again
+#   bash deploy/images/build-local.sh redis           # cascade-redis:local (multi-run.sh)
 #
 # What it does, in order:
 # 1. Uses the Docker daemon that answers, or starts a private one (deploy/images/dockerd.sh:
@@ -25,6 +26,9 @@
 #    wheel in deploy/images/extra/ (git-ignored; only builder stages read it; the bundle is
 #    removed again when the script ends) and the host's package index settings, if any,
 #    as build arguments of the builder stage. Images are tagged cascade-NAME:local.
+# `redis` (only when named) is no Dockerfile: Debian bookworm's redis-server by debootstrap
+# like the base, imported as cascade-redis:local, for deploy/images/multi-run.sh where the
+# public redis image cannot be pulled.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/images/dockerd.sh
@@ -45,8 +49,9 @@ for arg in "$@"; do
     --gpu) gpu=1 ;;
     --no-cache) no_cache=(--no-cache) ;;
     --rebuild-base) rebuild_base=1 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     -*) echo "build-local.sh: unknown option $arg" >&2; exit 2 ;;
+    redis) images+=(redis) ;;
     *) [ -f "deploy/images/$arg/Dockerfile" ] || { echo "no image $arg" >&2; exit 2; }
        images+=("$arg") ;;
   esac
@@ -73,22 +78,21 @@ debian_mirror() {
     awk '$3 == "bookworm/main" && $4 == "amd64" {print $2; exit}'
 }
 
-build_base() {
-  if [ "$rebuild_base" = 0 ] && docker image inspect "$BASE" >/dev/null 2>&1; then
-    return 0
-  fi
+# debootstrap_image TAG PACKAGES [docker import options...]: Debian bookworm (minbase plus
+# the comma-separated PACKAGES) from this machine's Debian mirror, imported as TAG. Its apt
+# sources are emptied, so no host name of the local mirror is left in the image.
+debootstrap_image() {
+  local tag=$1 packages=$2 rootfs mirror
+  shift 2
   command -v debootstrap >/dev/null || {
     log "debootstrap is missing (apt-get install debootstrap)"
     return 1
   }
-  local start rootfs mirror
-  start=$(date +%s)
   mirror=$(debian_mirror)
   mkdir -p "$CASCADE_IMAGES_CACHE"
   rootfs=$(mktemp -d "$CASCADE_IMAGES_CACHE/rootfs.XXXXXX")
-  log "debootstrap bookworm (~1 min)"
-  if ! debootstrap --variant=minbase \
-      --include=python3,python3-venv,ca-certificates,libgomp1 \
+  log "debootstrap bookworm with $packages for $tag (~1 min)"
+  if ! debootstrap --variant=minbase --include="$packages" \
       bookworm "$rootfs" ${mirror:+"$mirror"} >"$rootfs.log" 2>&1; then
     tail -20 "$rootfs.log" >&2
     rm -rf "$rootfs" "$rootfs.log"
@@ -97,12 +101,34 @@ build_base() {
   : >"$rootfs/etc/apt/sources.list"
   rm -rf "$rootfs"/etc/apt/sources.list.d/* "$rootfs"/var/lib/apt/lists/* \
     "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb "$rootfs.log"
-  tar --numeric-owner -C "$rootfs" -c . |
-    docker import --change 'CMD ["python3"]' \
-      --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-      --change 'ENV LANG=C.UTF-8' - "$BASE" >/dev/null
+  tar --numeric-owner -C "$rootfs" -c . | docker import "$@" - "$tag" >/dev/null
   rm -rf "$rootfs"
+}
+
+build_base() {
+  if [ "$rebuild_base" = 0 ] && docker image inspect "$BASE" >/dev/null 2>&1; then
+    return 0
+  fi
+  local start
+  start=$(date +%s)
+  debootstrap_image "$BASE" python3,python3-venv,ca-certificates,libgomp1 \
+    --change 'CMD ["python3"]' \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV LANG=C.UTF-8'
   log "base image $BASE in $(( $(date +%s) - start )) s"
+}
+
+# Redis for the multi-container run (deploy/images/multi-run.sh) where `docker pull redis`
+# is impossible: Debian's redis-server (7.0), run as its `redis` user, in the foreground,
+# listening on every address of the container's network without protected mode (as the
+# public image does; the network is private), no persistence (the run's sessions die
+# with it).
+build_redis() {
+  local cmd='["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no",'
+  cmd+=' "--save", "", "--appendonly", "no"]'
+  debootstrap_image "cascade-redis:$TAG" redis-server \
+    --change 'USER redis' --change 'WORKDIR /var/lib/redis' --change 'EXPOSE 6379' \
+    --change 'ENV LANG=C.UTF-8' --change "CMD $cmd"
 }
 
 # The llama-cpp-python wheel for the llm-cpu and all-in-one images, compiled once.
@@ -156,11 +182,15 @@ index_args() {
 }
 
 dockerd_up
-build_base
-needs_llama=0
+needs_base=0 needs_llama=0
 for image in "${images[@]}"; do
-  case "$image" in llm-cpu|all-in-one) needs_llama=1 ;; esac
+  case "$image" in
+    redis) ;;
+    llm-cpu|all-in-one) needs_base=1 needs_llama=1 ;;
+    *) needs_base=1 ;;
+  esac
 done
+[ "$needs_base" = 0 ] || build_base
 [ "$needs_llama" = 0 ] || llama_wheel
 ca_bundle
 mapfile -t build_args < <(index_args)
@@ -169,6 +199,11 @@ declare -A took
 for image in "${images[@]}"; do
   log "building cascade-$image:$TAG"
   start=$(date +%s)
+  if [ "$image" = redis ]; then
+    build_redis
+    took[$image]=$(( $(date +%s) - start ))
+    continue
+  fi
   logfile=$(mktemp)
   if ! docker build --network host "${no_cache[@]}" --build-arg "BASE_IMAGE=$BASE" \
       "${build_args[@]}" -f "deploy/images/$image/Dockerfile" -t "cascade-$image:$TAG" . \
