@@ -217,10 +217,15 @@ class Drill:
             items = list(conv.items)
             killed_at = time.monotonic()
             self.kill(first)
+            kill_s = time.monotonic() - killed_at
             await asyncio.wait_for(asyncio.shield(conv.reader), 30)  # type: ignore[arg-type]
+            closed_s = time.monotonic() - killed_at
             self.report["connection_lost"] = conv.closed
-        self.report["orchestrator_fault"] = await self.orchestrator_fault(
-            second, session_id, token, items, killed_at)
+        fault = await self.orchestrator_fault(second, session_id, token, items, killed_at)
+        # Where the time to resume goes: the kill itself, noticing the dead connection,
+        # then reconnecting and loading the session on the other orchestrator.
+        fault.update(kill_command_s=round(kill_s, 3), connection_closed_after_s=round(closed_s, 3))
+        self.report["orchestrator_fault"] = fault
         sent = streams_sent(before)
         for stage, replicas in streams_sent(await self.metrics(second)).items():
             for url, n in replicas.items():
@@ -288,7 +293,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"longest gap {tts['longest_audio_gap_s']} s, errors {tts['errors'] or 'none'} |",
         f"| ASR replica `{asr['killed']}` killed mid-utterance | transcript "
         f"{asr['transcript']!r} (WER {asr['transcript_wer']}), reply {asr['status']} |",
-        f"| orchestrator killed | resumed on the other after {orch['resumed_after_s']} s, "
+        f"| orchestrator killed | connection seen closed after "
+        f"{orch['connection_closed_after_s']} s (kill command {orch['kill_command_s']} s); "
+        f"resumed on the other after {orch['resumed_after_s']} s, "
         f"items {orch['items'] - orch['items_lost']}/{orch['items']} "
         f"(lost {orch['items_lost']}), next turn {orch['next_turn']['status']} |",
         "", "| turn | orchestrator | status | first audio after speech (s) |",

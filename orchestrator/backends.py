@@ -33,6 +33,14 @@ class Backends:
     # semantic_vad ends turns on silence like server_vad).
     turn: EndOfTurnModel | None = None
 
+    async def start(self) -> None:
+        """Resolve and probe the remote stages' replicas (``ReplicaSet.start``), so the
+        first streams are routed by load and /readyz shows every replica."""
+        for backend in (self.asr, self.llm, self.tts):
+            replicas = getattr(backend, "replicas", None)
+            if isinstance(replicas, ReplicaSet):
+                await replicas.start()
+
     def replicas(self) -> dict[str, list[dict[str, object]]]:
         """The replicas of each remote stage, their health and load (embedded: none)."""
         out: dict[str, list[dict[str, object]]] = {}

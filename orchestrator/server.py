@@ -130,6 +130,7 @@ async def load_resources(settings: ServeSettings) -> Resources:
     assert isinstance(backends, Backends) and isinstance(vad, SileroVadModel)
     assert not isinstance(store, BaseException) and not isinstance(turn_model, BaseException)
     backends.turn = turn_model
+    await backends.start()
     return Resources(backends=backends, vad=vad, store=store)
 
 

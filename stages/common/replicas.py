@@ -6,7 +6,7 @@ Names are re-resolved every ``resolve_interval_s`` (``loop.getaddrinfo``: a work
 thread, never the event loop); a name with several addresses becomes one replica per
 address, a name with one address stays one replica named as given (TLS and Host headers
 keep working for a single external endpoint). Until the first resolution a name is used as
-it is (the system resolver picks an address), so no stream waits for DNS.
+it is (the system resolver picks an address): ``start`` waits a few seconds at most for it.
 
 Each replica's ``GET /load`` (stages/common/load.py) is polled every ``poll_interval_s``
 with a short timeout (a vLLM server has none: its Prometheus gauges stand in). A new
@@ -130,6 +130,17 @@ def _with_host(url: str, address: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def _stage_load(resp: httpx.Response) -> StageLoad | None:
+    """A cascade stage's /load answer; None for anything else (a 404, another server's
+    /load, such as vLLM's ``{"server_load": n}``)."""
+    if resp.status_code != 200:
+        return None
+    try:
+        return StageLoad.model_validate_json(resp.content)
+    except ValidationError:
+        return None
+
+
 def vllm_load(stage: str, metrics: str) -> StageLoad | None:
     """A vLLM server's load from its Prometheus text: requests running + waiting, of
     ``VLLM_MAX_SEQS`` (vLLM's default ``--max-num-seqs``), busy = KV cache usage. None when
@@ -178,6 +189,7 @@ class ReplicaSet:
         self._resolved_at = -1e9
         self._http: httpx.AsyncClient | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._first_round = asyncio.Event()
         self._closed = False
 
     # ------------------------------------------------------------------ routing
@@ -277,10 +289,17 @@ class ReplicaSet:
 
     # ------------------------------------------------------------------ polling
     async def start(self) -> None:
-        # poll_interval_s <= 0: no polling (routing by this process's own counts/failures).
-        if self._poller is None and not self._closed and self.poll_interval_s > 0:
-            self._http = httpx.AsyncClient(timeout=self.probe_timeout_s, headers=self._headers)
-            self._poller = asyncio.create_task(self._poll_loop(), name=f"replicas-{self.stage}")
+        """Resolve the names and probe the replicas once (bounded: a few probe timeouts),
+        so the first stream is already routed by load, then keep polling in the
+        background. The orchestrator calls it while loading; ``attempt`` calls it too.
+        ``poll_interval_s <= 0``: no polling (routing by this process's own counts)."""
+        if self._poller is not None or self._closed or self.poll_interval_s <= 0:
+            return
+        self._http = httpx.AsyncClient(timeout=self.probe_timeout_s, headers=self._headers)
+        self._poller = asyncio.create_task(self._poll_loop(), name=f"replicas-{self.stage}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.probe_timeout_s * 3):
+                await self._first_round.wait()
 
     async def _poll_loop(self) -> None:
         while not self._closed:
@@ -293,6 +312,7 @@ class ReplicaSet:
                 raise
             except Exception:  # a poll must never stop polling
                 log.exception("%s replica poll failed", self.stage)
+            self._first_round.set()
             await asyncio.sleep(self.poll_interval_s)
 
     async def resolve(self) -> None:
@@ -344,11 +364,12 @@ class ReplicaSet:
             if replica.has_load:
                 counted = replica.delta  # changes up to now are in the report
                 resp = await self._http.get(f"{replica.root}/load")
-                if resp.status_code == 404:  # not ours: vLLM's gauges, if it is vLLM
+                if resp.status_code >= 500:
+                    raise ReplicaUnreachable(f"/load answered {resp.status_code}")
+                load = _stage_load(resp)
+                if load is None:  # not ours (vLLM has its own /load): vLLM's gauges
                     resp = await self._http.get(f"{replica.root}/metrics")
                     load = vllm_load(self.stage, resp.text) if resp.status_code == 200 else None
-                else:
-                    load = StageLoad.model_validate_json(resp.content)
                 if load is None:
                     replica.has_load = False
                 else:

@@ -214,7 +214,8 @@ def test_tool_pins_match_install_sh() -> None:
     assert re.search(r"^PIP_VERSION=\d+\.\d+(\.\d+)?$", builder, re.M)
 
 
-@pytest.mark.parametrize("script", ["build-local.sh", "smoke.sh", "builder.sh", "dockerd.sh"])
+@pytest.mark.parametrize("script", ["build-local.sh", "smoke.sh", "builder.sh", "dockerd.sh",
+                                    "multi-run.sh"])
 def test_scripts_parse(script: str) -> None:
     done = subprocess.run(["bash", "-n", str(IMAGES / script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

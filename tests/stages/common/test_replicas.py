@@ -8,6 +8,7 @@ import asyncio
 import socket
 from typing import Any
 
+import httpx
 import pytest
 
 from stages.common.load import StageLoad
@@ -206,3 +207,35 @@ def test_vllm_gauges_stand_in_for_load() -> None:
                              capacity=VLLM_MAX_SEQS, busy=0.25)
     assert vllm_load("llm", "# TYPE other gauge\nother 1.0\n") is None
     assert vllm_load("llm", "not prometheus {{{") is None
+
+
+async def test_probe_reads_our_load_vllms_gauges_or_plain_health() -> None:
+    """One probe per replica kind (scripted HTTP, no network): a cascade stage's /load; a
+    vLLM server, whose own /load is something else, by its gauges; any other server by
+    /health alone; a server error marks the replica down."""
+    ours = load(1, capacity=8).model_dump_json()
+    answers: dict[str, dict[str, httpx.Response]] = {
+        "stage": {"/load": httpx.Response(200, text=ours)},
+        "vllm": {"/load": httpx.Response(200, json={"server_load": 3}),
+                 "/metrics": httpx.Response(200, text=VLLM_METRICS)},
+        "other": {"/health": httpx.Response(200)},
+        "broken": {"/load": httpx.Response(500)},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return answers[request.url.host].get(request.url.path, httpx.Response(404))
+
+    rs = ReplicaSet("llm", [f"http://{h}:8000/v1" for h in answers], poll_interval_s=0)
+    rs._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    try:
+        await rs.probe_all()
+        by_host = {r.url.split("//")[1].split(":")[0]: r for r in rs.replicas}
+        assert by_host["stage"].load == load(1, capacity=8)
+        vllm = by_host["vllm"].load
+        assert vllm is not None and (vllm.active, vllm.queued) == (3, 1)
+        assert by_host["other"].up and by_host["other"].load is None
+        assert not by_host["other"].has_load  # asked for /health only from now on
+        assert not by_host["broken"].up and "500" in by_host["broken"].reason
+        assert all(r.up for h, r in by_host.items() if h != "broken")
+    finally:
+        await rs.aclose()
