@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import TypeAdapter, ValidationError
 
-from orchestrator import audio_codecs, metrics
+from orchestrator import audio_codecs, metrics, tracing
 from orchestrator.backends import Backends
 from orchestrator.context import ContextOverflow, estimate_tools_tokens, fit_messages
 from orchestrator.playout import AudioOut, MediaPort
@@ -562,6 +562,8 @@ class RealtimeSession:
         turn = self._turns.get(number)
         if turn is None:
             turn = self._turns[number] = UserTurn()
+            tracing.turn_opened(self._controller, number, session_id=self.session_id,
+                                item_id=turn.item_id, pipeline=self.session.cascade.pipeline)
             while len(self._turns) > MAX_OPEN_TURNS:  # bounded: forget the oldest
                 del self._turns[min(self._turns)]
         return turn
@@ -657,6 +659,7 @@ class RealtimeSession:
             await self._error("transcription_failed", f"the user's turn could not be "
                               f"transcribed: {error}", None, type="server_error")
             self._turns.pop(number, None)
+            tracing.turn_ended(self._controller, number, "error", "transcription_failed")
             return
         await self._send(InputAudioTranscriptionCompletedEvent(
             item_id=turn.item_id, transcript=text,
@@ -671,6 +674,7 @@ class RealtimeSession:
         if (controller is None or not controller.auto_turns or not text
                 or not controller.policy.create_response):
             self._turns.pop(number, None)  # no reply will claim the turn's timing
+            tracing.turn_ended(self._controller, number, "no_reply")
 
     # ------------------------------------------------------------------ responses
     def _turn_reply(self, turn: int, transcript: str) -> ReplyRun:
@@ -856,6 +860,7 @@ class RealtimeSession:
             seconds = max(0.0, at - eos)
             histogram.labels(pipeline).observe(seconds)
             record[f"{name}_ms"] = round(seconds * 1000.0, 1)
+        tracing.turn_done(responder, timing)  # the same marks as spans of the turn's trace
         log.info(json.dumps(record))
         return record
 

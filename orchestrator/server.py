@@ -51,6 +51,7 @@ from orchestrator.settings import ServeSettings
 from orchestrator.store import SessionStore, open_store
 from orchestrator.webrtc import signalling
 from orchestrator.webrtc.calls import Call, CallSession, MakeSession
+from stages.common import tracing
 from stages.vad.model import SileroVadModel
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def create_app(settings: ServeSettings | None = None, *,
     """The Realtime server. ``session_factory`` defaults to ``RealtimeSession`` and
     ``loader`` to the real backends/VAD/store; tests inject both."""
     settings = settings or ServeSettings()
+    tracing.configure("cascade-orchestrator")  # on only with an OTLP endpoint in the env
     state = ServerState(settings, session_factory, loader)
 
     @contextlib.asynccontextmanager

@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from orchestrator import tracing
 from orchestrator.asr_turn import AsrTurn
 from orchestrator.policy import (
     OverlapPolicy,
@@ -240,6 +241,7 @@ class TurnController:
             turn, self._turn = self._turn, None
             if turn is not None:
                 turn.close()
+                tracing.turn_ended(self, turn.turn, "cancelled")
             self._in_speech = False
             self._silence_run = 0
             self._voiced_run = 0
@@ -256,6 +258,7 @@ class TurnController:
         turn, self._turn = self._turn, None
         if turn is not None:
             turn.close()
+        tracing.close_turns(self)
 
     # ------------------------------------------------------------------ VAD steps
     async def _on_frame(self, frame: VadFrame) -> None:
@@ -341,7 +344,7 @@ class TurnController:
             self._spawn_drop(spec, "transcript_changed")
         self.revision += 1
         run = self._make_reply(turn.turn, text)
-        run.start()
+        tracing.start_reply(self, turn.turn, run)  # run.start(), in the turn's trace
         self._speculative = _Speculation(turn.turn, self.revision, text, run)
         log.debug("turn %d: speculative reply r%d on %r", turn.turn, self.revision, text)
 
@@ -452,7 +455,7 @@ class TurnController:
             await self._drop_speculation(spec, "transcript_changed")
         self.revision += 1
         run = self._make_reply(turn, text)
-        run.start()
+        tracing.start_reply(self, turn, run)  # run.start(), in the turn's trace
         run.release()
         await self._emit(ReplyReleased(turn, run, self.revision, speculative_hit=False))
 
@@ -461,8 +464,10 @@ class TurnController:
         """A new turn whose ASR hears the session's audio from sample ``start`` on."""
         self.turns += 1
         d = self.deadlines
-        turn = AsrTurn(self._asr, turn=self.turns, origin=start, on_partial=self._on_partial,
-                       open_timeout_s=d.asr_open_s, max_pending_ms=d.asr_max_backlog_ms)
+        with tracing.turn_scope(self, self.turns):  # the turn's trace holds its ASR stream
+            turn = AsrTurn(self._asr, turn=self.turns, origin=start,
+                           on_partial=self._on_partial, open_timeout_s=d.asr_open_s,
+                           max_pending_ms=d.asr_max_backlog_ms)
         keep = (self.samples - start) * 2
         if keep > 0:
             turn.feed(bytes(self._history[-keep:]))

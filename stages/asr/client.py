@@ -27,6 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from stages.asr.types import AsrError, AsrEvent, AsrFinal, AsrPartial, AsrWord
+from stages.common import tracing
 from stages.common.audio import ASR_RATE, pcm16_from_bytes, wav_bytes
 from stages.common.metrics import REPLICA_FAILOVERS
 from stages.common.replicas import Replica, ReplicaRefused, ReplicaSet, ReplicaUnreachable
@@ -62,8 +63,9 @@ class RemoteAsrStream:
     """
 
     def __init__(self, owner: AsrClient, replica: Replica, ws: ClientConnection, path: str,
-                 queue_size: int = 256) -> None:
+                 queue_size: int = 256, span: tracing.Span | None = None) -> None:
         self._owner = owner
+        self._span = span  # the ``asr.stream`` trace span (None: tracing off)
         self._replica = replica
         self._ws = ws
         self._path = path
@@ -133,7 +135,7 @@ class RemoteAsrStream:
         if self._sent is None or self.failovers >= MAX_FAILOVERS:
             return False
         try:
-            replica, ws = await self._owner._connect(self._path)
+            replica, ws = await self._owner._connect(self._path, self._span)
         except Exception as exc:
             self.errors.append(AsrError(code="asr_unavailable", message=(
                 f"the ASR replica broke the stream ({reason}) and no other took it over: "
@@ -143,6 +145,7 @@ class RemoteAsrStream:
             self._replica, self._ws = replica, ws
             self.failovers += 1
             REPLICA_FAILOVERS.labels("asr", "moved_mid_stream").inc()
+            tracing.moved(self._span, replica.url, self.failovers)
             with contextlib.suppress(ConnectionClosed):
                 for item in list(self._sent):
                     if isinstance(item, int):
@@ -213,6 +216,7 @@ class RemoteAsrStream:
 
     async def aclose(self) -> None:
         self._closing = True
+        tracing.end(self._span)
         if not self._final.done():
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.send('{"type":"close"}')
@@ -255,19 +259,25 @@ class AsrClient:
         if prompt:
             query["prompt"] = prompt
         path = f"/v1/stream?{urlencode(query)}"
-        replica, ws = await self._connect(path)
-        stream = RemoteAsrStream(self, replica, ws, path)
+        span = tracing.start_client("asr.stream", "asr")  # None: tracing off
+        with tracing.failing(span):
+            replica, ws = await self._connect(path, span)
+        tracing.set_replica(span, replica.url)
+        stream = RemoteAsrStream(self, replica, ws, path, span=span)
         self._streams = {s for s in self._streams if not s.done}
         self._streams.add(stream)
         return stream
 
-    async def _connect(self, path: str) -> tuple[Replica, ClientConnection]:
-        """A stream connection on the best replica that takes it."""
+    async def _connect(self, path: str, span: tracing.Span | None = None
+                       ) -> tuple[Replica, ClientConnection]:
+        """A stream connection on the best replica that takes it (the handshake carries
+        ``span``'s trace context)."""
 
         async def open_on(replica: Replica) -> tuple[Replica, ClientConnection]:
             try:
                 ws = await connect("ws" + replica.url[len("http"):] + path, max_size=2**24,
-                                   open_timeout=CONNECT_TIMEOUT_S)
+                                   open_timeout=CONNECT_TIMEOUT_S,
+                                   additional_headers=tracing.headers(span))
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 code, message = _error_of(bytes(exc.response.body or b""), str(status))

@@ -41,6 +41,7 @@ from stages.asr.types import (
     EndOfSpeechMessage,
     FinalizeMessage,
 )
+from stages.common import tracing
 from stages.common.audio import (
     ASR_RATE,
     AudioFormatError,
@@ -103,6 +104,7 @@ def create_app(settings: AsrSettings) -> FastAPI:
                               settings.drain_timeout_s)
 
     @app.websocket("/v1/stream")
+    @tracing.server_session("asr.session")  # the stream in the caller's trace, when tracing
     async def stream(ws: WebSocket, sample_rate: str = str(ASR_RATE),
                      language: str | None = None, prompt: str | None = None) -> None:
         # Not ready or full: refused in the handshake (503 + Retry-After), so a client

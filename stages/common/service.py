@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from stages.common import tracing
 from stages.common.load import StageLoad
 from stages.common.metrics import (
     REQUESTS_REJECTED,
@@ -79,6 +80,7 @@ def add_common_routes(app: FastAPI, stage: str, is_ready: Callable[[], bool],
     handlers refuse new streams while ``drain.draining``."""
     drain = Drain(drain_timeout_s, lambda: load().active)
     app.state.drain = drain
+    tracing.configure(f"cascade-{stage}")  # on only with an OTLP endpoint in the environment
 
     def current() -> StageLoad:
         now = load()
@@ -169,6 +171,7 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     drain = drain_of(app)
     server = uvicorn.Server(config) if drain is None else _DrainingServer(config, drain)
     asyncio.run(server.serve())
+    tracing.flush()  # the spans still queued (os._exit skips the SDK's atexit flush)
     # Shut down cleanly (lifespan closed every model and connection): exit now. Left to
     # the interpreter, the exit waits on the models' idle worker threads, ~5 s inside a
     # container where PID 1 ignores the SIGTERM uvicorn re-raises, and a `docker stop`

@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from stages.common import tracing
 from stages.common.replicas import (
     NoReplicaError,
     Replica,
@@ -113,10 +114,12 @@ class OpenAICompatLlm:
             return {**self._headers, PREFILL_ONLY_HEADER: "1"}
         return self._headers
 
-    async def _open(self, request: LlmRequest) -> tuple[Replica, httpx.Response]:
+    async def _open(self, request: LlmRequest, span: tracing.Span | None = None
+                    ) -> tuple[Replica, httpx.Response]:
         """Send the request to a replica; the response's status and headers are in, the
         body is not read yet. Refusals and unreachable replicas move it to the next."""
-        body, headers = self._body(request), self._request_headers(request)
+        body = self._body(request)
+        headers = tracing.with_headers(self._request_headers(request), span)
         last_refusal: list[httpx.Response] = []
 
         async def send_to(replica: Replica) -> tuple[Replica, httpx.Response]:
@@ -142,12 +145,20 @@ class OpenAICompatLlm:
             raise LlmError(f"LLM server unreachable: {exc}", code="unavailable",
                            status=503) from exc
 
-    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
+    def stream(self, request: LlmRequest) -> AsyncIterator[LlmDelta]:
+        """The reply's deltas (an ``llm.request`` trace span around them when tracing)."""
+        return tracing.client_stream(
+            "llm.request", "llm", lambda span: self._stream(request, span),
+            {"cascade.llm.prefill_only": request.prefill_only})
+
+    async def _stream(self, request: LlmRequest, span: tracing.Span | None
+                      ) -> AsyncIterator[LlmDelta]:
         finish: str | None = None
         usage: LlmUsage | None = None
         yielded = False
         for attempt in range(2):
-            replica, resp = await self._open(request)
+            replica, resp = await self._open(request, span)
+            tracing.set_replica(span, replica.url)
             url = f"{replica.url}/chat/completions"
             try:
                 if resp.status_code != 200:

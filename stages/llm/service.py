@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stages.common import tracing
 from stages.common.load import StageLoad
 from stages.common.metrics import REQUESTS_REJECTED
 from stages.common.service import RETRY_AFTER_S, add_common_routes, error_body
@@ -292,7 +293,9 @@ def create_app(settings: LlmSettings, engine: LlmBackend | None = None) -> FastA
             stop=req.stop,
             prefill_only=req.prefill_only or _flag(request.headers.get(PREFILL_ONLY_HEADER)),
         )
-        gen = backend.stream(llm_req)
+        gen = tracing.server_stream(  # the generation in the caller's trace, when tracing
+            "llm.generate", request.headers, backend.stream(llm_req),
+            {"cascade.llm.prefill_only": llm_req.prefill_only, "cascade.llm.stream": req.stream})
         if req.stream:
             try:
                 first = await anext(gen, None)

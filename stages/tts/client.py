@@ -22,6 +22,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from stages.common import tracing
 from stages.common.metrics import REPLICA_FAILOVERS
 from stages.common.replicas import Replica, ReplicaRefused, ReplicaSet, ReplicaUnreachable
 from stages.tts.types import ChunkEvent, TtsChunk, TtsError
@@ -47,8 +48,9 @@ class TtsClientStream:
     """
 
     def __init__(self, owner: TtsClient, replica: Replica, ws: ClientConnection,
-                 path: str) -> None:
+                 path: str, span: tracing.Span | None = None) -> None:
         self._owner = owner
+        self._span = span  # the ``tts.stream`` trace span (None: tracing off)
         self._path = path
         self._ws = ws
         self._replica = replica
@@ -137,9 +139,10 @@ class TtsClientStream:
         try:
             if self.failovers >= MAX_FAILOVERS:
                 raise TtsError(f"moved {self.failovers} times already", "tts_unavailable")
-            replica, ws = await self._owner._connect(self._path)
+            replica, ws = await self._owner._connect(self._path, self._span)
         except Exception as exc:
             self._closed = True
+            tracing.end(self._span, exc)
             self._owner._streams.discard(self)
             raise TtsError(f"the TTS replica broke the stream ({reason}) and no other took "
                            f"it over: {exc}", "tts_unavailable") from exc
@@ -147,6 +150,7 @@ class TtsClientStream:
             self._replica, self._ws, self._ws_origin = replica, ws, self._voiced
             self.failovers += 1
             REPLICA_FAILOVERS.labels("tts", "moved_mid_stream").inc()
+            tracing.moved(self._span, replica.url, self.failovers)
             flush_at = self._flush_at
             if flush_at is not None and flush_at >= self._voiced:
                 cut = flush_at - self._voiced
@@ -163,6 +167,7 @@ class TtsClientStream:
         if self._closed:
             return
         self._closed = True
+        tracing.end(self._span)
         self._owner.replicas.finished(self._replica)
         try:
             await self._ws.send(json.dumps({"type": "cancel"}))
@@ -191,18 +196,24 @@ class TtsClient:
         if voice is not None:
             query["voice"] = voice
         path = f"/v1/stream?{urlencode(query)}"
-        replica, ws = await self._connect(path)
-        stream = TtsClientStream(self, replica, ws, path)
+        span = tracing.start_client("tts.stream", "tts")  # None: tracing off
+        with tracing.failing(span):
+            replica, ws = await self._connect(path, span)
+        tracing.set_replica(span, replica.url)
+        stream = TtsClientStream(self, replica, ws, path, span)
         self._streams.add(stream)
         return stream
 
-    async def _connect(self, path: str) -> tuple[Replica, ClientConnection]:
-        """A ready stream connection on the best replica that takes it."""
+    async def _connect(self, path: str, span: tracing.Span | None = None
+                       ) -> tuple[Replica, ClientConnection]:
+        """A ready stream connection on the best replica that takes it (the handshake
+        carries ``span``'s trace context)."""
 
         async def open_on(replica: Replica) -> tuple[Replica, ClientConnection]:
             try:
                 ws = await connect("ws" + replica.url.removeprefix("http") + path,
-                                   max_size=self._max_size, open_timeout=CONNECT_TIMEOUT_S)
+                                   max_size=self._max_size, open_timeout=CONNECT_TIMEOUT_S,
+                                   additional_headers=tracing.headers(span))
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in (429, 503):

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from stages.common import tracing
 from stages.common.audio import REALTIME_RATE, wav_bytes
 from stages.common.load import StageLoad
 from stages.common.metrics import REQUESTS_REJECTED
@@ -233,6 +234,7 @@ def create_app(settings: TtsSettings) -> FastAPI:
         return Response(wav_bytes(samples, REALTIME_RATE), media_type="audio/wav")
 
     @app.websocket("/v1/stream")
+    @tracing.server_session("tts.session")  # the stream in the caller's trace, when tracing
     async def ws_stream(ws: WebSocket) -> None:
         engine = holder.get("engine")
         # Not ready or full: refused in the handshake (503 + Retry-After), so a client
