@@ -78,16 +78,22 @@ ERROR_EVENTS = Counter(
 REJECTED_CONNECTIONS = Counter(
     "cascade_rejected_connections_total",
     "Realtime connections refused or cut by the server",
-    ["reason"],  # auth, capacity, not_ready, resume, slow_client, expired
+    ["reason"],  # auth, capacity, not_ready, resume, slow_client, expired, draining
 )
 INBOX_DROPPED = Counter(
     "cascade_inbox_dropped_total",
     "Client input dropped because a session's inbox was full (WebRTC calls)",
     ["kind"],  # event, audio
 )
+SESSIONS_DRAINED = Counter(
+    "cascade_sessions_drained_total",
+    "Sessions closed for a resume elsewhere because this server was shutting down",
+    ["when"],  # idle (between turns), deadline (the drain timeout ran out)
+)
 WEBRTC_CALLS = Gauge("cascade_webrtc_calls", "Live WebRTC calls in this process")
 WEBRTC_CALLS_ENDED = Counter(
     "cascade_webrtc_calls_ended_total",
     "WebRTC calls ended, by why",
-    ["reason"],  # hangup, client_left, connect_timeout, failed, shutdown, taken_over, error
+    ["reason"],  # hangup, client_left, connect_timeout, failed, shutdown, taken_over, draining,
+    # error
 )

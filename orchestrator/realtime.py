@@ -158,6 +158,7 @@ MAX_OPEN_TURNS = 8  # turns awaiting their transcript (normally one or two)
 _ITEM = TypeAdapter(ConversationItem)
 DEFAULT_MAX_TOKENS = 256
 CLOSE_TAKEN_OVER = 1008  # policy: the session belongs to a newer connection now
+CLOSE_RESTART = 1012  # service restart: resume the session on another server
 
 
 async def _ignore(_item: MessageItem | FunctionCallItem) -> None:
@@ -396,6 +397,33 @@ class RealtimeSession:
         self._closed = True
         if self._close is not None:
             self._close(CLOSE_TAKEN_OVER, "session taken over")
+
+    @property
+    def idle(self) -> bool:
+        """Nothing the user would miss if the connection ended now: no user turn being
+        spoken or finished, no reply being generated or still playing at the client."""
+        if self._closed:
+            return True
+        responder = self._responder
+        if responder is not None and (not responder.done or responder.playout.queued_ms() > 0):
+            return False
+        controller = self._controller
+        return controller is None or (not controller.busy and controller.reply_playing is None)
+
+    async def end_for_drain(self) -> None:
+        """The server is shutting down: tell the client how to go on, then close (1012).
+        The conversation is in the store; any replica resumes it."""
+        if self._closed or self._taking_over:
+            return
+        self._taking_over = True
+        await self._error("server_draining", "This server is shutting down. Reconnect (any "
+                          f"server) with session_id={self.session_id} and your resume_token "
+                          "to go on with the same conversation.", None, type="server_error")
+        if self._responder is not None and not self._responder.done:
+            await self._responder.cancel("client_cancelled")
+        self._closed = True
+        if self._close is not None:
+            self._close(CLOSE_RESTART, "server draining: resume the session")
 
     async def _dispatch(self, event: Any) -> None:
         if isinstance(event, InputAudioBufferAppendEvent):

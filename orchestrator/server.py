@@ -16,9 +16,12 @@ Design decisions:
 - Transports are adapters over the session core (``orchestrator/realtime.py``): the
   WebSocket in ``websocket.py``, WebRTC calls in ``webrtc/``. Both count against one
   session cap (``max_sessions``) and share the loaded resources.
-- Graceful shutdown: uvicorn closes open WebSockets with 1012 (service restart) before
-  the lifespan ends; the lifespan closes any connection still open the same way, then the
-  backends and the store. Session state stays in the store for a resume elsewhere.
+- Graceful shutdown (SIGTERM): the server drains first (``drain.py``: no new sessions,
+  live ones closed between turns with ``server_draining`` so their clients resume
+  elsewhere, up to ``drain_timeout_s``). Then uvicorn closes open WebSockets with 1012
+  (service restart) before the lifespan ends; the lifespan closes any connection still
+  open the same way, then the backends and the store. Session state stays in the store
+  for a resume elsewhere.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from orchestrator.backends import (
     remote_backends,
     remote_llm,
 )
+from orchestrator.drain import drain_sessions
 from orchestrator.metrics import ACTIVE_SESSIONS
 from orchestrator.outbox import Outbox
 from orchestrator.playout import MediaPort
@@ -52,6 +56,7 @@ from orchestrator.store import SessionStore, open_store
 from orchestrator.webrtc import signalling
 from orchestrator.webrtc.calls import Call, CallSession, MakeSession
 from stages.common import tracing
+from stages.common.service import Drain
 from stages.vad.model import SileroVadModel
 
 log = logging.getLogger(__name__)
@@ -147,6 +152,25 @@ class ServerState:
         self.outboxes: set[Outbox] = set()
         self.calls: dict[str, Call] = {}
         self.secrets: keys.ClientSecrets | None = None
+        self.sessions: set[RealtimeSessionLike] = set()  # live WebSocket sessions
+        self.draining = False
+        self._drainer: asyncio.Task[int] | None = None
+
+    def live_sessions(self) -> list[object]:
+        """Every live session: WebSocket connections' and WebRTC calls'."""
+        calls = [call.session for call in self.calls.values() if call.session is not None]
+        return [*self.sessions, *calls]
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new sessions, close live ones as they go idle (``drain.py``)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d sessions, up to %.0f s", self.active,
+                 self.settings.drain_timeout_s)
+        self._drainer = asyncio.get_running_loop().create_task(
+            drain_sessions(self.live_sessions, self.settings.drain_timeout_s),
+            name="drain-sessions")
 
     async def load(self) -> None:
         try:
@@ -204,7 +228,6 @@ def create_app(settings: ServeSettings | None = None, *,
     """The Realtime server. ``session_factory`` defaults to ``RealtimeSession`` and
     ``loader`` to the real backends/VAD/store; tests inject both."""
     settings = settings or ServeSettings()
-    tracing.configure("cascade-orchestrator")  # on only with an OTLP endpoint in the env
     state = ServerState(settings, session_factory, loader)
 
     @contextlib.asynccontextmanager
@@ -227,7 +250,12 @@ def create_app(settings: ServeSettings | None = None, *,
                 await state.resources.aclose()
 
     app = FastAPI(title="cascade realtime", lifespan=lifespan)
+    tracing.setup(app, "cascade-orchestrator")  # on only with an OTLP endpoint in the env
     app.state.server = state
+    # SIGTERM: sessions close as they go idle (up to drain_timeout_s), then uvicorn stops;
+    # the extra close_timeout_s lets the last ones flush their closing event.
+    app.state.drain = Drain(settings.drain_timeout_s + settings.close_timeout_s,
+                            lambda: state.active, on_start=state.begin_drain)
     if settings.cors_origins:
         # Browsers preflight an SDP POST with Authorization; the agents SDK reads the
         # call id from Location.
@@ -249,6 +277,9 @@ def create_app(settings: ServeSettings | None = None, *,
 
     @app.get("/readyz")
     async def readyz() -> Response:
+        if state.draining:
+            return JSONResponse({"status": "draining", "sessions": state.active},
+                                status_code=503)
         if state.resources is not None:
             return JSONResponse({"status": "ready", "sessions": state.active,
                                  "stages": state.resources.backends.replicas()})

@@ -125,6 +125,13 @@ class ServeSettings(BaseSettings):
     send_queue_events: int = Field(default=512, ge=1)
     # How long a closing handshake (or the final flush before it) may wait on the client.
     close_timeout_s: float = Field(default=5.0, gt=0)
+    # SIGTERM (a rolling update, a scale-down): /readyz turns 503 and new sessions are
+    # refused at once; each live session is closed at its next idle moment (no reply being
+    # generated or played, the user not speaking) with an error event ``server_draining``
+    # and close 1012, so its client resumes it elsewhere with session_id + resume_token;
+    # after this many seconds the rest are closed the same way (0: close all at once).
+    # Kubernetes' terminationGracePeriodSeconds must be longer.
+    drain_timeout_s: float = Field(default=20.0, ge=0)
 
     # --- stage deadlines (seconds; see orchestrator/policy.py, step 7) --------------------
     # Sized for the CPU default with a few concurrent sessions; a GPU deployment can cut them.

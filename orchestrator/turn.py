@@ -210,6 +210,12 @@ class TurnController:
         """Audio in the open turn (what the input buffer holds)."""
         return 0.0 if self._turn is None else self._turn.samples * 1000.0 / RATE
 
+    @property
+    def busy(self) -> bool:
+        """A user turn is being spoken, or an ended one is still being finished
+        (transcribed, judged, speculated on)."""
+        return self._in_speech or bool(self._ending) or self._speculative is not None
+
     def set_reply_playing(self, run: ReplyRun | None) -> None:
         self._reply_playing = run
 

@@ -130,6 +130,12 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
         await _refuse(ws, subprotocol, CLOSE_TRY_AGAIN, "server_not_ready",
                       f"Not ready: {detail}. Try again later.", "server_error")
         return
+    if state.draining:
+        REJECTED_CONNECTIONS.labels("draining").inc()
+        await _refuse(ws, subprotocol, CLOSE_TRY_AGAIN, "server_draining",
+                      "This server is shutting down. Connect again (another server will "
+                      "answer).", "server_error")
+        return
     if state.active >= settings.max_sessions:
         REJECTED_CONNECTIONS.labels("capacity").inc()
         await _refuse(ws, subprotocol, CLOSE_TRY_AGAIN, "session_limit_reached",
@@ -157,6 +163,7 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
             backends=resources.backends, vad=resources.vad, store=resources.store,
             settings=settings, send=outbox.send, beta=_is_beta(ws), close=outbox.close_soon,
         )
+        state.sessions.add(session)
         try:
             await session.start(resume_id=resume_id, resume_token=resume_token,
                                 configs=_grant_configs(grant))
@@ -176,6 +183,7 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
         await outbox.finish(CLOSE_INTERNAL, "internal error")
     finally:
         if session is not None:
+            state.sessions.discard(session)
             try:
                 await session.aclose()
             except Exception:

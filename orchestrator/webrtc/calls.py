@@ -38,6 +38,8 @@ from orchestrator.webrtc.media import CallMedia, OutboundAudio, pump_inbound
 
 log = logging.getLogger(__name__)
 
+CLOSE_RESTART = 1012  # the session's close code when the server drains
+
 DATA_CHANNEL = "oai-events"
 MAX_CHANNEL_BUFFERED = 512 * 1024  # bytes the data channel may hold unsent
 CHANNEL_WAIT_S = 5.0  # how long a send may wait for the channel to drain
@@ -206,8 +208,9 @@ class Call:
         self._spawn(self._watchdog(), "watchdog")
 
     def _session_close(self, code: int, reason: str) -> None:
-        """The session ends the call (taken over by a resume elsewhere)."""
-        self.close_soon("taken_over")
+        """The session ends the call: taken over by a resume elsewhere, or the server is
+        draining (1012: service restart)."""
+        self.close_soon("draining" if code == CLOSE_RESTART else "taken_over")
 
     async def _watchdog(self) -> None:
         try:

@@ -53,6 +53,7 @@ class CallHost(Protocol):
 
     settings: ServeSettings
     calls: dict[str, Call]
+    draining: bool  # shutting down: no new calls
 
     def client_secrets(self) -> ClientSecrets | None: ...
 
@@ -176,6 +177,10 @@ async def open_call(host: CallHost, request: Request) -> Response:
         if make_session is None:
             raise BadRequest(503, "server_not_ready", "The server is still loading its "
                              "models. Try again later.")
+        if host.draining:
+            metrics.REJECTED_CONNECTIONS.labels("draining").inc()
+            raise BadRequest(503, "server_draining", "This server is shutting down. "
+                             "Try again (another server will answer).")
         sdp, config = await read_offer(request)
         try:
             peer.check_offer(sdp)

@@ -62,9 +62,11 @@ class Drain:
     fails so a load balancer stops sending), the streams in progress finish, then the
     process exits — after ``timeout_s`` at the latest, when the rest are cut (and move)."""
 
-    def __init__(self, timeout_s: float, active: Callable[[], int]) -> None:
+    def __init__(self, timeout_s: float, active: Callable[[], int],
+                 on_start: Callable[[], None] | None = None) -> None:
         self.timeout_s = timeout_s
         self.active = active
+        self.on_start = on_start  # called on the event loop when the drain begins
         self.draining = False
 
 
@@ -80,7 +82,7 @@ def add_common_routes(app: FastAPI, stage: str, is_ready: Callable[[], bool],
     handlers refuse new streams while ``drain.draining``."""
     drain = Drain(drain_timeout_s, lambda: load().active)
     app.state.drain = drain
-    tracing.configure(f"cascade-{stage}")  # on only with an OTLP endpoint in the environment
+    tracing.setup(app, f"cascade-{stage}")  # on only with an OTLP endpoint in the environment
 
     def current() -> StageLoad:
         now = load()
@@ -144,6 +146,8 @@ class _DrainingServer(uvicorn.Server):
         loop.call_soon_threadsafe(self._start_drainer, sig)
 
     def _start_drainer(self, sig: int) -> None:
+        if self.drain.on_start is not None:
+            self.drain.on_start()
         self._drainer = asyncio.get_running_loop().create_task(self._drain_then_exit(sig))
 
     async def _drain_then_exit(self, sig: int) -> None:
@@ -171,7 +175,6 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     drain = drain_of(app)
     server = uvicorn.Server(config) if drain is None else _DrainingServer(config, drain)
     asyncio.run(server.serve())
-    tracing.flush()  # the spans still queued (os._exit skips the SDK's atexit flush)
     # Shut down cleanly (lifespan closed every model and connection): exit now. Left to
     # the interpreter, the exit waits on the models' idle worker threads, ~5 s inside a
     # container where PID 1 ignores the SIGTERM uvicorn re-raises, and a `docker stop`

@@ -12,7 +12,10 @@ c) the ASR replica holding the user's turn is killed mid-utterance: the turn's s
    moves to the other replica with its audio, the whole question is transcribed and
    answered, and the next turn is answered by the surviving replica alone;
 d) the orchestrator itself is killed: the client resumes the session on the other one
-   with its token, every item of the conversation is there, and the next turn is answered.
+   with its token, every item of the conversation is there, and the next turn is answered;
+e) the surviving orchestrator is stopped (SIGTERM, a rolling update) while it speaks a
+   reply: the reply finishes, then the session is handed over (``server_draining``, close
+   1012), resumes on a third orchestrator with every item, and the process exits 0.
 
 Each step prints its figures (the issue's closing note quotes them).
 """
@@ -59,7 +62,9 @@ ASR_FINALIZE_S = 3.0
 MARGIN_S = 5.0
 DEADLINES = {"CASCADE_ASR_OPEN_TIMEOUT_S": "4", "CASCADE_ASR_FINALIZE_TIMEOUT_S": "3",
              "CASCADE_LLM_FIRST_TOKEN_TIMEOUT_S": "8", "CASCADE_LLM_STALL_TIMEOUT_S": "8",
-             "CASCADE_TTS_TIMEOUT_S": "5"}
+             "CASCADE_TTS_TIMEOUT_S": "5",
+             # long enough for a story to be spoken out before the hand-over (e)
+             "CASCADE_DRAIN_TIMEOUT_S": "60"}
 SHORT = {"instructions": "You are a voice assistant. Answer in one short sentence.",
          "max_output_tokens": 40}
 MEDIUM = {"instructions": "You are a storyteller. Tell a story of at least five sentences.",
@@ -80,6 +85,7 @@ class Fleet:
     llm: StageProcess
     tts: list[StageProcess]
     serve: list[CascadeProcess]
+    serve_args: list[str]
     items: list[str] = field(default_factory=list)  # every conversation item id, in order
     session: dict[str, Any] = field(default_factory=dict)  # as session.created gave it
 
@@ -101,22 +107,26 @@ def fleet() -> Iterator[Fleet]:
             for proc in stages:
                 proc.wait_ready(180)
             asr, llm, tts = stages[:2], stages[2], stages[3:]
-            with pytest.MonkeyPatch.context() as env:  # the child copies os.environ at start
-                for var, value in DEADLINES.items():
-                    env.setenv(var, value)
-                serve = [CascadeProcess(f"serve-{n}", ["serve"], "--api-key", KEY,
-                                        "--redis-url", redis_url,
-                                        "--asr-url", ",".join(p.url for p in asr),
-                                        "--llm-url", llm.url,
-                                        "--tts-url", ",".join(p.url for p in tts))
-                         for n in ("a", "b")]
+            args = ["--api-key", KEY, "--redis-url", redis_url,
+                    "--asr-url", ",".join(p.url for p in asr), "--llm-url", llm.url,
+                    "--tts-url", ",".join(p.url for p in tts)]
+            serve = [start_serve(f"serve-{n}", args) for n in ("a", "b")]
             procs += serve
             for proc in serve:
                 proc.wait_ready(180)
-            yield Fleet(asr, llm, tts, serve)
+            fleet = Fleet(asr, llm, tts, serve, args)
+            yield fleet
+            procs += fleet.serve[2:]  # started by a test
         finally:
             for proc in procs:
                 proc.stop()
+
+
+def start_serve(name: str, args: list[str]) -> CascadeProcess:
+    with pytest.MonkeyPatch.context() as env:  # the child copies os.environ at start
+        for var, value in DEADLINES.items():
+            env.setenv(var, value)
+        return CascadeProcess(name, ["serve"], *args)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -264,5 +274,72 @@ async def test_a_killed_orchestrator_resumes_on_the_other(client: Client, fleet:
               f"{back:.2f} s after the kill; items {len(fleet.items) - len(lost)}/"
               f"{len(fleet.items)} there (lost {len(lost)})")
         assert not lost, (lost, kinds(resumed.drain()))
+        await resumed.configure(SHORT)
+        await answered_turn(resumed, TEXTS["capital"])
+
+
+async def test_a_draining_orchestrator_hands_the_session_over_between_turns(
+        fleet: Fleet) -> None:
+    sid, token = fleet.session["id"], fleet.session["cascade"]["resume_token"]
+    b = fleet.serve[1]
+    c = start_serve("serve-c", fleet.serve_args)  # the replica the rolling update brings
+    fleet.serve.append(c)
+    await asyncio.to_thread(c.wait_ready, 180)
+    async with connect(ws_url(b, session_id=sid, resume_token=token), max_size=2**24,
+                       additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        client = Client(ws, fleet.logs)
+        await client.until("session.created", limit_s=30)
+        await client.configure(MEDIUM)
+        async with speaking(client, TEXTS["story"]) as speech:
+            events = await client.until("response.output_audio.delta", limit_s=TURN_S)
+            b.proc.send_signal(signal.SIGTERM)  # mid-reply
+            stopped = time.monotonic()
+            async with httpx.AsyncClient(timeout=5.0) as http:
+                ready = await http.get(f"{b.url}/readyz")
+            assert ready.status_code == 503 and ready.json()["status"] == "draining"
+            async with connect(ws_url(b), additional_headers={
+                    "Authorization": f"Bearer {KEY}"}) as refused:  # no new sessions
+                first = json.loads(await asyncio.wait_for(refused.recv(), 10))
+            assert first["type"] == "error", first
+            assert first["error"]["code"] == "server_draining", first
+            events += await client.until("response.done", limit_s=TURN_S)
+            await asyncio.wait_for(speech, 60)
+            events += await client.until("error", limit_s=70)
+        remember(fleet, events)
+        await asyncio.sleep(1.0)  # the close follows the error event
+        closed = time.monotonic()
+        assert client.close_code == 1012, client.close_code
+    response = next(e["response"] for _, e in events if e["type"] == "response.done")
+    assert answered(response), (response["status"], response["status_details"])
+    assert of(events, "error")[-1]["error"]["code"] == "server_draining"
+    deltas = [(t, e) for t, e in events if e["type"] == "response.output_audio.delta"]
+    audio_s = sum(len(e["delta"]) * 3 // 4 // 2 for _, e in deltas) / 24000
+    handed = next(t for t, e in events if e["type"] == "error")
+    # The hand-over waited for the reply to be heard out (the client plays in real time
+    # from its first delta), not only generated.
+    assert handed >= deltas[0][0] + audio_s - 1.0, (handed - deltas[0][0], audio_s)
+    code = await asyncio.to_thread(b.proc.wait, 30)
+    exited = time.monotonic()
+    assert code == 0, b.log_tail()
+    async with connect(ws_url(c, session_id=sid, resume_token=token), max_size=2**24,
+                       additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        resumed = Client(ws, fleet.logs)
+        await resumed.until("session.created", limit_s=30)
+        back = time.monotonic()
+        lost = []
+        for item_id in fleet.items:
+            await ws.send(json.dumps({"type": "conversation.item.retrieve",
+                                      "item_id": item_id}))
+            got = (await resumed.until("conversation.item.retrieved", "error",
+                                       limit_s=10))[-1][1]
+            if got["type"] == "error":
+                lost.append(item_id)
+        print(f"\n[replicas] orchestrator drained (SIGTERM mid-reply): reply {response['status']} "
+              f"with {audio_s:.1f} s of audio; session handed over {handed - stopped:.1f} s "
+              f"after the signal ({handed - deltas[0][0] - audio_s:+.1f} s from the end of "
+              f"its audio), process exited 0 after {exited - stopped:.1f} s; resumed on a "
+              f"third orchestrator {back - closed:.2f} s after the close; items "
+              f"{len(fleet.items) - len(lost)}/{len(fleet.items)} there")
+        assert not lost, lost
         await resumed.configure(SHORT)
         await answered_turn(resumed, TEXTS["capital"])

@@ -331,6 +331,69 @@ async def test_shutdown_closes_open_sockets_with_1012() -> None:
         await asyncio.wait_for(FakeSession.instances[0].closed.wait(), 10)
 
 
+class DrainableSession(FakeSession):
+    """A fake session with the drain hooks: busy until told "idle"."""
+
+    def __init__(self, **ports: Any) -> None:
+        super().__init__(**ports)
+        self.idle = False
+        self.drained = False
+
+    async def handle(self, raw: str | bytes) -> None:
+        if raw == "idle":
+            self.idle = True
+        await super().handle(raw)
+
+    async def end_for_drain(self) -> None:
+        self.drained = True
+        await self.send(json.dumps({"type": "error", "error": {"code": "server_draining"}}))
+        assert self.close is not None
+        self.close(1012, "server draining: resume the session")
+
+
+async def test_draining_refuses_new_sessions_and_closes_live_ones_as_they_go_idle() -> None:
+    app = create_app(ServeSettings(drain_timeout_s=30), session_factory=DrainableSession,
+                     loader=fake_loader)
+    async with (serving(app) as (port, _), ws_connect(port) as quiet,
+                ws_connect(port) as talking, httpx.AsyncClient() as http):
+        await recv_json(quiet)
+        await recv_json(talking)
+        await quiet.send("idle")
+        await recv_json(quiet)
+        first, second = DrainableSession.instances
+        app.state.server.begin_drain()  # what SIGTERM does (stages.common.service.serve)
+        ready = await http.get(f"http://127.0.0.1:{port}/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        assert (await recv_json(quiet))["error"]["code"] == "server_draining"
+        assert (await closed_code(quiet))[0] == 1012
+        async with ws_connect(port) as late:  # no new session while draining
+            err = await recv_json(late)
+            assert err["error"]["code"] == "server_draining"
+            assert (await closed_code(late))[0] == 1013
+        call = await http.post(f"http://127.0.0.1:{port}/v1/realtime/calls",
+                               content=b"v=0", headers={"Content-Type": "application/sdp"})
+        assert call.status_code == 503 and call.json()["error"]["code"] == "server_draining"
+        await asyncio.sleep(0.3)
+        assert not second.drained  # mid-turn: left alone ...
+        await talking.send("idle")  # ... until it goes idle
+        await recv_json(talking)
+        assert (await recv_json(talking))["error"]["code"] == "server_draining"
+        assert (await closed_code(talking))[0] == 1012
+        assert first.drained and second.drained
+        assert len(DrainableSession.instances) == 2
+
+
+async def test_drain_deadline_closes_sessions_still_busy() -> None:
+    app = create_app(ServeSettings(drain_timeout_s=0.5), session_factory=DrainableSession,
+                     loader=fake_loader)
+    async with serving(app) as (port, _), ws_connect(port) as busy:
+        await recv_json(busy)
+        app.state.server.begin_drain()
+        assert (await recv_json(busy))["error"]["code"] == "server_draining"
+        assert (await closed_code(busy))[0] == 1012
+    assert DrainableSession.instances[0].drained and not DrainableSession.instances[0].idle
+
+
 # --- settings ---------------------------------------------------------------------------------
 
 
