@@ -7,12 +7,16 @@ on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
 headers, timeout and compression, the batch processor's queue (``OTEL_BSP_*``) and the
 rest of ``OTEL_RESOURCE_ATTRIBUTES`` are read by the SDK itself.
 
-Off: nothing of OpenTelemetry is imported, no provider is installed, and every hook below
-returns at its first line. Hooks exist per turn, per stream and per request, never per
-audio frame or token, so tracing on costs a few spans per turn.
+Off: the OpenTelemetry SDK and exporter are not even imported, no provider is installed,
+and every hook below returns at its first line. Hooks exist per turn, per stream and per
+request, never per audio frame or token, so tracing on costs a few spans per turn.
 
 On: one SDK ``TracerProvider`` with a ``BatchSpanProcessor`` (a bounded queue; spans are
 exported over OTLP/HTTP protobuf from the processor's own thread, never the event loop).
+The provider is cascade's own, not the global one: FastAPI's native telemetry traces
+every request once a global provider is set (health and metrics probes included, with
+spans per dependency), which would bury the spans below. An application that wants those
+too sets the global provider itself.
 
 Span names (dashboards and docs cite them):
 
@@ -30,10 +34,12 @@ orchestrator's trace of the turn.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -72,7 +78,6 @@ def configure(service_name: str) -> bool:
         return True
     if not wanted():
         return False
-    from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -84,11 +89,31 @@ def configure(service_name: str) -> bool:
         resource = resource.merge(Resource({SERVICE_NAME: service_name}))
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
     _provider = provider
     install(provider)
     log.info("tracing on: service.name=%s, OTLP/HTTP export",
              provider.resource.attributes.get(SERVICE_NAME))
+    return True
+
+
+def setup(app: Any, service_name: str) -> bool:
+    """``configure``, and when tracing is on, flush the queued spans as ``app`` (a
+    FastAPI/Starlette app) shuts down: after its own lifespan, while the process still
+    runs (uvicorn re-raises a SIGTERM once it has stopped, and ``serve`` ends with
+    ``os._exit``: the SDK's atexit flush would never run)."""
+    if not configure(service_name):
+        return False
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(scope_app: Any) -> AsyncIterator[Any]:
+        try:
+            async with inner(scope_app) as state:
+                yield state
+        finally:
+            await asyncio.to_thread(flush)
+
+    app.router.lifespan_context = lifespan
     return True
 
 
@@ -100,7 +125,7 @@ def install(provider: Any) -> None:
 
 
 def uninstall() -> None:
-    """Tracing off again (tests). The provider ``configure`` installed stays global."""
+    """Tracing off again (tests)."""
     global _tracer
     _tracer = None
 
@@ -114,11 +139,17 @@ def tracer() -> Tracer | None:
     return _tracer
 
 
-def flush(timeout_s: float = 2.0) -> None:
-    """Export what is queued, waiting at most ``timeout_s`` (before a process exits
-    without running its atexit handlers)."""
-    if _provider is not None:
-        _provider.force_flush(int(timeout_s * 1000))
+def flush(timeout_s: float = 3.0) -> None:
+    """Export what is queued, waiting at most ``timeout_s``: the SDK's flush waits on the
+    exporter (up to its own timeout, 10 s by default, when the collector is down), so it
+    runs in a thread of its own that a process about to exit leaves behind."""
+    provider = _provider
+    if provider is None:
+        return
+    done = threading.Thread(target=provider.force_flush, name="cascade-trace-flush",
+                            daemon=True)
+    done.start()
+    done.join(timeout_s)
 
 
 # ---------------------------------------------------------------------- spans
@@ -182,8 +213,6 @@ def end(span: Span | None, error: BaseException | None = None) -> None:
 
 
 def _fail(span: Span, error: BaseException) -> None:
-    import asyncio
-
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
         span.set_attribute("cascade.cancelled", True)
         return
