@@ -132,7 +132,10 @@ def turn_done(responder: Responder, timing: TurnTiming) -> None:
         return
     run = responder.run
     turn = _RUNS.pop(run, None)
-    if turn is None or not turn.span.is_recording():
+    if turn is None:
+        return
+    if not turn.span.is_recording():  # ended already, or sampled out (OTEL_TRACES_SAMPLER)
+        _end(turn, "replied")
         return
     offset = time.time_ns() - time.monotonic_ns()  # both clocks now: monotonic -> epoch
 
@@ -175,6 +178,11 @@ def turn_done(responder: Responder, timing: TurnTiming) -> None:
     else:
         outcome = "replied"
     _end(turn, outcome, error)
+
+
+def open_turns(owner: object) -> list[int]:
+    """The numbers of ``owner``'s turns whose trace is still open."""
+    return sorted(_TURNS.get(owner, {}))
 
 
 # ---------------------------------------------------------------------- the registry

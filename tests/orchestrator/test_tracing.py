@@ -24,6 +24,7 @@ import uvicorn
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -251,6 +252,31 @@ async def test_a_turn_without_a_reply_and_manual_turns(spans: InMemorySpanExport
     assert attrs["cascade.turn.outcome"] == "no_reply"
     assert attrs["cascade.session.id"] == c.session.session_id
     assert not children(spans, turn)  # no end of speech, no reply: no timing spans
+
+
+async def test_a_sampled_out_turn_records_nothing_and_leaves_nothing_open() -> None:
+    """OTEL_TRACES_SAMPLER (the SDK reads it) may drop a turn's trace: its stage spans
+    are not recorded either, and the session keeps no state for it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        c = Client(Backends(asr=FakeAsr(WORDS), llm=FakeLlm(REPLY, interval_s=0.001),
+                            tts=FakeTts(ms_per_char=5.0)))
+        await c.session.start()
+        await c.speak(speech_24k())
+        await c.wait_for("response.done")
+        controller = c.session._controller
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while turn_tracing.open_turns(controller):  # ended by the reply, not by the close
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        await c.session.aclose()
+    finally:
+        tracing.uninstall()
+        provider.shutdown()
+    assert exporter.get_finished_spans() == ()
 
 
 # ---------------------------------------------------------------- real stage clients
