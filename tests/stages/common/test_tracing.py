@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import importlib
 import json
 import os
 import secrets
@@ -34,6 +35,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from starlette.testclient import TestClient, WebSocketDenialResponse
 from websockets.asyncio.client import connect
 
 from orchestrator.launcher import StageProcess
@@ -197,6 +203,48 @@ def test_a_stage_service_exports_its_spans_in_the_callers_trace(
     [span] = receiver.wait_for_trace(trace_id, timeout_s=2.0)  # already flushed at exit
     assert (span.name, span.parent_span_id) == ("tts.session", parent)
     assert {s.name for s in receiver.spans} == {"tts.session"}  # health probes: no spans
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    yield exporter
+    tracing.uninstall()
+    provider.shutdown()
+
+
+@pytest.mark.parametrize("stage", ["asr", "tts"])
+@pytest.mark.parametrize("on", [False, True])
+def test_the_traced_stream_endpoints_keep_their_parameters(
+        stage: str, on: bool, spans: InMemorySpanExporter) -> None:
+    """FastAPI still reads each stream endpoint's own parameters through the decorator
+    (the ASR's query parameters too): no model loaded, the handshake is refused as the
+    handler says (503 not_ready), not by parameter validation."""
+    if not on:
+        tracing.uninstall()
+    service = importlib.import_module(f"stages.{stage}.service")
+    settings = importlib.import_module(f"stages.{stage}.settings").SETTINGS_CLASS()
+    client = TestClient(service.create_app(settings))  # no lifespan: nothing loaded
+    traceparent, trace_id, parent = new_traceparent()
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        with client.websocket_connect("/v1/stream?sample_rate=16000&language=en",
+                                      headers={"traceparent": traceparent}):
+            pass
+    assert denied.value.status_code == 503
+    assert denied.value.json()["error"]["code"] == "not_ready"
+    finished = spans.get_finished_spans()
+    if not on:
+        assert finished == ()
+        return
+    [span] = finished
+    assert span.name == f"{stage}.session"
+    assert span.kind == SpanKind.SERVER
+    assert f"{span.context.trace_id:032x}" == trace_id
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == parent
+    assert span.parent.is_remote
 
 
 # ---------------------------------------------------------------- the switch
