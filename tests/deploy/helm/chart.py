@@ -7,6 +7,7 @@ helm comes from deploy/helm/tools.sh (``~/.cache/cascade-helm/bin/helm``, or
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import shutil
@@ -20,7 +21,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
-CHART = ROOT / "deploy" / "helm" / "cascade"
+# $CASCADE_HELM_CHART: check another copy of the chart (e.g. a deliberately broken one).
+CHART = Path(os.environ.get("CASCADE_HELM_CHART", ROOT / "deploy" / "helm" / "cascade"))
 CI_DIR = CHART / "ci"
 RELEASE = "cascade"
 NAMESPACE = "voice"
@@ -33,6 +35,8 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 COMPONENT_LABEL = "app.kubernetes.io/component"
 
 Obj = dict[str, Any]
+# libyaml's parser where PyYAML has it (several times faster on these renders).
+LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def values_names() -> list[str]:
@@ -83,14 +87,20 @@ def deep_merge(base: Any, over: Any) -> Any:
     return out
 
 
+@functools.cache
+def _values_file(path: Path) -> Obj:
+    loaded = yaml.load(path.read_text(), Loader=LOADER)
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def effective_values(name: str, overrides: Mapping[str, Any] | None = None) -> Obj:
-    values: Obj = yaml.safe_load((CHART / "values.yaml").read_text()) or {}
+    values = _values_file(CHART / "values.yaml")
     path = values_path(name)
     if path is not None:
-        values = deep_merge(values, yaml.safe_load(path.read_text()) or {})
+        values = deep_merge(values, _values_file(path))
     if overrides:
         values = deep_merge(values, dict(overrides))
-    return values
+    return copy.deepcopy(values)
 
 
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -99,7 +109,8 @@ def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @functools.cache
-def _template(helm: Path, name: str, release: str, kube: str, extra: tuple[str, ...]) -> str:
+def _template(helm: Path, name: str, release: str, kube: str, extra: tuple[str, ...]
+              ) -> tuple[Obj, ...]:
     path = values_path(name)
     args = ["template", release, str(CHART), "-n", NAMESPACE, "--kube-version", kube]
     for api in API_VERSIONS:
@@ -110,7 +121,7 @@ def _template(helm: Path, name: str, release: str, kube: str, extra: tuple[str, 
     out = run_helm(helm, *args)
     if out.returncode != 0:
         raise AssertionError(f"helm template {name} failed:\n{out.stderr}")
-    return out.stdout
+    return tuple(d for d in yaml.load_all(out.stdout, Loader=LOADER) if d)
 
 
 @dataclass
@@ -166,6 +177,5 @@ def render(name: str, *, release: str = RELEASE, kube: str = KUBE_VERSION,
            ) -> Render:
     """``helm template`` of values file ``name`` (plus ``--set`` args); ``overrides``
     are only the matching effective values of those args, for the tests' expectations."""
-    text = _template(require_helm(), name, release, kube, set_args)
-    objects = [d for d in yaml.safe_load_all(text) if d]
-    return Render(name, release, effective_values(name, overrides), objects)
+    objects = _template(require_helm(), name, release, kube, set_args)
+    return Render(name, release, effective_values(name, overrides), list(objects))

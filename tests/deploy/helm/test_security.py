@@ -13,7 +13,6 @@ import yaml
 from tests.deploy.helm.chart import (
     COMPONENT_LABEL,
     Obj,
-    Render,
     containers,
     labels,
     render,
@@ -78,34 +77,62 @@ def test_no_pod_mounts_an_api_token_or_shares_host_namespaces(values: str) -> No
             assert r.values["webrtc"]["mode"] == "hostNetwork", where
 
 
-def literal_env(r: Render) -> list[tuple[str, str, str]]:
-    out = []
-    for workload, pod in r.pods():
-        for container in containers(pod):
-            for env in container.get("env") or []:
-                if "value" in env:
-                    out.append((f"{workload['metadata']['name']}/{container['name']}",
-                                env["name"], str(env["value"])))
-    return out
+REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def secret_refs_only(value: str, from_secrets: set[str]) -> tuple[str, bool]:
+    """``value`` with its $(VAR) references to Secret-backed variables taken out, and
+    whether it had any. Kubernetes expands $(VAR) from variables defined before it."""
+    used = False
+
+    def drop(match: re.Match[str]) -> str:
+        nonlocal used
+        if match.group(1) in from_secrets:
+            used = True
+            return ""
+        return match.group(0)
+
+    return REFERENCE.sub(drop, value), used
+
+
+def test_secret_reference_rule_itself() -> None:
+    assert secret_refs_only("redis://:$(PW)@redis:6379/0", {"PW"}) == ("redis://:@redis:6379/0",
+                                                                         True)
+    assert secret_refs_only("redis://:$(PW)@redis", set())[1] is False
+    assert URL_WITH_CREDENTIALS.search("redis://:hunter2@redis:6379/0")
+    assert URL_WITH_CREDENTIALS.search("https://user:pw@llm.example.com/v1")
+    assert not URL_WITH_CREDENTIALS.search("redis://:@redis:6379/0")
+    assert not URL_WITH_CREDENTIALS.search("http://cascade-asr.voice.svc:8001")
 
 
 @pytest.mark.parametrize("values", VALUES)
 def test_credentials_come_from_secrets(values: str) -> None:
+    """CASCADE_API_KEY, CASCADE_REDIS_URL, ... come from secretKeyRef (a literal may only
+    compose Secret-backed variables defined before it, as in redis://:$(REDIS_PASSWORD)@);
+    no literal value, argument or command holds a credential."""
     r = render(values)
-    for where, name, value in literal_env(r):
-        assert name not in SECRET_ENV, f"{where}: {name} is a literal, not a secretKeyRef"
-        assert not SECRET_NAME.search(name) or not value, (
-            f"{where}: {name}={value!r} looks like a credential given as a literal")
-        assert not URL_WITH_CREDENTIALS.search(value), f"{where}: {name} has credentials"
-        assert not value.startswith(("sk-", "hf_")), f"{where}: {name} holds a key"
     for workload, pod in r.pods():
         for container in containers(pod):
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            from_secrets: set[str] = set()
             for env in container.get("env") or []:
-                if env["name"] in SECRET_ENV:
-                    assert "secretKeyRef" in (env.get("valueFrom") or {}), (
-                        f"{workload['metadata']['name']}: {env['name']}: {env}")
+                name = env["name"]
+                if "secretKeyRef" in (env.get("valueFrom") or {}):
+                    from_secrets.add(name)
+                    continue
+                if "value" not in env:
+                    continue
+                value, composed = secret_refs_only(str(env["value"]), from_secrets)
+                if name in SECRET_ENV:
+                    assert composed, f"{where}: {name}={env['value']!r} is a literal, not a " \
+                        "secretKeyRef"
+                assert not SECRET_NAME.search(name) or not value or composed, (
+                    f"{where}: {name}={value!r} looks like a credential given as a literal")
+                assert not URL_WITH_CREDENTIALS.search(value), f"{where}: {name} has credentials"
+                assert not value.startswith(("sk-", "hf_")), f"{where}: {name} holds a key"
             for arg in [*(container.get("command") or []), *(container.get("args") or [])]:
-                assert not URL_WITH_CREDENTIALS.search(str(arg)), arg
+                plain, _ = secret_refs_only(str(arg), from_secrets)
+                assert not URL_WITH_CREDENTIALS.search(plain), f"{where}: argument {arg!r}"
     orchestrator = r.component("orchestrator")
     assert orchestrator is not None
     names = {e["name"] for c in containers(orchestrator["spec"]["template"])
