@@ -388,3 +388,10 @@ has it (lookup; empty under `helm template`), else the given value, else a new r
 80
 {{- end -}}
 {{- end -}}
+
+{{/* A pod template's labels: the component's podLabels under the chart's own (which
+win, so the selector always matches): (dict "root" $ "component" "asr" "extra" map). */}}
+{{- define "cascade.podLabels" -}}
+{{- $own := include "cascade.labels" (dict "root" .root "component" .component) | fromYaml -}}
+{{- toYaml (merge $own (.extra | default dict)) -}}
+{{- end -}}
