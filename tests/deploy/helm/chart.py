@@ -23,7 +23,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[3]
 # $CASCADE_HELM_CHART: check another copy of the chart (e.g. a deliberately broken one).
 CHART = Path(os.environ.get("CASCADE_HELM_CHART", ROOT / "deploy" / "helm" / "cascade"))
-CI_DIR = CHART / "ci"
 RELEASE = "cascade"
 NAMESPACE = "voice"
 # Helm's longest release name: every derived name must still fit its limit.
@@ -39,14 +38,18 @@ Obj = dict[str, Any]
 LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+class RenderError(RuntimeError):
+    """helm template failed (not an AssertionError: a check must not pass or fail on it)."""
+
+
 def values_names() -> list[str]:
     """"default" (the chart's values.yaml alone) and every ci/NAME-values.yaml."""
-    names = sorted(p.name.removesuffix("-values.yaml") for p in CI_DIR.glob("*-values.yaml"))
-    return ["default", *names]
+    files = (CHART / "ci").glob("*-values.yaml")
+    return ["default", *sorted(p.name.removesuffix("-values.yaml") for p in files)]
 
 
 def values_path(name: str) -> Path | None:
-    return None if name == "default" else CI_DIR / f"{name}-values.yaml"
+    return None if name == "default" else CHART / "ci" / f"{name}-values.yaml"
 
 
 def find_helm() -> Path | None:
@@ -109,10 +112,10 @@ def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @functools.cache
-def _template(helm: Path, name: str, release: str, kube: str, extra: tuple[str, ...]
-              ) -> tuple[Obj, ...]:
+def _template(helm: Path, chart: Path, name: str, release: str, kube: str,
+              extra: tuple[str, ...]) -> tuple[Obj, ...]:
     path = values_path(name)
-    args = ["template", release, str(CHART), "-n", NAMESPACE, "--kube-version", kube]
+    args = ["template", release, str(chart), "-n", NAMESPACE, "--kube-version", kube]
     for api in API_VERSIONS:
         args += ["--api-versions", api]
     if path is not None:
@@ -120,7 +123,7 @@ def _template(helm: Path, name: str, release: str, kube: str, extra: tuple[str, 
     args += list(extra)
     out = run_helm(helm, *args)
     if out.returncode != 0:
-        raise AssertionError(f"helm template {name} failed:\n{out.stderr}")
+        raise RenderError(f"helm template {name} failed:\n{out.stderr}")
     return tuple(d for d in yaml.load_all(out.stdout, Loader=LOADER) if d)
 
 
@@ -177,5 +180,5 @@ def render(name: str, *, release: str = RELEASE, kube: str = KUBE_VERSION,
            ) -> Render:
     """``helm template`` of values file ``name`` (plus ``--set`` args); ``overrides``
     are only the matching effective values of those args, for the tests' expectations."""
-    objects = _template(require_helm(), name, release, kube, set_args)
+    objects = _template(require_helm(), CHART, name, release, kube, set_args)
     return Render(name, release, effective_values(name, overrides), list(objects))
