@@ -184,7 +184,7 @@ class UniqueKeyLoader(_Loader):  # type: ignore[valid-type,misc]
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -256,9 +256,10 @@ def negative(helm: Path, report: Report) -> None:
     for path in sorted(BAD.glob("*.yaml")):
         wanted = expectations(path)
         row = f"bad/{path.name}"
-        for column, cmd in (
-                ("lint rejects", [helm, "lint", "--strict", CHART, "-f", path]),
-                ("template rejects", template_cmd(helm, path, "1.33.0"))):
+        runs: list[tuple[str, list[str]]] = [
+            ("lint rejects", [str(helm), "lint", "--strict", str(CHART), "-f", str(path)]),
+            ("template rejects", template_cmd(helm, path, "1.33.0"))]
+        for column, cmd in runs:
             out = run(cmd)
             text = out.stdout + out.stderr
             missing = [w.pattern for w in wanted if not w.search(text)]
