@@ -147,8 +147,9 @@ def test_planted_secrets_appear_only_in_secrets() -> None:
     set_args: list[str] = []
     for key, value in PLANTED.items():
         set_args += ["--set", f"{key}={value}"]
-    r = render("default", set_args=(*set_args, "--set", "llm.mode=external", "--set",
-                                    "llm.external.url=https://llm.example.com/v1"))
+    r = render("default", set_args=(
+        *set_args, "--set", "llm.mode=external", "--set",
+        "llm.external.url=https://llm.example.com/v1", "--set", "llm.external.model=assistant"))
     secrets_text = ""
     for obj in r.objects:
         if obj["kind"] == "Secret":
