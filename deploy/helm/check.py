@@ -17,6 +17,7 @@ For the default values and each ``ci/*-values.yaml`` of the chart:
    framework), failures compared with the reviewed skip list in checkov-skips.yaml: a
    failure not on the list fails, and so does a skip that no longer matches anything.
 
+Also yamllint over the chart's values files and shellcheck over deploy/helm/*.sh.
 Prints a table (values file x check) and exits 1 on any failure. Runs in the tools venv
 of tools.sh (kubernetes-validate, yamllint and PyYAML there); helm and checkov from
 $CASCADE_HELM_BIN.
@@ -165,6 +166,13 @@ def lint_values(report: Report) -> None:
                     "yamllint", not problems,
                     "; ".join(f"{path.name}:{p.line}:{p.column} {p.message} ({p.rule})"
                               for p in problems))
+
+
+def shellcheck(bin_dir: Path, report: Report) -> None:
+    for script in sorted((ROOT / "deploy" / "helm").glob("*.sh")):
+        out = run([bin_dir / "shellcheck", "-x", script], cwd=ROOT)
+        report.cell("scripts", f"deploy/helm/{script.name}", "shellcheck", out.returncode == 0,
+                    out.stdout.strip())
 
 
 def helm_lint(helm: Path, report: Report) -> None:
@@ -368,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         steps: list[tuple[str, Any]] = [
             ("yamllint", lambda: lint_values(report)),
+            ("shellcheck", lambda: shellcheck(bin_dir, report)),
             ("helm lint", lambda: helm_lint(helm, report)),
             ("render + validate", lambda: render_matrix(helm, report, out_dir)),
             ("bad values", lambda: negative(helm, report)),

