@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.deploy.helm import chart
 from tests.deploy.helm.chart import (
     COMPONENT_LABEL,
     Obj,
@@ -126,6 +127,37 @@ def check_keda_triggers(component: str, scaling: dict[str, Any], spec: Obj) -> N
         assert md["serverAddress"].startswith("http"), md
         assert metric["series"] in md["query"], (metric["series"], md["query"])
         assert float(md["threshold"]) == float(metric["averageValue"]), md
+
+
+def generated_pod_name(deployment: str) -> str:
+    """A pod name as Kubernetes makes it for a Deployment: ReplicaSet NAME-HASH (a
+    pod-template-hash of up to 10 safe characters), then the pod by generateName, whose base
+    is cut to 58 characters before the 5 random ones."""
+    base = f"{deployment}-7c9f5b8d6b-"[:58]
+    return base + "x7k2p"
+
+
+@pytest.mark.parametrize("release", [chart.RELEASE, chart.LONG_RELEASE],
+                         ids=["release", "long-release"])
+@pytest.mark.parametrize("values", VALUES)
+def test_keda_queries_select_the_target_pods(values: str, release: str) -> None:
+    """A prometheus trigger's query names its pods by a regex: it must match the names
+    Kubernetes gives the target's pods (also with Helm's longest release name, where pod
+    names are cut), and this namespace, or KEDA scales on nothing."""
+    r = render(values, release=release, set_args=("--set", "autoscaling.keda.enabled=true"))
+    for so in r.of("ScaledObject"):
+        target = so["spec"]["scaleTargetRef"]["name"]
+        pod = generated_pod_name(target)
+        for trigger in so["spec"]["triggers"]:
+            if trigger["type"] != "prometheus":
+                continue
+            query = trigger["metadata"]["query"]
+            for regex in re.findall(r'pod=~"((?:[^"\\]|\\.)*)"', query):
+                assert re.fullmatch(regex.replace("\\\\", "\\"), pod), (
+                    f"{so['metadata']['name']}: pod=~{regex!r} does not match {pod!r}, a name "
+                    "Kubernetes gives the target's pods")
+            namespaces = re.findall(r'namespace="([^"]*)"', query)
+            assert namespaces in ([], [chart.NAMESPACE]), (query, namespaces)
 
 
 def prestop_seconds(container: Obj) -> int:

@@ -331,3 +331,92 @@ def test_referenced_configmaps_secrets_and_claims_exist(values: str) -> None:
         account = pod["spec"].get("serviceAccountName")
         if account and r.values["serviceAccount"]["create"]:
             assert r.get("ServiceAccount", account) is not None, f"{where}: {account}"
+
+
+PORT_ENV = {"orchestrator": ("CASCADE_HOST", "CASCADE_PORT"), "asr": ("CASCADE_ASR_HOST",
+            "CASCADE_ASR_PORT"), "tts": ("CASCADE_TTS_HOST", "CASCADE_TTS_PORT"),
+            "llm": ("CASCADE_LLM_HOST", "CASCADE_LLM_PORT")}
+
+
+def flag(args: list[str], name: str) -> str | None:
+    """The value of ``--name V`` or ``--name=V`` in a server's arguments."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return str(args[i + 1])
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_servers_listen_where_the_pod_says(values: str) -> None:
+    """Each server is told to listen on all interfaces on its declared container port (an
+    image default that differs would leave the Service and the probes knocking on a
+    closed port), and the orchestrator asks the LLM for the model name it serves."""
+    r = render(values)
+    for component, (host_var, port_var) in PORT_ENV.items():
+        workload = r.component(component)
+        if workload is None:
+            continue
+        main = containers(workload["spec"]["template"], init=False)[0]
+        port = int(main["ports"][0]["containerPort"])
+        env = {e["name"]: e.get("value") for e in main.get("env") or []}
+        args = [str(a) for a in main.get("args") or []]
+        if "cascade-" in main["image"]:
+            assert env.get(port_var) == str(port), (component, port_var, env.get(port_var), port)
+            assert env.get(host_var) == "0.0.0.0", (component, host_var, env.get(host_var))
+        else:  # vLLM's server takes flags
+            assert flag(args, "--port") == str(port), (component, args)
+            assert flag(args, "--host") == "0.0.0.0", (component, args)
+    orchestrator_env = env_map(orchestrator_container(r))
+    model = (orchestrator_env.get("CASCADE_LLM_MODEL") or {}).get("value")
+    llm = r.component("llm")
+    if llm is not None:
+        main = containers(llm["spec"]["template"], init=False)[0]
+        env = {e["name"]: e.get("value") for e in main.get("env") or []}
+        served = (env.get("CASCADE_LLM_SERVED_MODEL_NAME") if "cascade-" in main["image"]
+                  else flag([str(a) for a in main.get("args") or []], "--served-model-name"))
+        assert served and model == served, f"orchestrator asks for {model!r}, LLM serves {served!r}"
+    elif r.values["llm"]["mode"] == "external":
+        assert model == r.values["llm"]["external"]["model"], model
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_spread_and_affinity_selectors_select_their_own_pods(values: str) -> None:
+    """A topology spread constraint or (anti-)affinity term whose labelSelector misses the
+    pod's own labels spreads nothing."""
+    r = render(values)
+    for workload, pod in r.pods():
+        own = labels(pod)
+        component = own.get(COMPONENT_LABEL)
+        for constraint in pod["spec"].get("topologySpreadConstraints") or []:
+            assert matches(constraint["labelSelector"], own), (workload["metadata"]["name"],
+                                                               constraint)
+            for key in constraint.get("matchLabelKeys") or []:
+                assert key in own or (key == "pod-template-hash"
+                                      and workload["kind"] == "Deployment"), (component, key)
+        affinity = pod["spec"].get("affinity") or {}
+        for kind in ("podAntiAffinity",):
+            rules = affinity.get(kind) or {}
+            terms = list(rules.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+            terms += [t["podAffinityTerm"] for t in
+                      rules.get("preferredDuringSchedulingIgnoredDuringExecution") or []]
+            for term in terms:
+                assert matches(term["labelSelector"], own), (component, term)
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_ingress_backends_exist(values: str) -> None:
+    r = render(values, set_args=("--set", "orchestrator.ingress.enabled=true"))
+    ingresses = r.of("Ingress")
+    assert ingresses, "orchestrator.ingress.enabled renders no Ingress"
+    for ingress in ingresses:
+        for rule in ingress["spec"].get("rules") or []:
+            for path in (rule.get("http") or {}).get("paths") or []:
+                backend = path["backend"]["service"]
+                service = r.get("Service", backend["name"])
+                assert service is not None, backend
+                port = backend["port"]
+                ports = service["spec"]["ports"]
+                assert any(p.get("name") == port.get("name") if "name" in port
+                           else p["port"] == port.get("number") for p in ports), (backend, ports)
