@@ -368,10 +368,14 @@ has it (lookup; empty under `helm template`), else the given value, else a new r
 {{- end -}}
 {{- end -}}
 
-{{/* A component's pods as a Prometheus label matcher (Deployment pods are named
-<deployment>-<replicaset hash>-<pod hash>): (dict "root" $ "component" "asr"). */}}
+{{/* A component's pods as a Prometheus label matcher: (dict "root" $ "component" "asr").
+Deployment pods are named <deployment>-<replicaset hash>-<pod hash>, except that
+Kubernetes cuts the generated part's base to 58 characters, so a long Deployment name
+keeps only its first 57 characters (+ "-") in its pods' names: match that prefix. No
+component's name is another's followed by "-", so the prefix selects one component. */}}
 {{- define "cascade.promPodMatcher" -}}
-{{- printf "namespace=%q,pod=~%q" .root.Release.Namespace (printf "%s-[a-z0-9]+-[a-z0-9]+" (include "cascade.componentName" (dict "root" .root "component" .component))) -}}
+{{- $prefix := printf "%s-" (include "cascade.componentName" (dict "root" .root "component" .component)) | trunc 58 -}}
+{{- printf "namespace=%q,pod=~%q" .root.Release.Namespace (printf "%s[a-z0-9-]+" $prefix) -}}
 {{- end -}}
 
 {{/* The TCP port of a URL: its explicit port, else the scheme's default
