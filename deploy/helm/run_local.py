@@ -15,9 +15,10 @@ gives none, from its Dockerfile — with only these changes, each one logged in 
 
 Redis and the stages start first, one by one, each waited for through its rendered
 readiness probe (HTTP GET, or the exec command run with the container's environment);
-then the orchestrator. Then one real Realtime exchange through the orchestrator
-(realtime_check.py: session.created, a text turn answered with audio, a wrong key
-refused), then SIGTERM to each (orchestrator first): it must exit 0 within
+then the orchestrator. Each runs as PID 1 of a PID namespace of its own (unshare), as in
+its container, so SIGTERM is handled as there. Then one real Realtime exchange through the
+orchestrator (realtime_check.py: session.created, a text turn answered with audio, a wrong
+key refused), then SIGTERM to each (orchestrator first): it must exit 0 within
 terminationGracePeriodSeconds minus its preStop sleep. Every process is killed by PID when
 the run ends. Writes a JSON report; exits 0 when everything held.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +46,7 @@ import rendered
 from rendered import Spec
 
 IMAGE_PATHS = ("/opt/", "/app/")
+CREDENTIALS = re.compile(r"//[^/@\s]*@")  # user:password@ of a URL, never logged
 ORDER = {"redis": 0, "asr": 1, "tts": 1, "llm": 1, "orchestrator": 2}
 
 
@@ -55,6 +58,8 @@ class Running:
     log: Path
     changes: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    # The server's own PID (PID 1 of its PID namespace when started under unshare).
+    server_pid: int | None = None
     ready_s: float | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -90,9 +95,10 @@ def prepare(spec: Spec, names: list[str], work: Path, venv_bin: Path,
         for path, local in sorted(mounts.items(), key=lambda m: len(m[0]), reverse=True):
             if new == path or new.startswith(path + "/"):
                 new = str(local) + new[len(path):]
+                break  # the longest mount that holds it, once
         if new != value:
             shown = rendered.redact(f"{value} -> {new}", spec)
-            changes.append(f"{what}: {shown}")
+            changes.append(f"{what}: {CREDENTIALS.sub('//***@', shown)}")
         return new
 
     env = {"PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -137,10 +143,35 @@ def probe_once(run: Running, probe: rendered.Probe) -> bool:
         return False
 
 
-def start(run: Running, hang_guard_s: float) -> None:
+def child_of(pid: int, limit_s: float = 10.0) -> int | None:
+    """The (first) child process of ``pid``, once it exists."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                return int(entry.name)
+        time.sleep(0.05)
+    return None
+
+
+def start(run: Running, hang_guard_s: float, pid1: bool) -> None:
+    """Start the container's process. With ``pid1`` it runs as PID 1 of a PID namespace of
+    its own, as in a container: a signal it has no handler for is ignored there (uvicorn
+    re-raises SIGTERM after its graceful shutdown; as PID 1 the server then exits 0)."""
+    argv = ["unshare", "--pid", "--fork", "--kill-child", "--", *run.argv] if pid1 else run.argv
     with open(run.log, "wb") as log:
-        run.proc = subprocess.Popen(run.argv, env=run.env, cwd=run.env["HOME"], stdout=log,
+        run.proc = subprocess.Popen(argv, env=run.env, cwd=run.env["HOME"], stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+    run.server_pid = child_of(run.proc.pid) if pid1 else run.proc.pid
+    if run.server_pid is None:
+        raise RuntimeError(f"{run.spec.component}: no process under unshare")
     began = time.monotonic()
     probe = run.spec.readiness
     if probe is None:
@@ -161,10 +192,10 @@ def start(run: Running, hang_guard_s: float) -> None:
 
 def stop(run: Running) -> None:
     proc = run.proc
-    assert proc is not None
+    assert proc is not None and run.server_pid is not None
     allowed = run.spec.grace_s - run.spec.prestop_s
     began = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    os.kill(run.server_pid, signal.SIGTERM)  # what the kubelet's runtime does after preStop
     try:
         code: int | None = proc.wait(timeout=allowed)
     except subprocess.TimeoutExpired:
@@ -184,7 +215,7 @@ def readyz(port: int) -> Any:
 
 
 def run_all(render: Path, namespace: str, report: dict[str, Any], work: Path,
-            hang_guard_s: float) -> bool:
+            hang_guard_s: float, pid1: bool) -> bool:
     objects = rendered.load(render.read_text())
     specs = sorted(rendered.specs(objects, namespace),
                    key=lambda s: ORDER.get(s.component, 1))
@@ -193,6 +224,7 @@ def run_all(render: Path, namespace: str, report: dict[str, Any], work: Path,
     image_paths: list[str] = []
     runs = [prepare(spec, names, work, venv_bin, image_paths) for spec in specs]
     report["image_paths"] = image_paths
+    report["pid1"] = pid1
     report["components"] = {}
     for run in runs:
         report["components"][run.spec.component] = run.result
@@ -205,7 +237,7 @@ def run_all(render: Path, namespace: str, report: dict[str, Any], work: Path,
     try:
         for run in runs:
             started.append(run)
-            start(run, hang_guard_s)
+            start(run, hang_guard_s, pid1)
             run.result["ready_s"] = run.ready_s
         orchestrator = next(r for r in runs if r.spec.component == "orchestrator")
         port = orchestrator.spec.readiness.port if orchestrator.spec.readiness else 8000
@@ -240,11 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--hang-guard-s", type=float, default=240.0,
                         help="longest wait for one readiness (the probes may allow more)")
+    parser.add_argument("--no-pid1", action="store_true",
+                        help="do not run each server as PID 1 of its own PID namespace")
     args = parser.parse_args(argv)
+    pid1 = not args.no_pid1 and os.geteuid() == 0 and shutil.which("unshare") is not None
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cascade-rendered-") as work:
         try:
-            ok = run_all(args.render, args.namespace, report, Path(work), args.hang_guard_s)
+            ok = run_all(args.render, args.namespace, report, Path(work), args.hang_guard_s,
+                         pid1)
         except rendered.RenderProblem as problem:
             report["error"] = f"the render cannot run: {problem}"
             ok = False

@@ -112,6 +112,7 @@ def test_rendered_cpu_only_release_runs(tmp_path: Path) -> None:
     assert "error" not in report, f"{report['error']}\n{logs}"
     components = report["components"]
     assert set(components) == COMPONENTS
+    assert report["pid1"], "each server must run as PID 1, as in its container"
     print(f"\n{'component':<13} {'ready_s':>7}  {'readiness':<28} {'stop':<22} changes")
     for name, result in components.items():
         print(f"{name:<13} {result['ready_s']:>7}  {result['readiness']:<28} "
