@@ -185,7 +185,7 @@ def helm_lint(helm: Path, report: Report) -> None:
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class UniqueKeyLoader(_Loader):  # type: ignore[valid-type,misc]
+class UniqueKeyLoader(_Loader):  # type: ignore[valid-type,misc,unused-ignore]
     """A YAML loader that refuses a mapping with a key twice (yamllint's key-duplicates
     rule, at libyaml's speed): PyYAML and the API server keep the last one silently."""
 
