@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import uvicorn
@@ -125,7 +126,21 @@ def add_common_routes(app: FastAPI, stage: str, is_ready: Callable[[], bool],
     return drain
 
 
-class _DrainingServer(uvicorn.Server):
+class _Server(uvicorn.Server):
+    """uvicorn, except that a signal that ended a graceful shutdown is not raised again
+    afterwards (uvicorn re-raises it, so the process died "killed by SIGTERM" after
+    closing everything cleanly): ``serve`` then exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()  # read by uvicorn's re-raise loop
+
+
+class _DrainingServer(_Server):
     """uvicorn, except that the first SIGTERM/SIGINT drains (``Drain``) before the usual
     shutdown; a second one exits at once. uvicorn alone would cut every WebSocket with
     1012 at the first signal."""
@@ -173,7 +188,7 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
         lifespan="on",
     )
     drain = drain_of(app)
-    server = uvicorn.Server(config) if drain is None else _DrainingServer(config, drain)
+    server = _Server(config) if drain is None else _DrainingServer(config, drain)
     asyncio.run(server.serve())
     # Shut down cleanly (lifespan closed every model and connection): exit now. Left to
     # the interpreter, the exit waits on the models' idle worker threads, ~5 s inside a
