@@ -104,16 +104,16 @@ def fleet() -> Iterator[Fleet]:
                   StageProcess("tts"), StageProcess("tts")]
         procs: list[CascadeProcess] = list(stages)
         try:
-            for proc in stages:
-                proc.wait_ready(180)
+            for stage in stages:
+                stage.wait_ready(180)
             asr, llm, tts = stages[:2], stages[2], stages[3:]
             args = ["--api-key", KEY, "--redis-url", redis_url,
                     "--asr-url", ",".join(p.url for p in asr), "--llm-url", llm.url,
                     "--tts-url", ",".join(p.url for p in tts)]
             serve = [start_serve(f"serve-{n}", args) for n in ("a", "b")]
             procs += serve
-            for proc in serve:
-                proc.wait_ready(180)
+            for orchestrator in serve:
+                orchestrator.wait_ready(180)
             fleet = Fleet(asr, llm, tts, serve, args)
             yield fleet
             procs += fleet.serve[2:]  # started by a test
@@ -158,6 +158,18 @@ def streams_sent(metrics: str, stage: str) -> dict[str, float]:
         if labels.get("stage") == stage:
             out[labels["replica"]] = float(m[2])
     return out
+
+
+async def missing_items(client: Client, items: list[str]) -> list[str]:
+    """The item ids the (resumed) session cannot retrieve."""
+    lost = []
+    for item_id in items:
+        await client.ws.send(json.dumps({"type": "conversation.item.retrieve",
+                                         "item_id": item_id}))
+        got = (await client.until("conversation.item.retrieved", "error", limit_s=10))[-1][1]
+        if got["type"] == "error":
+            lost.append(item_id)
+    return lost
 
 
 async def busy_replica(procs: list[StageProcess], limit_s: float = 10.0) -> StageProcess:
@@ -262,14 +274,7 @@ async def test_a_killed_orchestrator_resumes_on_the_other(client: Client, fleet:
         created = (await resumed.until("session.created", limit_s=30))[-1][1]["session"]
         back = time.monotonic() - killed
         assert created["id"] == sid
-        lost = []
-        for item_id in fleet.items:
-            await ws.send(json.dumps({"type": "conversation.item.retrieve",
-                                      "item_id": item_id}))
-            got = (await resumed.until("conversation.item.retrieved", "error",
-                                       limit_s=10))[-1][1]
-            if got["type"] == "error":
-                lost.append(item_id)
+        lost = await missing_items(resumed, fleet.items)
         print(f"\n[replicas] orchestrator killed: session resumed on the other one "
               f"{back:.2f} s after the kill; items {len(fleet.items) - len(lost)}/"
               f"{len(fleet.items)} there (lost {len(lost)})")
@@ -326,14 +331,7 @@ async def test_a_draining_orchestrator_hands_the_session_over_between_turns(
         resumed = Client(ws, fleet.logs)
         await resumed.until("session.created", limit_s=30)
         back = time.monotonic()
-        lost = []
-        for item_id in fleet.items:
-            await ws.send(json.dumps({"type": "conversation.item.retrieve",
-                                      "item_id": item_id}))
-            got = (await resumed.until("conversation.item.retrieved", "error",
-                                       limit_s=10))[-1][1]
-            if got["type"] == "error":
-                lost.append(item_id)
+        lost = await missing_items(resumed, fleet.items)
         print(f"\n[replicas] orchestrator drained (SIGTERM mid-reply): reply {response['status']} "
               f"with {audio_s:.1f} s of audio; session handed over {handed - stopped:.1f} s "
               f"after the signal ({handed - deltas[0][0] - audio_s:+.1f} s from the end of "

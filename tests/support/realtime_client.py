@@ -61,8 +61,8 @@ class Client:
             out.append(got)
         return out
 
-    async def until(self, *kinds: str, limit_s: float) -> list[Stamped]:
-        """Every event up to and including the first of one of ``kinds``."""
+    async def until(self, *types: str, limit_s: float) -> list[Stamped]:
+        """Every event up to and including the first of one of ``types``."""
         seen: list[Stamped] = []
 
         async def read() -> None:
@@ -71,15 +71,15 @@ class Client:
                 if got is None:
                     self._inbox.put_nowait(None)
                     raise AssertionError(f"connection closed ({self.close_code}) while "
-                                         f"waiting for {kinds}; saw {kinds(seen)}")
+                                         f"waiting for {types}; saw {kinds(seen)}")
                 seen.append(got)
-                if got[1]["type"] in kinds:
+                if got[1]["type"] in types:
                     return
 
         try:
             await asyncio.wait_for(read(), limit_s)
         except TimeoutError:
-            raise AssertionError(f"no {kinds} within {limit_s:g} s; saw {kinds(seen)}\n"
+            raise AssertionError(f"no {types} within {limit_s:g} s; saw {kinds(seen)}\n"
                                  f"{self._logs()}") from None
         return seen
 
