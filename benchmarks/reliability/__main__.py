@@ -9,7 +9,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import cast
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for part in parts:
         module = importlib.import_module(PARTS[part])
-        run = cast(Callable[[bool], Awaitable[list[Row]]], module.run)
+        run = cast(Callable[[bool], Coroutine[None, None, list[Row]]], module.run)
         started = time.time()
         rows = asyncio.run(run(args.quick))
         for row in rows:
