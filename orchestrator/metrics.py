@@ -97,3 +97,19 @@ WEBRTC_CALLS_ENDED = Counter(
     ["reason"],  # hangup, client_left, connect_timeout, failed, shutdown, taken_over, draining,
     # error
 )
+
+# Event-loop health (orchestrator/loop_lag.py). Lag: how late a timer that should fire every
+# interval actually fires, i.e. how long the loop was busy with other work (a hot loop
+# delays every session's frames and audio by that much).
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+                0.25, 0.5, 1.0, 2.5)
+EVENT_LOOP_LAG = Histogram(
+    "cascade_event_loop_lag_seconds",
+    "Delay of the event loop's periodic lag probe beyond its interval",
+    buckets=_LAG_BUCKETS,
+)
+EVENT_LOOP_LAG_MAX = Gauge(
+    "cascade_event_loop_lag_max_seconds", "Largest event-loop lag in the last second")
+ASYNCIO_TASKS = Gauge("cascade_asyncio_tasks", "asyncio tasks alive in the server's loop")
+OPEN_SOCKETS = Gauge(
+    "cascade_open_sockets", "File descriptors of this process that are sockets (Linux)")

@@ -47,6 +47,7 @@ from orchestrator.backends import (
     remote_llm,
 )
 from orchestrator.drain import drain_sessions
+from orchestrator.loop_lag import LoopLagMonitor
 from orchestrator.metrics import ACTIVE_SESSIONS
 from orchestrator.outbox import Outbox
 from orchestrator.playout import MediaPort
@@ -233,9 +234,12 @@ def create_app(settings: ServeSettings | None = None, *,
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(state.load(), name="load-resources")
+        lag = LoopLagMonitor()  # event-loop lag and leak-counting gauges (/metrics)
+        lag.start()
         try:
             yield
         finally:
+            await lag.stop()
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             for outbox in list(state.outboxes):
