@@ -16,6 +16,14 @@ Why it is built this way:
 - ``expires_at`` (epoch seconds, what the client is told) is checked against the clock on
   every lookup as well, so a key is refused from that second on even where the store's
   own expiry is lazy or a replica's clock runs ahead of Redis.
+- The record names the tenant (the API key's name, ``limits.py``) that minted it: sessions
+  opened with the ek_ key count against that tenant's limits and belong to it (a resume
+  needs the same tenant), and a key minted by a tenant no longer configured is refused.
+- Scope: the minted config is where every session made with the key *starts*; the client
+  may still change it with ``session.update`` as with OpenAI (the key grants a session,
+  not a fixed configuration). What an ek_ key can never do: mint more keys, open the
+  sideband of a WebRTC call, exceed its tenant's limits, or outlive its expiry for a new
+  connection.
 - The stored session config is the client's *update* (only the fields it set, validated
   and normalized to the GA shape), so a later ``apply_update`` on a new session gives
   exactly the effective session the mint answered with.
@@ -38,6 +46,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.auth import EPHEMERAL_PREFIX, authorize, presented_keys
+from orchestrator.limits import DEFAULT_TENANT
 from orchestrator.protocol.base import WireModel, wire_context
 from orchestrator.protocol.errors import from_validation_error
 from orchestrator.protocol.session import Session, SessionConfig, apply_update
@@ -66,6 +75,8 @@ class ClientSecret(BaseModel):
     expires_at: int  # epoch seconds
     # The session config it was minted with (a session.update body, JSON), or None.
     session: dict[str, Any] | None = None
+    # The name of the API key that minted it (its sessions count against that key).
+    tenant: str = DEFAULT_TENANT
 
     def session_config(self) -> SessionConfig | None:
         return None if self.session is None else SessionConfig.model_validate(self.session)
@@ -112,8 +123,10 @@ class ClientSecrets:
         self._clock = clock  # wall clock, epoch seconds: expires_at is shown to clients
 
     async def mint(self, *, seconds: int = DEFAULT_SECONDS,
-                   session: Mapping[str, Any] | SessionConfig | None = None) -> ClientSecret:
-        """A new key valid for ``seconds`` (10..7200) from now, carrying ``session``.
+                   session: Mapping[str, Any] | SessionConfig | None = None,
+                   tenant: str = DEFAULT_TENANT) -> ClientSecret:
+        """A new key valid for ``seconds`` (10..7200) from now, carrying ``session``, on
+        behalf of ``tenant``.
 
         ``ValueError`` for a bad ``seconds`` or an invalid session config; a store failure
         raises its ``StoreError`` (``StoreLimitError`` when too many keys are live)."""
@@ -122,9 +135,10 @@ class ClientSecrets:
         value = EPHEMERAL_PREFIX + _random.token_urlsafe(32)
         now = self._clock()
         expires_at = math.floor(now) + seconds  # whole seconds, as clients are told
-        record = {"expires_at": expires_at, "created_at": math.floor(now), "session": config}
+        record = {"expires_at": expires_at, "created_at": math.floor(now), "session": config,
+                  "tenant": tenant}
         await self._store.put_client_secret(secret_id(value), record, expires_at - now)
-        return ClientSecret(value=value, expires_at=expires_at, session=config)
+        return ClientSecret(value=value, expires_at=expires_at, session=config, tenant=tenant)
 
     async def lookup(self, value: str) -> ClientSecret | None:
         """The key's secret if it is one we minted and has not expired; else None."""
@@ -135,12 +149,14 @@ class ClientSecrets:
             return None
         expires_at = record.get("expires_at")
         session = record.get("session")
-        if not isinstance(expires_at, int) or not (session is None or isinstance(session, dict)):
+        tenant = record.get("tenant", DEFAULT_TENANT)  # records minted before tenants
+        if not isinstance(expires_at, int) or not isinstance(tenant, str) \
+                or not (session is None or isinstance(session, dict)):
             log.warning("ignoring a malformed client secret record")
             return None
         if self._clock() >= expires_at:
             return None
-        return ClientSecret(value=value, expires_at=expires_at, session=session)
+        return ClientSecret(value=value, expires_at=expires_at, session=session, tenant=tenant)
 
 
 # --- POST /v1/realtime/client_secrets ------------------------------------------------------
@@ -206,9 +222,10 @@ def secrets_router(settings: ServeSettings,
 
     @router.post(CLIENT_SECRETS_PATH)
     async def create_client_secret(request: Request) -> JSONResponse:
-        if settings.api_key:
+        tenant = DEFAULT_TENANT
+        if settings.auth_required:
             keys = presented_keys(request.headers)
-            grant = await authorize(keys, api_key=settings.api_key, secrets=None,
+            grant = await authorize(keys, api_key=settings.key_ring(), secrets=None,
                                     allow_ephemeral=False)
             if grant is None:
                 if any(k.startswith(EPHEMERAL_PREFIX) for k in keys):
@@ -217,6 +234,7 @@ def secrets_router(settings: ServeSettings,
                 else:
                     message = "Missing or incorrect API key: send 'Authorization: Bearer <key>'."
                 return error_response(401, "invalid_api_key", message)
+            tenant = grant.tenant
         store = secrets()
         if store is None:
             return error_response(503, "server_not_ready",
@@ -241,7 +259,7 @@ def secrets_router(settings: ServeSettings,
             return error_response(400, err.code, err.message, param=err.param)
         seconds = req.expires_after.seconds if req.expires_after else DEFAULT_SECONDS
         try:
-            secret = await store.mint(seconds=seconds, session=req.session)
+            secret = await store.mint(seconds=seconds, session=req.session, tenant=tenant)
         except StoreLimitError as exc:
             return error_response(429, exc.code, f"Cannot create a client secret now: {exc}",
                                   type="server_error")
@@ -250,7 +268,7 @@ def secrets_router(settings: ServeSettings,
             return error_response(503, exc.code, "The key store is unavailable. "
                                   "Try again later.", type="server_error")
         effective = session_from_config(req.session, _server_default(settings))
-        log.info("minted a client secret expiring at %d", secret.expires_at)
+        log.info("minted a client secret for %s expiring at %d", tenant, secret.expires_at)
         return JSONResponse(
             {"value": secret.value, "expires_at": secret.expires_at,
              "session": effective.model_dump(mode="json", context=wire_context("ga"))},

@@ -34,6 +34,7 @@ from pydantic import TypeAdapter, ValidationError
 from orchestrator import audio_codecs, metrics, tracing
 from orchestrator.backends import Backends
 from orchestrator.context import ContextOverflow, estimate_tools_tokens, fit_messages
+from orchestrator.limits import TENANT_FIELD, check_resume_owner
 from orchestrator.playout import AudioOut, MediaPort
 from orchestrator.policy import SEMANTIC_EAGERNESS, OverlapPolicy
 from orchestrator.protocol import (
@@ -207,6 +208,9 @@ class RealtimeSession:
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
         self._lease: LeaseKeeper | None = None
         self._writes: WriteBehind | None = None  # item writes, in order, off the turn's path
+        # The API key's name (limits.py) that owns the session, stored with its config; the
+        # transport sets it before start (None: not recorded, as in tests).
+        self.tenant: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, *, resume_id: str | None = None,
@@ -218,10 +222,14 @@ class RealtimeSession:
         # The connection holds the session's lease while it lives; a reconnect with the
         # token takes it over (the old connection may be dead without having released it).
         if resume_id:
+            if self.tenant is not None:  # another key's session: refused as a wrong token
+                await check_resume_owner(self._store, resume_id, self.tenant)
             snapshot = await self._store.resume(resume_id, resume_token or "",
                                                 owner=self._owner, takeover=True)
             self.session_id = resume_id
-            self.session = Session.model_validate(snapshot.config)
+            stored = dict(snapshot.config)
+            self.tenant = stored.pop(TENANT_FIELD, self.tenant)
+            self.session = Session.model_validate(stored)
             self.items = [_ITEM.validate_python(item) for item in snapshot.items]
             token = resume_token or ""
         else:
@@ -1039,7 +1047,10 @@ class RealtimeSession:
 
     # ------------------------------------------------------------------ output
     def _stored_config(self) -> dict[str, Any]:
-        return self.session.model_dump(mode="json")
+        config = self.session.model_dump(mode="json")
+        if self.tenant is not None:
+            config[TENANT_FIELD] = self.tenant
+        return config
 
     async def _send(self, event: ServerEventBase) -> None:
         if self._closed:

@@ -47,6 +47,13 @@ from orchestrator.backends import (
     remote_llm,
 )
 from orchestrator.drain import drain_sessions
+from orchestrator.limits import (
+    DEFAULT_TENANT,
+    Refusal,
+    TenantLimiter,
+    own,
+    process_capacity,
+)
 from orchestrator.loop_lag import LoopLagMonitor
 from orchestrator.metrics import ACTIVE_SESSIONS
 from orchestrator.outbox import Outbox
@@ -155,6 +162,9 @@ class ServerState:
         self.secrets: keys.ClientSecrets | None = None
         self.sessions: set[RealtimeSessionLike] = set()  # live WebSocket sessions
         self.draining = False
+        # Per-key (tenant) connection rates and live sessions; the tenant of each live call.
+        self.limiter = TenantLimiter(settings.key_ring())
+        self.call_tenants: dict[str, str] = {}
         self._drainer: asyncio.Task[int] | None = None
 
     def live_sessions(self) -> list[object]:
@@ -198,7 +208,7 @@ class ServerState:
     def client_secrets(self) -> keys.ClientSecrets | None:
         return self.secrets
 
-    def session_maker(self) -> MakeSession | None:
+    def session_maker(self, tenant: str = DEFAULT_TENANT) -> MakeSession | None:
         resources = self.resources
         if resources is None:
             return None
@@ -207,20 +217,35 @@ class ServerState:
         def make(**ports: Any) -> CallSession:
             session = factory(backends=resources.backends, vad=resources.vad,
                               store=resources.store, settings=self.settings, **ports)
+            own(session, tenant)
             return cast(CallSession, session)
 
         return make
 
-    def reserve_session(self) -> bool:
-        if self.active >= self.settings.max_sessions:
-            return False
-        self.active += 1
-        ACTIVE_SESSIONS.inc()
-        return True
+    def admit(self, tenant: str) -> Refusal | None:
+        """One more live session of ``tenant`` (the key's connection rate, the process's
+        ``max_sessions``, the key's own cap, in that order), or why not. No await: the
+        caps hold without a lock."""
+        refusal = self.limiter.connect(tenant)
+        if refusal is None and self.active >= self.settings.max_sessions:
+            refusal = process_capacity(self.settings.max_sessions)
+        if refusal is None:
+            refusal = self.limiter.reserve(tenant)
+        if refusal is None:
+            self.active += 1
+            ACTIVE_SESSIONS.inc()
+        return refusal
 
-    def release_session(self) -> None:
+    def release(self, tenant: str) -> None:
+        self.limiter.release(tenant)
         self.active -= 1
         ACTIVE_SESSIONS.dec()
+
+    def reserve_session(self, tenant: str = DEFAULT_TENANT) -> bool:
+        return self.admit(tenant) is None
+
+    def release_session(self, tenant: str = DEFAULT_TENANT) -> None:
+        self.release(tenant)
 
 
 def create_app(settings: ServeSettings | None = None, *,

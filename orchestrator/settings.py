@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.limits import DEFAULT_TENANT, ApiKeyConfig, KeyRing, TenantLimits
 from orchestrator.policy import StageDeadlines
 from orchestrator.store.settings import StoreSettings
 from stages.common.cpu import CpuBudget
@@ -38,6 +39,15 @@ class ServeSettings(BaseSettings):
     # When set, clients must present it: "Authorization: Bearer <key>" or the browser
     # subprotocol "openai-insecure-api-key.<key>". Empty: no authentication.
     api_key: str = ""
+    # More keys, one per client ("tenant"), each with its own limits (orchestrator/limits.py):
+    # JSON, e.g. [{"name": "acme", "key": "sk-...", "max_sessions": 8}]. With any key set,
+    # every endpoint that costs compute or reveals data needs one. Tenant of api_key: "default".
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    # Per-key limits for keys that do not set their own (and for api_key): concurrent
+    # sessions (0: only max_sessions) and new connections per window (0: unlimited).
+    key_max_sessions: int = Field(default=0, ge=0)
+    key_connection_rate: int = Field(default=300, ge=0)
+    key_connection_window_s: float = Field(default=60.0, gt=0)
 
     # Browser origins allowed to call the API cross-origin (CORS), e.g.
     # ["https://app.example.com"]; empty: no CORS headers (same-origin pages only).
@@ -109,6 +119,9 @@ class ServeSettings(BaseSettings):
     max_sessions: int = Field(default=64, ge=1)
     # Wall-clock life of one connection; then an error event and close.
     max_session_s: float = Field(default=3600.0, gt=0)
+    # A WebSocket session with no client frame for this long, while nothing is being said
+    # or played, gets an error event session_idle_timeout and a clean close (0: never).
+    max_idle_s: float = Field(default=600.0, ge=0)
     # Largest client frame (OpenAI's limit); a bigger one is answered with an error event.
     max_event_bytes: int = Field(default=15 * MIB, ge=1024)
     # Audio carried by one input_audio_buffer.append (or one binary frame).
@@ -171,6 +184,33 @@ class ServeSettings(BaseSettings):
                 except ValueError as exc:
                     raise ValueError(f"{name}: {exc}") from None
         return self
+
+    @model_validator(mode="after")
+    def _keys_distinct(self) -> ServeSettings:
+        self.key_ring()  # duplicate names or values are refused at startup
+        if self.api_key and any(k.name == DEFAULT_TENANT for k in self.api_keys):
+            raise ValueError(f"api_keys: the name {DEFAULT_TENANT!r} is api_key's")
+        return self
+
+    @property
+    def auth_required(self) -> bool:
+        """True when clients must present a key (api_key or any of api_keys)."""
+        return bool(self.api_key or self.api_keys)
+
+    def key_ring(self) -> KeyRing:
+        """Every configured key by tenant name, with its limits."""
+        default = TenantLimits(self.key_max_sessions, self.key_connection_rate,
+                               self.key_connection_window_s)
+        keys = [(DEFAULT_TENANT, self.api_key)] if self.api_key else []
+        limits = {}
+        for entry in self.api_keys:
+            keys.append((entry.name, entry.key))
+            limits[entry.name] = TenantLimits(
+                default.max_sessions if entry.max_sessions is None else entry.max_sessions,
+                default.connection_rate if entry.connection_rate is None
+                else entry.connection_rate,
+                entry.connection_window_s or default.connection_window_s)
+        return KeyRing(keys, limits, default)
 
     @property
     def distributed(self) -> bool:

@@ -6,9 +6,12 @@ adapter over the session core (``orchestrator.realtime``).
   client gets an HTTP 403 with an OpenAI-style JSON error body (the WebSocket
   denial-response extension; plain close before accept, also a 403, where the server
   lacks it), which the ``openai`` SDK reports as a failed handshake.
-- Refusals that need a reason the client can read (capacity, not ready, failed resume,
-  expiry) accept first, send one ``error`` event, then close with a code: 1013 for "try
-  again later", 1008 for a policy refusal.
+- Refusals that need a reason the client can read (capacity, a key's own limits, not
+  ready, failed resume, expiry, idleness) accept first, send one ``error`` event, then
+  close with a code: 1013 for "try again later", 1008 for a policy refusal, 1000 when a
+  session ends its life (``max_session_s``) or sat idle (``max_idle_s``).
+- Each session counts against the tenant of its key (``limits.py``): the key's connection
+  rate and concurrent sessions, beside the process's ``max_sessions``.
 - Every server event goes through one ``Outbox`` (bounded, one writer); client frames are
   handled one at a time, in order (the next frame is read only after ``handle``
   returns), so a fast client is slowed by TCP flow control rather than by server memory.
@@ -28,7 +31,8 @@ from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 
 from orchestrator.auth import AuthUnavailable, Grant, authorize, presented_keys
-from orchestrator.metrics import ACTIVE_SESSIONS, REJECTED_CONNECTIONS
+from orchestrator.limits import Refusal, own
+from orchestrator.metrics import REJECTED_CONNECTIONS
 from orchestrator.outbox import Outbox, error_json
 from orchestrator.protocol import ProtocolError, error_event
 from orchestrator.protocol.session import SessionConfig
@@ -102,7 +106,7 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
     offered = ws.scope.get("subprotocols", [])
     try:
         grant = await authorize(presented_keys(ws.headers, offered),
-                                api_key=settings.api_key, secrets=state.secrets)
+                                api_key=state.limiter.ring, secrets=state.secrets)
     except AuthUnavailable as exc:
         REJECTED_CONNECTIONS.labels("not_ready").inc()
         await _deny(ws, "server_not_ready", f"The key cannot be checked now ({exc}). "
@@ -121,7 +125,11 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
             await _deny(ws, "invalid_api_key", "The sideband connection of a call needs the "
                         "server's API key, not a client secret.")
             return
-        await _serve_sideband(state, ws, call_id, subprotocol)
+        refusal = state.limiter.connect(grant.tenant)
+        if refusal is not None:
+            await _refuse_for(ws, subprotocol, refusal)
+            return
+        await _serve_sideband(state, ws, call_id, subprotocol, grant.tenant)
         return
     resources = state.resources
     if resources is None:
@@ -136,12 +144,6 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
                       "This server is shutting down. Connect again (another server will "
                       "answer).", "server_error")
         return
-    if state.active >= settings.max_sessions:
-        REJECTED_CONNECTIONS.labels("capacity").inc()
-        await _refuse(ws, subprotocol, CLOSE_TRY_AGAIN, "session_limit_reached",
-                      f"The server is at its limit of {settings.max_sessions} sessions. "
-                      "Try again later.", "server_error")
-        return
     resume_id = ws.query_params.get("session_id") or None
     resume_token = ws.query_params.get("resume_token") or None
     if (resume_id is None) != (resume_token is None):
@@ -149,9 +151,10 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
         await _refuse(ws, subprotocol, CLOSE_POLICY, "invalid_resume",
                       "To resume a session send both 'session_id' and 'resume_token'.")
         return
-
-    state.active += 1  # no await since the check above: the cap holds
-    ACTIVE_SESSIONS.inc()
+    refusal = state.admit(grant.tenant)  # counted from here: no await since its checks
+    if refusal is not None:
+        await _refuse_for(ws, subprotocol, refusal)
+        return
     await ws.accept(subprotocol=subprotocol)
     outbox = Outbox(ws.send_text, ws.close, settings.send_queue_events,
                     settings.close_timeout_s)
@@ -163,6 +166,7 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
             backends=resources.backends, vad=resources.vad, store=resources.store,
             settings=settings, send=outbox.send, beta=_is_beta(ws), close=outbox.close_soon,
         )
+        own(session, grant.tenant)
         state.sessions.add(session)
         try:
             await session.start(resume_id=resume_id, resume_token=resume_token,
@@ -190,8 +194,14 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
                 log.exception("session aclose failed")
         await outbox.finish()
         state.outboxes.discard(outbox)
-        state.active -= 1
-        ACTIVE_SESSIONS.dec()
+        state.release(grant.tenant)
+
+
+async def _refuse_for(ws: WebSocket, subprotocol: str | None, refusal: Refusal) -> None:
+    """A limit's refusal (``limits.py``): every one means "try again later" (1013)."""
+    REJECTED_CONNECTIONS.labels(refusal.reason).inc()
+    await _refuse(ws, subprotocol, CLOSE_TRY_AGAIN, refusal.code, refusal.message,
+                  "server_error" if refusal.reason == "capacity" else "invalid_request_error")
 
 
 def _grant_configs(grant: Grant) -> list[SessionConfig]:
@@ -202,12 +212,13 @@ def _grant_configs(grant: Grant) -> list[SessionConfig]:
 
 
 async def _serve_sideband(state: ServerState, ws: WebSocket, call_id: str,
-                          subprotocol: str | None) -> None:
+                          subprotocol: str | None, tenant: str) -> None:
     """``/v1/realtime?call_id=rtc_...``: a WebSocket that controls a live WebRTC call like
     any Realtime WebSocket (its events go to the call's session, in order with the data
-    channel's; the session's events come back here too)."""
+    channel's; the session's events come back here too). Only the key (tenant) that opened
+    the call reaches it."""
     call = state.calls.get(call_id)
-    if call is None:
+    if call is None or state.call_tenants.get(call_id) != tenant:  # another key's: unknown
         await _refuse(ws, subprotocol, CLOSE_POLICY, "call_not_found",
                       f"No live call {call_id!r} on this server.")
         return

@@ -34,6 +34,7 @@ from starlette.datastructures import UploadFile
 from orchestrator import metrics
 from orchestrator.auth import AuthUnavailable, Grant, authorize, presented_keys
 from orchestrator.keys import ClientSecrets, error_response, read_body
+from orchestrator.limits import Refusal, refusal_response
 from orchestrator.protocol.errors import from_validation_error
 from orchestrator.protocol.session import SessionConfig
 from orchestrator.settings import ServeSettings
@@ -57,15 +58,17 @@ class CallHost(Protocol):
 
     def client_secrets(self) -> ClientSecrets | None: ...
 
-    def session_maker(self) -> MakeSession | None:
-        """None until the server is ready."""
+    call_tenants: dict[str, str]  # live call id -> the tenant (API key name) owning it
+
+    def session_maker(self, tenant: str = ...) -> MakeSession | None:
+        """None until the server is ready; its sessions belong to ``tenant``."""
         ...
 
-    def reserve_session(self) -> bool:
-        """Count one more live session (False at capacity)."""
+    def admit(self, tenant: str) -> Refusal | None:
+        """Count one more live session of ``tenant``, or why not (limits.py)."""
         ...
 
-    def release_session(self) -> None: ...
+    def release(self, tenant: str) -> None: ...
 
 
 class BadRequest(Exception):
@@ -80,7 +83,7 @@ class BadRequest(Exception):
 async def grant_for(host: CallHost, request: Request) -> Grant:
     try:
         grant = await authorize(presented_keys(request.headers),
-                                api_key=host.settings.api_key, secrets=host.client_secrets())
+                                api_key=host.settings.key_ring(), secrets=host.client_secrets())
     except AuthUnavailable as exc:
         raise BadRequest(503, "server_not_ready", f"The key cannot be checked now ({exc}). "
                          "Try again later.") from exc
@@ -173,7 +176,7 @@ async def open_call(host: CallHost, request: Request) -> Response:
     """Check everything, set up the call, answer it."""
     try:
         grant = await grant_for(host, request)
-        make_session = host.session_maker()
+        make_session = host.session_maker(grant.tenant)
         if make_session is None:
             raise BadRequest(503, "server_not_ready", "The server is still loading its "
                              "models. Try again later.")
@@ -194,18 +197,19 @@ async def open_call(host: CallHost, request: Request) -> Response:
         if (resume_id is None) != (resume_token is None):
             raise BadRequest(400, "invalid_resume", "To resume a session send both "
                              "'session_id' and 'resume_token'.")
-        if not host.reserve_session():
-            metrics.REJECTED_CONNECTIONS.labels("capacity").inc()
-            raise BadRequest(503, "session_limit_reached", f"The server is at its limit of "
-                             f"{host.settings.max_sessions} sessions. Try again later.")
+        refusal = host.admit(grant.tenant)
+        if refusal is not None:
+            metrics.REJECTED_CONNECTIONS.labels(refusal.reason).inc()
+            return refusal_response(refusal)
     except BadRequest as err:
         return err.response()
-    return await _set_up(host, make_session, sdp, configs, resume_id, resume_token)
+    return await _set_up(host, make_session, sdp, configs, resume_id, resume_token,
+                         grant.tenant)
 
 
 async def _set_up(host: CallHost, make_session: MakeSession, sdp: str,
                   configs: list[SessionConfig], resume_id: str | None,
-                  resume_token: str | None) -> Response:
+                  resume_token: str | None, tenant: str) -> Response:
     settings = host.settings
     peer.use_host_addresses(settings.ice_host_addresses)
     call_id = new_call_id()
@@ -213,10 +217,12 @@ async def _set_up(host: CallHost, make_session: MakeSession, sdp: str,
     def closed(call: Call) -> None:
         if host.calls.pop(call.id, None) is not None:
             metrics.WEBRTC_CALLS.dec()
-            host.release_session()
+            host.call_tenants.pop(call.id, None)
+            host.release(tenant)
 
     call = Call(call_id, RTCPeerConnection(peer.configuration(settings)), settings, closed)
     host.calls[call_id] = call
+    host.call_tenants[call_id] = tenant
     metrics.WEBRTC_CALLS.inc()
     try:
         answer = await negotiate(call, sdp)
@@ -256,11 +262,11 @@ def router(host: CallHost) -> APIRouter:
     @api.post(CALLS_PATH + "/{call_id}/hangup")
     async def hangup(call_id: str, request: Request) -> Response:
         try:
-            await grant_for(host, request)
+            grant = await grant_for(host, request)
         except BadRequest as err:
             return err.response()
         call = host.calls.get(call_id)
-        if call is None:
+        if call is None or host.call_tenants.get(call_id) != grant.tenant:  # another key's
             return error_response(404, "call_not_found", f"No live call {call_id!r} on "
                                   "this server.", param="call_id")
         await call.close("hangup")
