@@ -78,7 +78,8 @@ ERROR_EVENTS = Counter(
 REJECTED_CONNECTIONS = Counter(
     "cascade_rejected_connections_total",
     "Realtime connections refused or cut by the server",
-    ["reason"],  # auth, capacity, not_ready, resume, slow_client, expired, draining
+    ["reason"],  # auth, capacity, key_capacity, rate, not_ready, resume, slow_client,
+    # expired, idle, draining
 )
 INBOX_DROPPED = Counter(
     "cascade_inbox_dropped_total",

@@ -187,9 +187,9 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _keys_distinct(self) -> ServeSettings:
-        self.key_ring()  # duplicate names or values are refused at startup
         if self.api_key and any(k.name == DEFAULT_TENANT for k in self.api_keys):
             raise ValueError(f"api_keys: the name {DEFAULT_TENANT!r} is api_key's")
+        self.key_ring()  # duplicate names or values are refused at startup
         return self
 
     @property

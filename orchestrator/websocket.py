@@ -82,10 +82,36 @@ async def _refuse(ws: WebSocket, subprotocol: str | None, close: int, code: str,
         await ws.close(close, message[:120])
 
 
+class _Activity:
+    """When the client last sent a frame (loop time)."""
+
+    def __init__(self) -> None:
+        self.at = asyncio.get_running_loop().time()
+
+    def touch(self) -> None:
+        self.at = asyncio.get_running_loop().time()
+
+
+async def _idle_watch(session: RealtimeSessionLike, activity: _Activity,
+                      max_idle_s: float) -> None:
+    """Returns once the client has sent nothing for ``max_idle_s`` while the session had
+    nothing going on (a reply being generated or played counts as activity)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        wait = activity.at + max_idle_s - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        elif not getattr(session, "idle", True):
+            activity.touch()
+        else:
+            return
+
+
 async def _read_loop(ws: WebSocket, session: RealtimeSessionLike, outbox: Outbox,
-                     max_bytes: int) -> None:
+                     max_bytes: int, activity: _Activity) -> None:
     while True:
         msg = await ws.receive()
+        activity.touch()
         if msg["type"] == "websocket.disconnect":
             return
         text = msg.get("text")
@@ -259,15 +285,30 @@ async def _sideband_reads(ws: WebSocket, call: Call, outbox: Outbox, max_bytes: 
 
 async def _run(ws: WebSocket, session: RealtimeSessionLike, outbox: Outbox,
                settings: ServeSettings) -> None:
-    """Read frames until the client leaves, the outbox ends the connection, or the session
-    reaches its maximum duration."""
-    reader = asyncio.create_task(_read_loop(ws, session, outbox, settings.max_event_bytes))
+    """Read frames until the client leaves, the outbox ends the connection, the session
+    reaches its maximum duration, or it sits idle for ``max_idle_s``."""
+    activity = _Activity()
+    reader = asyncio.create_task(_read_loop(ws, session, outbox, settings.max_event_bytes,
+                                            activity))
     ending = asyncio.create_task(outbox.closing.wait())
+    tasks = {reader, ending}
+    idler: asyncio.Task[None] | None = None
+    if settings.max_idle_s > 0:
+        idler = asyncio.create_task(_idle_watch(session, activity, settings.max_idle_s))
+        tasks.add(idler)
     try:
-        done, _ = await asyncio.wait({reader, ending}, timeout=settings.max_session_s,
+        done, _ = await asyncio.wait(tasks, timeout=settings.max_session_s,
                                      return_when=asyncio.FIRST_COMPLETED)
         if reader in done:
             reader.result()  # re-raise a session failure
+        elif idler is not None and idler in done and ending not in done:
+            REJECTED_CONNECTIONS.labels("idle").inc()
+            await outbox.send(error_json(
+                "session_idle_timeout",
+                f"The session was idle (no client event) for {settings.max_idle_s:g} s and "
+                "is closed. Resume it with session_id and resume_token.",
+            ))
+            await outbox.finish(CLOSE_NORMAL, "session idle")
         elif not done:
             REJECTED_CONNECTIONS.labels("expired").inc()
             minutes = settings.max_session_s / 60
@@ -277,6 +318,6 @@ async def _run(ws: WebSocket, session: RealtimeSessionLike, outbox: Outbox,
             ))
             await outbox.finish(CLOSE_NORMAL, "session expired")
     finally:
-        for task in (reader, ending):
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(reader, ending, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
