@@ -11,16 +11,20 @@ the lease key is compared with the owner in the same atomic step as the write.
 Client secrets are plain string keys ``{prefix}:ek:{key_id}`` (the id a digest of the key)
 set with ``PX``: Redis drops them at expiry, for every process at once.
 
-Connection failures surface as ``StoreUnavailable``; after ``aclose()`` every call raises
+Connection failures surface as ``StoreUnavailable``; a read or an idempotent write whose
+pooled connection turns out dead (Redis restarted) is first run once more on a fresh one
+(``_RETRY_ONCE``). After ``aclose()`` every call raises
 ``StoreClosed`` instead of silently reconnecting.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from orchestrator.store import redis_scripts as lua
@@ -57,6 +61,24 @@ from orchestrator.store.interface import NewSession, SessionSnapshot
 from orchestrator.store.settings import StoreSettings
 
 _PARTS = ("meta", "order", "items", "turn", "lease")
+
+
+async def _once_more(call: Callable[[], Awaitable[Any]]) -> Any:
+    """An idempotent command, run again once on a fresh connection if its connection
+    failed (see ``_RETRY_ONCE``)."""
+    try:
+        return await call()
+    except RedisConnectionError:
+        return await call()
+# Scripts whose second run changes nothing more than the first (or, for CREATE, a fresh
+# session id each time): run again once on a fresh connection when the connection fails.
+# A Redis restart leaves every idle pooled connection dead, and the pool does not notice
+# before using one. APPEND and DELETE_ITEM are not among them: a retry after a lost reply
+# would say ``item_exists`` / ``item_not_found``; the write-behind retries those.
+_RETRY_ONCE = frozenset({
+    "CREATE", "RESUME", "SNAPSHOT", "UPDATE_ITEM", "SET_CONFIG", "SET_TURN", "TOUCH",
+    "DELETE_SESSION", "ACQUIRE_LEASE", "RENEW_LEASE", "RELEASE_LEASE", "LEASE_OWNER",
+    "GET_ITEM", "GET_CONFIG_TURN"})
 
 
 class RedisStore:
@@ -105,7 +127,12 @@ class RedisStore:
             raise StoreClosed("the session store is closed")
         keys = self._keys(session_id)
         try:
-            reply = await self._scripts[name](keys=keys, args=list(args))
+            try:
+                reply = await self._scripts[name](keys=keys, args=list(args))
+            except RedisConnectionError:
+                if name not in _RETRY_ONCE or self._closed:
+                    raise
+                reply = await self._scripts[name](keys=keys, args=list(args))
         except RedisError as exc:
             if self._closed:
                 raise StoreClosed("the session store is closed") from exc
@@ -144,7 +171,7 @@ class RedisStore:
         if self._closed:
             raise StoreClosed("the session store is closed")
         try:
-            stored = await self._redis.hget(meta, "token")
+            stored = await _once_more(lambda: self._redis.hget(meta, "token"))
         except RedisError as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
         if not isinstance(stored, str):
@@ -276,7 +303,7 @@ class RedisStore:
         if self._closed:
             raise StoreClosed("the session store is closed")
         try:
-            await self._redis.set(self._secret_key(key_id), text, px=ttl_ms)
+            await _once_more(lambda: self._redis.set(self._secret_key(key_id), text, px=ttl_ms))
         except RedisError as exc:
             raise self._unavailable(exc) from exc
 
@@ -286,7 +313,7 @@ class RedisStore:
         if self._closed:
             raise StoreClosed("the session store is closed")
         try:
-            text = await self._redis.get(self._secret_key(key_id))
+            text = await _once_more(lambda: self._redis.get(self._secret_key(key_id)))
         except RedisError as exc:
             raise self._unavailable(exc) from exc
         return decode(text) if isinstance(text, str) else None

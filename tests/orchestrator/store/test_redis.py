@@ -167,3 +167,28 @@ async def test_memory_is_the_default_backend() -> None:
     store = await open_store(StoreSettings())
     assert isinstance(store, MemoryStore)
     await store.aclose()
+
+
+async def test_connections_the_server_dropped_are_replaced_not_failed() -> None:
+    """A Redis restart (or failover) leaves the pool's idle connections dead: the next
+    call on each of them must not fail with "Connection closed by server" (a new session
+    or a resume refused although Redis is back). Reads and idempotent writes retry once
+    on a fresh connection; appends and deletes are retried by the write-behind."""
+    with redis_server() as url:
+        async with stores(url, 1) as (store,):
+            sid, token = await store.create_session({}, owner="conn-1")
+            await store.append_item(sid, msg("a"))
+            await asyncio.gather(*(store.list_items(sid) for _ in range(8)))  # 8 pooled
+            raw = aioredis.from_url(url)
+            try:  # every connection of the store dropped by the server
+                assert await raw.client_kill_filter(_type="normal", skipme=True) >= 2
+            finally:
+                await raw.aclose()
+            await asyncio.sleep(0.1)
+            calls = [store.list_items(sid) for _ in range(4)]
+            calls += [store.get_item(sid, "a"), store.renew_lease(sid, "conn-1"),
+                      store.update_item(sid, "a", msg("a"), owner="conn-1"),
+                      store.create_session({}), store.get_config(sid)]
+            await asyncio.gather(*calls)
+            snap = await store.resume(sid, token, owner="conn-2", takeover=True)
+            assert [i["id"] for i in snap.items] == ["a"]
