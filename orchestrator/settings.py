@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from orchestrator.limits import DEFAULT_TENANT, ApiKeyConfig, KeyRing, TenantLimits
 from orchestrator.policy import StageDeadlines
 from orchestrator.store.settings import StoreSettings
+from stages.common.access import StageAccess
 from stages.common.cpu import CpuBudget
 from stages.common.replicas import split_urls
 
@@ -48,6 +49,16 @@ class ServeSettings(BaseSettings):
     key_max_sessions: int = Field(default=0, ge=0)
     key_connection_rate: int = Field(default=300, ge=0)
     key_connection_window_s: float = Field(default=60.0, gt=0)
+
+    # TLS served directly (PEM files: certificate chain, private key; both or neither):
+    # https:// and wss:// only. Or terminate TLS at an ingress (docs/security.md).
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    # Stage services: the key they require (CASCADE_STAGE_API_KEY, the same variable the
+    # stages read; sent as a Bearer token, to the LLM only when llm_api_key is empty) and
+    # a PEM bundle trusted for https:// stage URLs ("" = the system's trust store).
+    stage_api_key: str = ""
+    stage_ca_file: str = ""
 
     # Browser origins allowed to call the API cross-origin (CORS), e.g.
     # ["https://app.example.com"]; empty: no CORS headers (same-origin pages only).
@@ -168,6 +179,8 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _stage_urls_consistent(self) -> ServeSettings:
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile must be set together")
         if bool(self.asr_url) != bool(self.tts_url):
             missing = "tts_url" if self.asr_url else "asr_url"
             raise ValueError(
@@ -216,6 +229,10 @@ class ServeSettings(BaseSettings):
     def distributed(self) -> bool:
         """True when the stages are remote services."""
         return bool(self.asr_url)
+
+    def stage_access(self) -> StageAccess:
+        """The key and TLS trust of the stage clients."""
+        return StageAccess(self.stage_api_key, self.stage_ca_file)
 
     def cpu_budget(self) -> CpuBudget:
         return CpuBudget(total=self.cpu_threads, asr=self.asr_threads, llm=self.llm_threads,
