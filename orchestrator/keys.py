@@ -32,7 +32,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -52,6 +51,7 @@ from orchestrator.protocol.errors import from_validation_error
 from orchestrator.protocol.session import Session, SessionConfig, apply_update
 from orchestrator.settings import ServeSettings
 from orchestrator.store import SessionStore, StoreError, StoreLimitError
+from stages.common.jsontext import strict_loads
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def secrets_router(settings: ServeSettings,
             return error_response(413, "payload_too_large",
                                   f"The request body is over {MAX_BODY_BYTES} bytes.")
         try:
-            data = json.loads(body) if body.strip() else {}
+            data = strict_loads(body) if body.strip() else {}
         except (ValueError, RecursionError):
             return error_response(400, "invalid_json",
                                   "The request body is not valid JSON.")

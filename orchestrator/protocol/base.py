@@ -30,6 +30,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     model_serializer,
 )
+from pydantic_core import PydanticCustomError
 
 Dialect = Literal["ga", "beta"]
 
@@ -64,6 +65,19 @@ def wire_dialect(info: SerializationInfo) -> Dialect | None:
         if dialect in ("ga", "beta"):
             return dialect  # type: ignore[no-any-return]
     return None
+
+
+def nested_object(parent: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+    """A copy of ``parent[key]`` for a ``before`` validator that reshapes a client's
+    object: ``{}`` when absent or null; anything but an object is the client's error
+    (``path`` names it), not a ``TypeError`` inside the validator."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PydanticCustomError("dict_type", "Input should be a valid dictionary",
+                                  {"field": path})
+    return dict(value)
 
 
 def new_id(prefix: str) -> str:

@@ -71,7 +71,8 @@ class ContentPart(WireModel):
     @model_validator(mode="before")
     @classmethod
     def _beta_names(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("type") in _BETA_CONTENT:
+        if isinstance(data, dict) and isinstance(data.get("type"), str) \
+                and data["type"] in _BETA_CONTENT:
             return {**data, "type": _BETA_CONTENT[data["type"]]}
         return data
 

@@ -8,7 +8,6 @@ JSON decoding (OpenAI limits an append to 15 MiB of audio).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,6 +18,7 @@ from orchestrator.protocol.client_events import (
     ClientEventBase,
 )
 from orchestrator.protocol.errors import ProtocolError, from_validation_error
+from stages.common.jsontext import strict_loads
 
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 
@@ -37,8 +37,8 @@ def parse_client_event(data: str | bytes, max_bytes: int = MAX_EVENT_BYTES) -> C
             "invalid_value", f"Event is too large ({len(data)} > {max_bytes} bytes)."
         )
     try:
-        raw: Any = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw: Any = strict_loads(data)
+    except ValueError as exc:  # also too-deep nesting and lone surrogates
         raise ProtocolError("invalid_json", f"The event is not valid JSON: {exc}.") from None
     if not isinstance(raw, dict):
         raise ProtocolError(

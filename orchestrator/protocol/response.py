@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, JsonValue, model_validator
 
-from orchestrator.protocol.base import CompactModel, WireModel, new_response_id
+from orchestrator.protocol.base import CompactModel, WireModel, nested_object, new_response_id
 from orchestrator.protocol.formats import AudioFormat, format_from_beta
 from orchestrator.protocol.items import ConversationItem
 from orchestrator.protocol.session import (
@@ -50,8 +50,8 @@ def _beta_response_to_ga(data: Any) -> Any:
         out.setdefault("output_modalities", data["modalities"])
     if "max_response_output_tokens" in data:
         out.setdefault("max_output_tokens", data["max_response_output_tokens"])
-    audio = dict(out.get("audio") or {})
-    output = dict(audio.get("output") or {})
+    audio = nested_object(out, "audio", "audio")
+    output = nested_object(audio, "output", "audio.output")
     if "voice" in data:
         output.setdefault("voice", data["voice"])
     if "output_audio_format" in data:

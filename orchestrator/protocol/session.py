@@ -35,7 +35,13 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.protocol.base import CompactModel, WireModel, new_session_id, wire_dialect
+from orchestrator.protocol.base import (
+    CompactModel,
+    WireModel,
+    nested_object,
+    new_session_id,
+    wire_dialect,
+)
 from orchestrator.protocol.formats import AudioFormat, AudioPCM, format_from_beta
 
 Modality = Literal["text", "audio"]
@@ -192,9 +198,9 @@ def _beta_session_to_ga(data: Any) -> Any:
     if not any(k in data for k in beta_keys):
         return data
     out = {k: v for k, v in data.items() if k not in beta_keys}
-    audio = dict(out.get("audio") or {})
-    inp = dict(audio.get("input") or {})
-    outp = dict(audio.get("output") or {})
+    audio = nested_object(out, "audio", "audio")
+    inp = nested_object(audio, "input", "audio.input")
+    outp = nested_object(audio, "output", "audio.output")
     if "input_audio_format" in data:
         inp.setdefault("format", format_from_beta(data["input_audio_format"], "input_audio_format"))
     if "output_audio_format" in data:

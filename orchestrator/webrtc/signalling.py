@@ -21,7 +21,6 @@ sideband connections for a call must reach the same replica (route on the call i
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Protocol
 
@@ -41,6 +40,7 @@ from orchestrator.settings import ServeSettings
 from orchestrator.store import StoreError
 from orchestrator.webrtc import peer
 from orchestrator.webrtc.calls import Call, MakeSession, negotiate, new_call_id
+from stages.common.jsontext import strict_loads
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ async def grant_for(host: CallHost, request: Request) -> Grant:
 def _config(data: Any, where: str) -> SessionConfig:
     try:
         if isinstance(data, str):
-            data = json.loads(data)
+            data = strict_loads(data)
         return SessionConfig.model_validate(data)
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, ValidationError):
@@ -131,8 +131,8 @@ async def read_offer(request: Request) -> tuple[str, SessionConfig | None]:
     text = _decode(body)
     if ctype == "application/json":
         try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
+            data = strict_loads(text)
+        except ValueError as exc:  # also too-deep nesting and lone surrogates
             raise BadRequest(400, "invalid_json", "the request body is not valid JSON") from exc
         if not isinstance(data, dict) or not isinstance(data.get("sdp"), str):
             raise BadRequest(400, "missing_required_parameter", "a JSON body must be an object "

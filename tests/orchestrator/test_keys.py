@@ -245,6 +245,9 @@ async def test_only_the_standard_key_may_mint() -> None:
     (b"{not json", "invalid_json", None),
     (b"\xff\xfe", "invalid_json", None),
     (b"[" * 100_000, "invalid_json", None),
+    # lone surrogates (found by fuzzing: a 500 when the store encoded the secret)
+    (b'{"session": {"tracing": {"": "\\ud800"}}}', "invalid_json", None),
+    (b'{"\\udc00": 1}', "invalid_json", None),
     (b"[1, 2]", "invalid_type", None),
     (b'"text"', "invalid_type", None),
     (b'{"expires_after": {"seconds": 9}}', "invalid_value", "expires_after.seconds"),

@@ -243,6 +243,12 @@ async def test_refused_offers_get_clear_errors(served: Served) -> None:
         ({**auth, **sdp_type}, "x" * (300 * 1024), 413, "payload_too_large"),
         ({**auth, "Content-Type": "image/png"}, good, 415, "unsupported_media_type"),
         ({**auth, "Content-Type": "application/json"}, "{", 400, "invalid_json"),
+        # found by fuzzing: a lone surrogate in the JSON was a 500 (UnicodeEncodeError)
+        ({**auth, "Content-Type": "application/json"}, '{"sdp": "\\ud800"}', 400,
+         "invalid_json"),
+        ({**auth, "Content-Type": "application/json"},
+         json.dumps({"sdp": good, "session": {"audio": {"input": 5}, "voice": "x"}}),
+         400, "invalid_type"),
         ({**auth, "Content-Type": "application/json"}, json.dumps({"sdp": 3}), 400,
          "missing_required_parameter"),
         ({**auth, "Content-Type": "application/json"},
