@@ -1,0 +1,134 @@
+"""Hostile input: property-based fuzzing (hypothesis) of every API against live servers.
+
+``python -m benchmarks.reliability fuzz [--quick]``. It starts, on loopback, ``cascade
+serve`` (the embedded CPU default, with an API key) and the three stage services, then
+replays generated inputs (``fuzz_cases``) at each of them:
+
+- the Realtime WebSocket: every client event type, valid, broken and with junk inside,
+  raw frames (not JSON, not an object, binary garbage, deep nesting, frames at and over
+  ``max_event_bytes``), judged frame by frame (``fuzz_realtime``), while a bystander
+  session on the same server keeps working and finally gets a real reply;
+- the orchestrator's HTTP APIs: client secrets, WebRTC offers (malformed SDP, bad
+  multipart and JSON bodies) and a call's sideband WebSocket;
+- the stage services: ASR and TTS WebSocket streams, the LLM's chat completions, and
+  the HTTP endpoints of all three (``fuzz_stages``).
+
+A row per target passes when every input was answered (an error, a reply, or a clean
+close), nothing crashed (process alive, /healthz 200, no traceback in its log, no 5xx,
+no dropped connection) and the bystander kept working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from benchmarks.reliability import fuzz_http, fuzz_stages
+from benchmarks.reliability.fuzz_cases import REALTIME_CASES, generate, huge_frames
+from benchmarks.reliability.fuzz_oracle import Tally, alive, log_crashes
+from benchmarks.reliability.fuzz_realtime import Bystander, fuzz_session, realtime_connect
+from benchmarks.reliability.rows import Row
+from orchestrator.launcher import CascadeProcess, StageProcess
+
+API_KEY = "sk-fuzz"
+COMMAND = "python -m benchmarks.reliability fuzz"
+SHARDS = 3  # concurrent fuzzing sessions on the Realtime WebSocket
+MAX_EVENT_BYTES = 15 * 1024 * 1024  # the server's default (ServeSettings.max_event_bytes)
+
+
+def counts(quick: bool) -> dict[str, int]:
+    """Inputs per target: the full run sends >= 10 000 Realtime events."""
+    if quick:
+        return {"realtime": 300, "sideband": 60, "http": 150, "sdp": 60, "stage": 120}
+    return {"realtime": 10_000, "sideband": 500, "http": 1500, "sdp": 500, "stage": 1500}
+
+
+def _ws(url: str) -> str:
+    return "ws" + url.removeprefix("http")
+
+
+async def _realtime(serve: CascadeProcess, n: int, huge: bool) -> tuple[Tally, Bystander]:
+    tally = Tally("realtime")
+    cases = await asyncio.to_thread(generate, REALTIME_CASES, n, 1)
+    if huge:
+        cases = huge_frames(MAX_EVENT_BYTES) + cases
+    open_ = realtime_connect(_ws(serve.url), API_KEY)
+    bystander = Bystander(open_)
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(bystander.run(stop))
+    try:
+        await asyncio.gather(*(fuzz_session(open_, cases[i::SHARDS], tally, f"probe{i}_")
+                               for i in range(SHARDS)))
+    finally:
+        stop.set()
+        await watcher
+    return tally, bystander
+
+
+def _row(name: str, tally: Tally, extra: list[str], note: str = "",
+         figures: dict[str, Any] | None = None, minimum: int = 0) -> Row:
+    crashes = tally.crashes + extra
+    passed = not crashes and tally.events >= minimum
+    result = (f"{tally.events} inputs, {len(crashes)} crashes, {tally.errors} answered by "
+              f"an error, {tally.clean_closes} clean closes")
+    shown = "; ".join(crashes[:3])
+    return Row(section="fuzz", name=name, result=result, passed=passed, command=COMMAND,
+               figures={**tally.figures(), "crashes": len(crashes),
+                        "first_crashes": crashes[:5], **(figures or {})},
+               note=(f"crashes: {shown}" if crashes else note))
+
+
+async def _checked(procs: list[CascadeProcess]) -> dict[str, list[str]]:
+    """Per process: why it is not healthy, plus tracebacks in its log."""
+    out: dict[str, list[str]] = {}
+    for proc in procs:
+        why = await alive(proc)
+        out[proc.name] = ([why] if why else []) + log_crashes(proc)
+    return out
+
+
+async def run(quick: bool) -> list[Row]:
+    n = counts(quick)
+    env_before = os.environ.get("CASCADE_WEBRTC_CONNECT_TIMEOUT_S")
+    os.environ["CASCADE_WEBRTC_CONNECT_TIMEOUT_S"] = "3600"  # the sideband's call lives on
+    serve = CascadeProcess("serve", ["serve"], "--api-key", API_KEY)
+    stages = {name: StageProcess(name) for name in ("asr", "tts", "llm")}
+    if env_before is None:
+        del os.environ["CASCADE_WEBRTC_CONNECT_TIMEOUT_S"]
+    else:
+        os.environ["CASCADE_WEBRTC_CONNECT_TIMEOUT_S"] = env_before
+    procs = [serve, *stages.values()]
+    started = time.monotonic()
+    try:
+        for proc in procs:
+            await asyncio.to_thread(proc.wait_ready, 300.0)
+        jobs: list[Callable[[], Awaitable[Any]]] = [
+            lambda: _realtime(serve, n["realtime"], huge=True),
+            lambda: fuzz_http.run(serve.url, API_KEY, n["http"], n["sdp"], n["sideband"]),
+            lambda: fuzz_stages.run({k: p.url for k, p in stages.items()}, n["stage"]),
+        ]
+        (realtime, bystander), http_tallies, stage_tallies = await asyncio.gather(
+            *(job() for job in jobs))
+        health = await _checked(procs)
+    finally:
+        for proc in procs:
+            await asyncio.to_thread(proc.stop)
+    seconds = round(time.monotonic() - started)
+    rows = [_row("Realtime WebSocket: every client event type and raw frames", realtime,
+                 bystander.failures, minimum=n["realtime"],
+                 note=f"bystander session: {bystander.checks} checks passed, final reply "
+                      f"{bystander.turn!r}",
+                 figures={"bystander_checks": bystander.checks, "seconds": seconds})]
+    rows += [_row(f"orchestrator {tally.target}", tally, []) for tally in http_tallies]
+    rows += [_row(tally.target, tally, []) for tally in stage_tallies]
+    problems = [p for found in health.values() for p in found]
+    rows.append(Row(
+        section="fuzz", name="the four processes after fuzzing", passed=not problems,
+        result=f"{sum(not found for found in health.values())}/{len(health)} alive with "
+               f"/healthz 200 and no traceback in their logs",
+        command=COMMAND, figures={"problems": problems[:10]},
+        note="; ".join(problems[:3])))
+    return rows
