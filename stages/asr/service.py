@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,6 +49,7 @@ from stages.common.audio import (
     pcm16_to_float,
     read_wav,
 )
+from stages.common.jsontext import strict_loads
 from stages.common.load import StageLoad
 from stages.common.metrics import REQUESTS_REJECTED
 from stages.common.service import add_common_routes, busy_response, error_body, refuse_stream
@@ -186,14 +186,14 @@ def create_app(settings: AsrSettings) -> FastAPI:
                         await session.push_samples(resampler.process(pcm16_to_float(samples)))
                     continue
                 try:
-                    control = _CONTROL.validate_python(json.loads(text or ""))
-                except json.JSONDecodeError as exc:
-                    await refuse("malformed_json", f"control message is not JSON: {exc}")
-                    continue
+                    control = _CONTROL.validate_python(strict_loads(text or ""))
                 except ValidationError:
                     await refuse("unknown_message_type",
                                  "expected {\"type\": \"finalize\"}, {\"type\": \"close\"} "
                                  "or {\"type\": \"end_of_speech\", \"audio_ms\": N}")
+                    continue
+                except ValueError as exc:  # also too-deep nesting and lone surrogates
+                    await refuse("malformed_json", f"control message is not JSON: {exc}")
                     continue
                 if isinstance(control, EndOfSpeechMessage):
                     await session.end_of_speech(control.audio_ms)

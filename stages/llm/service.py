@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.common import tracing
+from stages.common.jsontext import strict_loads
 from stages.common.load import StageLoad
 from stages.common.metrics import REQUESTS_REJECTED
 from stages.common.service import RETRY_AFTER_S, add_common_routes, error_body
@@ -142,8 +143,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     if not body.strip():
         raise RequestError(400, "request body is empty; expected a JSON object", "invalid_json")
     try:
-        raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = strict_loads(body)
+    except ValueError as exc:  # also too-deep nesting and lone surrogates
         raise RequestError(400, f"malformed JSON: {exc}", "invalid_json") from exc
     if not isinstance(raw, dict):
         raise RequestError(400, "request body must be a JSON object", "invalid_json")

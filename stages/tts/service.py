@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,6 +26,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from stages.common import tracing
 from stages.common.audio import REALTIME_RATE, wav_bytes
+from stages.common.jsontext import strict_loads
 from stages.common.load import StageLoad
 from stages.common.metrics import REQUESTS_REJECTED
 from stages.common.service import add_common_routes, busy_response, error_body, refuse_stream
@@ -293,8 +293,8 @@ async def _receive_loop(session: _Session, settings: TtsSettings) -> None:
             await ws.close(1009, "message_too_large")
             return
         try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as exc:
+            data = strict_loads(raw)
+        except ValueError as exc:  # also too-deep nesting and lone surrogates
             await session.error("malformed_json", f"message is not valid JSON: {exc}")
             continue
         kind = data.get("type") if isinstance(data, dict) else None

@@ -131,6 +131,10 @@ async def test_websocket_bad_inputs(base_url: str) -> None:
         assert json.loads(await ws.recv())["code"] == "invalid_audio"
         await ws.send("{not json")
         assert json.loads(await ws.recv())["code"] == "malformed_json"
+        # found by fuzzing: these ended the stream silently (RecursionError)
+        for bad in ("[" * 5000 + "]" * 5000, '{"type": "\\ud800"}'):
+            await ws.send(bad)
+            assert json.loads(await ws.recv())["code"] == "malformed_json"
         await ws.send('{"type": "dance"}')
         assert json.loads(await ws.recv())["code"] == "unknown_message_type"
         await ws.send('{"type": "end_of_speech", "audio_ms": -5}')

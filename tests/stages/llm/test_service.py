@@ -223,6 +223,10 @@ async def test_history_with_tool_messages_is_accepted(base: str) -> None:
     (b'{"messages": [', "invalid_json", None),
     (b"", "invalid_json", None),
     (b"[1, 2]", "invalid_json", None),
+    # found by fuzzing: a 500 (RecursionError); lone surrogates are invalid JSON too
+    (b"[" * 100_000, "invalid_json", None),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}',
+     "invalid_json", None),
     (b'{"model": "x"}', "invalid_request", "messages"),
     (b'{"messages": []}', "invalid_request", "messages"),
     (b'{"messages": [{"role": "robot", "content": "hi"}]}', "invalid_request",

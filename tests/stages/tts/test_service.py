@@ -122,6 +122,10 @@ async def test_bad_messages_get_errors_and_socket_stays_open(base: str) -> None:
         assert (await recv_json(ws))["type"] == "ready"
         await ws.send("{not json")
         assert (await recv_json(ws))["code"] == "malformed_json"
+        # found by fuzzing: these dropped the connection (RecursionError)
+        for bad in ("[" * 5000 + "]" * 5000, '{"type": "text", "text": "\\ud800"}'):
+            await ws.send(bad)
+            assert (await recv_json(ws))["code"] == "malformed_json"
         await ws.send(json.dumps({"type": "speak", "text": "x"}))
         err = await recv_json(ws)
         assert err["type"] == "error" and err["code"] == "unknown_type"
