@@ -25,6 +25,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 import re
 import time
@@ -240,3 +241,34 @@ async def check_resume_owner(store: SessionStore, session_id: str, tenant: str) 
     config = await store.get_config(session_id)  # SessionNotFound as the resume would
     if config.get(TENANT_FIELD, DEFAULT_TENANT) != tenant:
         raise InvalidResumeToken("the resume token does not match this session")
+
+
+# Query parameters that carry secrets: uvicorn's access log writes every request's path
+# with its query string, and a resume travels as ``?session_id=...&resume_token=...``.
+_SECRET_QUERY = re.compile(r"((?:resume_token|api_key|key|token|client_secret)=)[^&\s\"']+",
+                           re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of secret-bearing query parameters replaced."""
+    return _SECRET_QUERY.sub(r"\1<redacted>", text)
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites a record's message arguments through ``redact`` (never drops a record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        return True
+
+
+def redact_server_logs() -> None:
+    """Install ``RedactSecrets`` on uvicorn's loggers (once). Filters on a logger survive
+    the ``dictConfig`` uvicorn runs when it starts."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+            logger.addFilter(RedactSecrets())

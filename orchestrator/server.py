@@ -53,6 +53,7 @@ from orchestrator.limits import (
     TenantLimiter,
     own,
     process_capacity,
+    redact_server_logs,
 )
 from orchestrator.loop_lag import LoopLagMonitor
 from orchestrator.metrics import ACTIVE_SESSIONS
@@ -118,10 +119,12 @@ async def load_resources(settings: ServeSettings) -> Resources:
         backends_job: Awaitable[Backends] = asyncio.to_thread(
             remote_backends, settings.asr_url, settings.llm_url, settings.tts_url,
             llm_model=settings.llm_model or None, llm_api_key=settings.llm_api_key or None,
+            access=settings.stage_access(),
         )
     else:
         llm = (remote_llm(settings.llm_url, llm_model=settings.llm_model or None,
-                          llm_api_key=settings.llm_api_key or None)
+                          llm_api_key=settings.llm_api_key or None,
+                          access=settings.stage_access())
                if settings.llm_url else None)
         backends_job = embedded_backends(settings.cpu_budget(), llm=llm,
                                          llm_parallel=settings.llm_parallel)
@@ -254,6 +257,7 @@ def create_app(settings: ServeSettings | None = None, *,
     """The Realtime server. ``session_factory`` defaults to ``RealtimeSession`` and
     ``loader`` to the real backends/VAD/store; tests inject both."""
     settings = settings or ServeSettings()
+    redact_server_logs()  # resume tokens travel in query strings: keep them out of logs
     state = ServerState(settings, session_factory, loader)
 
     @contextlib.asynccontextmanager

@@ -399,3 +399,14 @@ async def test_cors_is_off_by_default() -> None:
         assert "access-control-allow-origin" not in pre.headers
         r = await http.post(url, headers={"Origin": "https://evil.example"}, json={})
         assert "access-control-allow-origin" not in r.headers
+
+
+def test_secret_query_parameters_are_redacted_from_access_logs() -> None:
+    from orchestrator.limits import RedactSecrets, redact
+
+    line = "/v1/realtime?session_id=sess_1&resume_token=abc-_DEF&model=m"
+    assert redact(line) == "/v1/realtime?session_id=sess_1&resume_token=<redacted>&model=m"
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
+                               '%s - "WebSocket %s" [accepted]', ("127.0.0.1:5", line), None)
+    assert RedactSecrets().filter(record)
+    assert "abc-_DEF" not in record.getMessage() and "sess_1" in record.getMessage()
