@@ -410,3 +410,34 @@ def test_secret_query_parameters_are_redacted_from_access_logs() -> None:
                                '%s - "WebSocket %s" [accepted]', ("127.0.0.1:5", line), None)
     assert RedactSecrets().filter(record)
     assert "abc-_DEF" not in record.getMessage() and "sess_1" in record.getMessage()
+
+
+class FakeCall:
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    async def close(self, reason: str) -> None:
+        self.closed.append(reason)
+
+
+async def test_a_calls_sideband_and_hangup_answer_only_its_key() -> None:
+    app = app_with(api_keys=TENANTS)
+    state = app.state.server
+    call = FakeCall()
+    async with serving(app) as (port, _):
+        state.calls["rtc_acme"] = call
+        state.call_tenants["rtc_acme"] = "acme"
+        async with connect(f"ws://127.0.0.1:{port}/v1/realtime?call_id=rtc_acme",
+                           additional_headers={"Authorization": f"Bearer {GLOBEX}"},
+                           proxy=None) as c:
+            err = await recv(c)
+            assert err["error"]["code"] == "call_not_found"
+            assert await close_code(c) == 1008
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            url = "/v1/realtime/calls/rtc_acme/hangup"
+            other = await http.post(url, headers={"Authorization": f"Bearer {GLOBEX}"})
+            assert other.status_code == 404 and call.closed == []
+            own = await http.post(url, headers={"Authorization": f"Bearer {ACME}"})
+            assert own.status_code == 200 and call.closed == ["hangup"]
+        state.calls.clear()
+        state.call_tenants.clear()
