@@ -172,6 +172,11 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        with contextlib.suppress(asyncio.CancelledError):  # aclose(): not an error
+            await self._forward(task, reader, writer)
+
+    async def _forward(self, task: asyncio.Task[None], reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
         self.stats.accepted += 1
         conn = _Connection(self, writer)
         try:
