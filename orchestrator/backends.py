@@ -16,6 +16,7 @@ from typing import cast
 
 from orchestrator.turn import EndOfTurnModel
 from stages.asr.types import AsrBackend
+from stages.common.access import StageAccess
 from stages.common.cpu import CpuBudget
 from stages.common.replicas import ReplicaSet
 from stages.llm.types import LlmBackend
@@ -125,21 +126,27 @@ def load_turn_model(threads: int = 1) -> EndOfTurnModel | None:
 
 
 def remote_llm(llm_url: str, *, llm_model: str | None = None,
-               llm_api_key: str | None = None) -> LlmBackend:
-    """A client of an OpenAI-compatible chat completions server (vLLM, llama.cpp, ...)."""
+               llm_api_key: str | None = None, access: StageAccess | None = None
+               ) -> LlmBackend:
+    """A client of an OpenAI-compatible chat completions server (vLLM, llama.cpp, ...).
+    ``access``: the stage key (sent when ``llm_api_key`` is empty) and TLS trust."""
     from stages.llm.client import OpenAICompatLlm
 
     if llm_model:
-        return OpenAICompatLlm(llm_url, api_key=llm_api_key, model=llm_model)
-    return OpenAICompatLlm(llm_url, api_key=llm_api_key)
+        return OpenAICompatLlm(llm_url, api_key=llm_api_key, model=llm_model, access=access)
+    return OpenAICompatLlm(llm_url, api_key=llm_api_key, access=access)
 
 
 def remote_backends(asr_url: str, llm_url: str, tts_url: str, *,
-                    llm_model: str | None = None, llm_api_key: str | None = None) -> Backends:
-    """Clients of running stage services (``cascade stage ...`` or vLLM for the LLM)."""
+                    llm_model: str | None = None, llm_api_key: str | None = None,
+                    access: StageAccess | None = None) -> Backends:
+    """Clients of running stage services (``cascade stage ...`` or vLLM for the LLM);
+    ``access``: the stage key and TLS trust (default: from the environment)."""
     from stages.asr.client import AsrClient
     from stages.tts.client import TtsClient
 
-    return Backends(asr=AsrClient(asr_url),
-                    llm=remote_llm(llm_url, llm_model=llm_model, llm_api_key=llm_api_key),
-                    tts=TtsClient(tts_url))
+    access = access if access is not None else StageAccess.from_env()
+    return Backends(asr=AsrClient(asr_url, access=access),
+                    llm=remote_llm(llm_url, llm_model=llm_model, llm_api_key=llm_api_key,
+                                   access=access),
+                    tts=TtsClient(tts_url, access=access))

@@ -4,7 +4,9 @@
                   [--pipeline streaming|serial] [--asr-url U --llm-url U --tts-url U]
                   [--llm-model NAME] [--no-demo] [--demo-public]
                   [--ice-host-address IP ...] [--cors-origin ORIGIN ...]
+                  [--ssl-certfile PEM --ssl-keyfile PEM]
     cascade stage asr|llm|tts [--host H] [--port P] [--device cpu|cuda] [--set key=value ...]
+                  [--ssl-certfile PEM --ssl-keyfile PEM]
     cascade demo [--out reply.wav] [--question TEXT]
     cascade bench [--url URL] [--modes streaming,serial] [--max-concurrency N] [--quick] ...
     cascade bench-stages [--out DIR] [--only asr,turn]
@@ -23,6 +25,8 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
+
+from pydantic import ValidationError  # noqa: E402
 
 from benchmarks.v2v.options import USAGE as BENCH_USAGE  # noqa: E402
 from benchmarks.v2v.options import add_arguments as add_bench_arguments  # noqa: E402
@@ -66,29 +70,41 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
 
 
 def run_stage(name: str, host: str | None, port: int | None, device: str | None,
-              extra: dict[str, Any]) -> None:
+              extra: dict[str, Any], ssl_certfile: str | None = None,
+              ssl_keyfile: str | None = None) -> None:
     require_extras(f"stage {name}", (name,))
     settings_mod = importlib.import_module(f"stages.{name}.settings")
     service_mod = importlib.import_module(f"stages.{name}.service")
     from stages.common.service import serve
 
     overrides = dict(extra)
-    for key, value in (("host", host), ("port", port), ("device", device)):
+    for key, value in (("host", host), ("port", port), ("device", device),
+                       ("ssl_certfile", ssl_certfile), ("ssl_keyfile", ssl_keyfile)):
         if value is not None:
             overrides[key] = value
-    settings = settings_mod.SETTINGS_CLASS(**overrides)
+    try:
+        settings = settings_mod.SETTINGS_CLASS(**overrides)
+    except ValidationError as exc:
+        raise SystemExit(f"cascade stage {name}: invalid settings: {_problems(exc)}") from None
     app = service_mod.create_app(settings)
-    serve(app, settings.host, settings.port)
+    serve(app, settings.host, settings.port, ssl_certfile=settings.ssl_certfile,
+          ssl_keyfile=settings.ssl_keyfile)
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: "
+        f"{e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()
+    )
 
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """The server's settings: flags override ``CASCADE_*`` environment variables."""
-    from pydantic import ValidationError
-
     from orchestrator.settings import ServeSettings
 
     fields = ("host", "port", "api_key", "redis_url", "pipeline", "asr_url", "llm_url",
-              "tts_url", "llm_model", "demo", "demo_public")
+              "tts_url", "llm_model", "demo", "demo_public", "ssl_certfile", "ssl_keyfile")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     for flag, field in (("ice_host_address", "ice_host_addresses"),
                         ("cors_origin", "cors_origins")):
@@ -97,12 +113,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
     try:
         settings = ServeSettings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise SystemExit(f"cascade serve: invalid settings: {problems}") from None
+        raise SystemExit(f"cascade serve: invalid settings: {_problems(exc)}") from None
     return settings
 
 
@@ -116,13 +127,21 @@ def run_serve(args: argparse.Namespace) -> None:
         # In-process stages: ASR and TTS always, the LLM unless --llm-url names a server.
         require_extras("serve (embedded stages; or pass --asr-url, --llm-url, --tts-url)",
                        ("asr", "tts") if settings.llm_url else ("asr", "tts", "llm"))
-    serve(create_app(settings), settings.host, settings.port)
+    serve(create_app(settings), settings.host, settings.port,
+          ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     _run(args)
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, env: str) -> None:
+    parser.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS/WSS with this "
+                        f"certificate chain (also {env}CERTFILE); needs --ssl-keyfile")
+    parser.add_argument("--ssl-keyfile", metavar="PEM",
+                        help=f"the certificate's private key (also {env}KEYFILE)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "candidate (repeatable; default: every non-loopback interface)")
     p_serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                          help="a browser origin allowed to call the API (repeatable)")
+    add_tls_arguments(p_serve, "CASCADE_SSL_")
 
     p_stage = sub.add_parser("stage", help="run one stage (asr, llm, tts) as its own service")
     p_stage.add_argument("name", choices=STAGES)
@@ -160,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_stage.add_argument("--device", choices=("cpu", "cuda", "auto"))
     p_stage.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="any field of the stage's settings (also CASCADE_<STAGE>_<KEY>)")
+    add_tls_arguments(p_stage, "CASCADE_<STAGE>_SSL_")
 
     p_demo = sub.add_parser("demo", help="spoken round trip through the three stage services")
     p_demo.add_argument("--out", default="reply.wav", help="WAV file for the spoken answer")
@@ -191,7 +212,8 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "serve":
         run_serve(args)
     elif args.command == "stage":
-        run_stage(args.name, args.host, args.port, args.device, _parse_sets(args.set))
+        run_stage(args.name, args.host, args.port, args.device, _parse_sets(args.set),
+                  args.ssl_certfile, args.ssl_keyfile)
     elif args.command == "demo":
         from orchestrator.demo import run_demo
 

@@ -119,10 +119,12 @@ async def load_resources(settings: ServeSettings) -> Resources:
         backends_job: Awaitable[Backends] = asyncio.to_thread(
             remote_backends, settings.asr_url, settings.llm_url, settings.tts_url,
             llm_model=settings.llm_model or None, llm_api_key=settings.llm_api_key or None,
+            access=settings.stage_access(),
         )
     else:
         llm = (remote_llm(settings.llm_url, llm_model=settings.llm_model or None,
-                          llm_api_key=settings.llm_api_key or None)
+                          llm_api_key=settings.llm_api_key or None,
+                          access=settings.stage_access())
                if settings.llm_url else None)
         backends_job = embedded_backends(settings.cpu_budget(), llm=llm,
                                          llm_parallel=settings.llm_parallel)

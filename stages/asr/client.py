@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from stages.asr.types import AsrError, AsrEvent, AsrFinal, AsrPartial, AsrWord
 from stages.common import tracing
+from stages.common.access import StageAccess
 from stages.common.audio import ASR_RATE, pcm16_from_bytes, wav_bytes
 from stages.common.metrics import REPLICA_FAILOVERS
 from stages.common.replicas import Replica, ReplicaRefused, ReplicaSet, ReplicaUnreachable
@@ -241,14 +242,19 @@ class AsrClient:
     """``AsrBackend`` talking to a running ``cascade stage asr`` service."""
 
     def __init__(self, base_url: str | Sequence[str] | ReplicaSet, *, timeout: float = 60.0,
-                 sample_rate: int = ASR_RATE, model: str = "whisper-1") -> None:
+                 sample_rate: int = ASR_RATE, model: str = "whisper-1",
+                 access: StageAccess | None = None) -> None:
+        # The stage key and TLS trust (default: CASCADE_STAGE_API_KEY, CASCADE_STAGE_CA_FILE).
+        self.access = access if access is not None else StageAccess.from_env()
         self.replicas = (base_url if isinstance(base_url, ReplicaSet)
-                         else ReplicaSet("asr", base_url))
+                         else ReplicaSet("asr", base_url, headers=self.access.headers(),
+                                         verify=self.access.verify()))
         self.base_url = self.replicas.specs[0]
         self.sample_rate = sample_rate
         self.model = model
         self._timeout = timeout
-        self._http = httpx.AsyncClient(timeout=timeout)
+        self._http = httpx.AsyncClient(timeout=timeout, headers=self.access.headers(),
+                                       verify=self.access.verify())
         self._streams: set[RemoteAsrStream] = set()
 
     async def open_stream(self, *, language: str | None = None,
@@ -275,9 +281,11 @@ class AsrClient:
 
         async def open_on(replica: Replica) -> tuple[Replica, ClientConnection]:
             try:
-                ws = await connect("ws" + replica.url[len("http"):] + path, max_size=2**24,
-                                   open_timeout=CONNECT_TIMEOUT_S,
-                                   additional_headers=tracing.headers(span))
+                url = "ws" + replica.url[len("http"):] + path
+                ws = await connect(url, max_size=2**24, open_timeout=CONNECT_TIMEOUT_S,
+                                   ssl=self.access.ws_ssl(url),
+                                   additional_headers=tracing.with_headers(
+                                       self.access.headers(), span))
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 code, message = _error_of(bytes(exc.response.body or b""), str(status))

@@ -101,7 +101,7 @@ def create_app(settings: AsrSettings) -> FastAPI:
                          busy=asr.meter.busy() if asr is not None else 0.0)
 
     drain = add_common_routes(app, STAGE, lambda: state.asr is not None, load,
-                              settings.drain_timeout_s)
+                              settings.drain_timeout_s, api_key=settings.stage_api_key)
 
     @app.websocket("/v1/stream")
     @tracing.server_session("asr.session")  # the stream in the caller's trace, when tracing

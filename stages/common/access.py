@@ -14,7 +14,8 @@ to loopback (the default) or a private network (docs/security.md).
 Client side: ``StageAccess`` is what the orchestrator's stage clients (and the replica
 poller) present: the same key as a Bearer header, and the TLS trust for ``https``/``wss``
 stage URLs: ``CASCADE_STAGE_CA_FILE`` (a PEM bundle, e.g. a private CA or a self-signed
-certificate) or else the system's trust store (``SSL_CERT_FILE`` applies).
+certificate), or else the libraries' defaults (httpx: certifi's bundle; websockets: the
+system's trust store).
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ class StageAccessSettings(BaseSettings):
 
 
 @functools.lru_cache(maxsize=8)
-def client_ssl_context(ca_file: str = "") -> ssl.SSLContext:
-    """Verifying TLS client context: ``ca_file`` alone when given, else the system's
-    trust store. Cached: building one reads the whole bundle."""
-    return ssl.create_default_context(cafile=ca_file or None)
+def client_ssl_context(ca_file: str) -> ssl.SSLContext:
+    """A verifying TLS client context trusting ``ca_file`` alone. Cached: building one
+    reads the whole bundle."""
+    return ssl.create_default_context(cafile=ca_file)
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,15 @@ class StageAccess:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def ssl_context(self) -> ssl.SSLContext:
-        return client_ssl_context(self.ca_file)
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's ``verify``: the CA file's context, else True (httpx's default trust)."""
+        return client_ssl_context(self.ca_file) if self.ca_file else True
 
     def ws_ssl(self, url: str) -> ssl.SSLContext | None:
-        """The ``ssl`` argument of a WebSocket connect to ``url`` (None for ``ws://``)."""
-        return self.ssl_context() if url.startswith("wss://") else None
+        """The ``ssl`` argument of a WebSocket connect to ``url``: the CA file's context
+        for ``wss://``, else None (``websockets``' default: the system's trust store)."""
+        return client_ssl_context(self.ca_file) if self.ca_file and url.startswith(
+            "wss://") else None
 
     def __repr__(self) -> str:
         return f"StageAccess(api_key={'***' if self.api_key else ''!r}, ca_file={self.ca_file!r})"

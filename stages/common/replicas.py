@@ -33,6 +33,7 @@ import hashlib
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -175,14 +176,15 @@ class ReplicaSet:
 
     def __init__(self, stage: str, spec: str | Sequence[str], *,
                  poll_interval_s: float = 1.0, probe_timeout_s: float = 1.0,
-                 resolve_interval_s: float = 10.0, headers: dict[str, str] | None = None
-                 ) -> None:
+                 resolve_interval_s: float = 10.0, headers: dict[str, str] | None = None,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.stage = stage
         self.specs = split_urls(spec)
         self.poll_interval_s = poll_interval_s
         self.probe_timeout_s = probe_timeout_s
         self.resolve_interval_s = resolve_interval_s
-        self._headers = headers or {}
+        self._headers = headers or {}  # on every probe (the stage key: access.py)
+        self._verify = verify  # TLS trust for https replicas
         # Before the first resolution every URL is a replica as given.
         self._replicas: dict[str, Replica] = {u: Replica(u, stage) for u in self.specs}
         self._needs_dns = any(not _is_literal(urlsplit(u).hostname or "") for u in self.specs)
@@ -295,7 +297,8 @@ class ReplicaSet:
         ``poll_interval_s <= 0``: no polling (routing by this process's own counts)."""
         if self._poller is not None or self._closed or self.poll_interval_s <= 0:
             return
-        self._http = httpx.AsyncClient(timeout=self.probe_timeout_s, headers=self._headers)
+        self._http = httpx.AsyncClient(timeout=self.probe_timeout_s, headers=self._headers,
+                                       verify=self._verify)
         self._poller = asyncio.create_task(self._poll_loop(), name=f"replicas-{self.stage}")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.probe_timeout_s * 3):

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stages.common import tracing
+from stages.common.access import StageKeyGuard
 from stages.common.load import StageLoad
 from stages.common.metrics import (
     REQUESTS_REJECTED,
@@ -77,10 +78,14 @@ def drain_of(app: FastAPI) -> Drain | None:
 
 
 def add_common_routes(app: FastAPI, stage: str, is_ready: Callable[[], bool],
-                      load: Callable[[], StageLoad], drain_timeout_s: float = 0.0) -> Drain:
+                      load: Callable[[], StageLoad], drain_timeout_s: float = 0.0,
+                      api_key: str = "") -> Drain:
     """/healthz (process up), /readyz (model loaded and not draining, with the load),
     /load, /metrics, and uniform 4xx bodies. Returns the service's ``Drain``: its stream
-    handlers refuse new streams while ``drain.draining``."""
+    handlers refuse new streams while ``drain.draining``. ``api_key``: every other route
+    needs it as a Bearer token (``StageKeyGuard``)."""
+    if api_key:
+        app.add_middleware(StageKeyGuard, api_key=api_key, stage=stage)
     drain = Drain(drain_timeout_s, lambda: load().active)
     app.state.drain = drain
     tracing.setup(app, f"cascade-{stage}")  # on only with an OTLP endpoint in the environment
@@ -175,9 +180,11 @@ class _DrainingServer(_Server):
         super().handle_exit(sig, None)
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info", *,
+          ssl_certfile: str = "", ssl_keyfile: str = "") -> None:
     """Run one service with uvicorn. SIGTERM/SIGINT: a stage service drains its streams
-    first (``Drain``), then uvicorn shuts down gracefully."""
+    first (``Drain``), then uvicorn shuts down gracefully. ``ssl_certfile`` and
+    ``ssl_keyfile`` (PEM): serve HTTPS and WSS only."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -186,6 +193,8 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
         ws_max_size=16 * 1024 * 1024,
         timeout_graceful_shutdown=10,
         lifespan="on",
+        ssl_certfile=ssl_certfile or None,
+        ssl_keyfile=ssl_keyfile or None,
     )
     drain = drain_of(app)
     server = _Server(config) if drain is None else _DrainingServer(config, drain)

@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 
 from stages.common import tracing
+from stages.common.access import StageAccess
 from stages.common.replicas import (
     NoReplicaError,
     Replica,
@@ -61,10 +62,15 @@ class OpenAICompatLlm:
         *,
         timeout: float = 60.0,
         http_client: httpx.AsyncClient | None = None,
+        access: StageAccess | None = None,
     ) -> None:
         urls = [u.strip().rstrip("/") for u in
                 (base_url.split(",") if isinstance(base_url, str) else base_url) if u.strip()]
         urls = [u if u.endswith("/v1") else u + "/v1" for u in urls]
+        # ``access``: cascade's stage key and TLS trust (the orchestrator's). The key is
+        # sent only when no ``api_key`` is given: the LLM may be another party's server.
+        access = access or StageAccess()
+        api_key = api_key or access.api_key
         self._headers = {"Accept": "text/event-stream"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -72,7 +78,8 @@ class OpenAICompatLlm:
         # the least-loaded healthy one, a session's requests to the same one when possible
         # (``LlmRequest.affinity``), the next one on refusal (429/503) or no connection.
         self.replicas = ReplicaSet("llm", urls, headers={
-            k: v for k, v in self._headers.items() if k == "Authorization"})
+            k: v for k, v in self._headers.items() if k == "Authorization"},
+            verify=access.verify())
         self.base_url = self.replicas.specs[0]
         self.model = model
         self._timeout = timeout
@@ -81,7 +88,7 @@ class OpenAICompatLlm:
         self._window_lock = asyncio.Lock()
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=2.0)
+            timeout=httpx.Timeout(timeout, connect=2.0), verify=access.verify()
         )
 
     @classmethod

@@ -264,7 +264,7 @@ def create_app(settings: LlmSettings, engine: LlmBackend | None = None) -> FastA
     app = FastAPI(title="cascade llm", lifespan=lifespan)
     drain = add_common_routes(app, STAGE, lambda: "engine" in state,
                               lambda: _load(state.get("engine"), settings),
-                              settings.drain_timeout_s)
+                              settings.drain_timeout_s, api_key=settings.stage_api_key)
     model_name = settings.served_model_name
 
     @app.get("/v1/models")

@@ -23,6 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from stages.common import tracing
+from stages.common.access import StageAccess
 from stages.common.metrics import REPLICA_FAILOVERS
 from stages.common.replicas import Replica, ReplicaRefused, ReplicaSet, ReplicaUnreachable
 from stages.tts.types import ChunkEvent, TtsChunk, TtsError
@@ -181,13 +182,19 @@ class TtsClient:
     """``TtsBackend`` over the network: ``TtsClient("http://127.0.0.1:8003")``."""
 
     def __init__(self, base_url: str | Sequence[str] | ReplicaSet, *, timeout: float = 30.0,
-                 max_message_bytes: int = 16 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 16 * 1024 * 1024,
+                 access: StageAccess | None = None) -> None:
+        # The stage key and TLS trust (default: CASCADE_STAGE_API_KEY, CASCADE_STAGE_CA_FILE).
+        self.access = access if access is not None else StageAccess.from_env()
         self.replicas = (base_url if isinstance(base_url, ReplicaSet)
-                         else ReplicaSet("tts", base_url))
+                         else ReplicaSet("tts", base_url, headers=self.access.headers(),
+                                         verify=self.access.verify()))
         self.base_url = self.replicas.specs[0]
         self._timeout = timeout
         self._max_size = max_message_bytes
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
+                                       headers=self.access.headers(),
+                                       verify=self.access.verify())
         self._streams: set[TtsClientStream] = set()
 
     async def open_stream(self, *, voice: str | None = None,
@@ -211,9 +218,11 @@ class TtsClient:
 
         async def open_on(replica: Replica) -> tuple[Replica, ClientConnection]:
             try:
-                ws = await connect("ws" + replica.url.removeprefix("http") + path,
-                                   max_size=self._max_size, open_timeout=CONNECT_TIMEOUT_S,
-                                   additional_headers=tracing.headers(span))
+                url = "ws" + replica.url.removeprefix("http") + path
+                ws = await connect(url, max_size=self._max_size, open_timeout=CONNECT_TIMEOUT_S,
+                                   ssl=self.access.ws_ssl(url),
+                                   additional_headers=tracing.with_headers(
+                                       self.access.headers(), span))
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in (429, 503):

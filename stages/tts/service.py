@@ -180,7 +180,7 @@ def create_app(settings: TtsSettings) -> FastAPI:
                          busy=engine.meter.busy() if engine is not None else 0.0)
 
     drain = add_common_routes(app, STAGE, lambda: "engine" in holder, load,
-                              settings.drain_timeout_s)
+                              settings.drain_timeout_s, api_key=settings.stage_api_key)
 
     def _error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
         REQUESTS_REJECTED.labels(STAGE, code).inc()
