@@ -22,6 +22,7 @@ from benchmarks.reliability.fuzz_cases import (
     NASTY_TEXT,
     REALTIME_CASES,
     SESSION,
+    Case,
     dumps,
     generate,
 )
@@ -164,9 +165,8 @@ async def _send(http: httpx.AsyncClient, base: str, api_key: str, req: Request,
     return response
 
 
-async def _secrets(base: str, api_key: str, n: int) -> Tally:
-    tally = Tally("client secrets (POST /v1/realtime/client_secrets)")
-    requests = await asyncio.to_thread(generate, SECRET_REQUESTS, n, 2)
+async def _secrets(base: str, api_key: str, requests: list[Request]) -> Tally:
+    tally = Tally("client secrets (POST /v1/realtime/client_secrets)", len(requests) + 1)
     async with httpx.AsyncClient(timeout=30) as http:
         for req in requests:
             await _send(http, base, api_key, req, tally, (200, 400, 401, 413, 415, 422, 429))
@@ -176,10 +176,9 @@ async def _secrets(base: str, api_key: str, n: int) -> Tally:
     return tally
 
 
-async def _offers(base: str, api_key: str, n: int) -> Tally:
-    tally = Tally("WebRTC offers (POST /v1/realtime/calls, malformed SDP and bodies)")
-    sdp = await offer_sdp()
-    requests = await asyncio.to_thread(generate, _offer_requests(sdp), n, 3)
+async def _offers(base: str, api_key: str, requests: list[Request]) -> Tally:
+    tally = Tally("WebRTC offers (POST /v1/realtime/calls, malformed SDP and bodies)",
+                  len(requests))
     answered = 0
     async with httpx.AsyncClient(timeout=60) as http:
         for req in requests:
@@ -195,11 +194,9 @@ async def _offers(base: str, api_key: str, n: int) -> Tally:
     return tally
 
 
-async def _sideband(base: str, api_key: str, n: int) -> Tally:
-    """Realtime cases on a call's sideband WebSocket (a new call when one ends)."""
-    tally = Tally("WebRTC call sideband WebSocket (/v1/realtime?call_id=)")
-    sdp = await offer_sdp()
-    cases = await asyncio.to_thread(generate, REALTIME_CASES, n, 4)
+async def _sideband(base: str, api_key: str, sdp: str, cases: list[Case]) -> Tally:
+    """Realtime cases on the sideband WebSocket of one live call."""
+    tally = Tally("WebRTC call sideband WebSocket (/v1/realtime?call_id=)", len(cases))
     async with httpx.AsyncClient(timeout=60) as http:
         response = await http.post(f"{base}{CALLS}", content=sdp.encode(), headers={
             "Authorization": f"Bearer {api_key}", "Content-Type": "application/sdp"})
@@ -218,9 +215,24 @@ async def _sideband(base: str, api_key: str, n: int) -> Tally:
     return tally
 
 
-async def run(base: str, api_key: str, n_http: int, n_sdp: int, n_sideband: int
-              ) -> list[Tally]:
-    return list(await asyncio.gather(_secrets(base, api_key, n_http),
-                                     _offers(base, api_key, n_sdp),
-                                     _sideband(base, api_key, n_sideband)))
+@dataclass(frozen=True)
+class Inputs:
+    sdp: str  # a valid offer
+    secrets: list[Request]
+    offers: list[Request]
+    sideband: list[Case]
+
+
+async def prepare(n_http: int, n_sdp: int, n_sideband: int) -> Inputs:
+    """Everything to send, generated before the servers are needed."""
+    sdp = await offer_sdp()
+    return Inputs(sdp, *await asyncio.to_thread(lambda: (
+        generate(SECRET_REQUESTS, n_http, 2), generate(_offer_requests(sdp), n_sdp, 3),
+        generate(REALTIME_CASES, n_sideband, 4))))
+
+
+async def run(base: str, api_key: str, inputs: Inputs) -> list[Tally]:
+    return list(await asyncio.gather(_secrets(base, api_key, inputs.secrets),
+                                     _offers(base, api_key, inputs.offers),
+                                     _sideband(base, api_key, inputs.sdp, inputs.sideband)))
 

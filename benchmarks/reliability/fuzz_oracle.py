@@ -37,6 +37,7 @@ class Tally:
     """What one target received and how it answered."""
 
     target: str
+    asked: int = 0  # inputs it was to receive (a short run fails its row)
     events: int = 0
     errors: int = 0  # inputs answered by an error event / a 4xx
     clean_closes: int = 0
@@ -46,7 +47,8 @@ class Tally:
         self.crashes.append(f"{what}: {short(data)}")
 
     def figures(self) -> dict[str, Any]:
-        return {"events": self.events, "crashes": len(self.crashes), "errors": self.errors,
+        return {"asked": self.asked, "events": self.events, "crashes": len(self.crashes),
+                "errors": self.errors,
                 "clean_closes": self.clean_closes, "first_crashes": self.crashes[:5]}
 
 

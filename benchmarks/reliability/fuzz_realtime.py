@@ -94,8 +94,9 @@ def judge(case: Case, window: list[dict[str, Any]]) -> str | None:
         why = bad_error(event)
         if why is not None:
             return why
-    mine = [e for e in errors if case.event_id is None
-            or e["error"].get("event_id") == case.event_id]
+    # An error names the event it answers when the event had a readable event_id (not
+    # when the frame was not JSON at all); one naming another event is not about this one.
+    mine = [e for e in errors if e["error"].get("event_id") in (None, case.event_id)]
     codes = {e["error"]["code"] for e in mine}
     if case.expect == "error":
         return None if mine else "bad input not answered by an error event"

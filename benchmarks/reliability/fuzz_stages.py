@@ -362,29 +362,42 @@ async def _http(base: str, requests: list[Http], tally: Tally) -> None:
                 tally.errors += 1
 
 
-async def run(urls: dict[str, str], n: int) -> list[Tally]:
-    """Every stage target, concurrently; ``n`` inputs each."""
-    asr_ws, tts_ws = Tally("asr WebSocket /v1/stream"), Tally("tts WebSocket /v1/stream")
-    llm_http, asr_http, tts_http = (Tally("llm HTTP /v1/chat/completions, /v1/completions, "
-                                          "/load"),
-                                    Tally("asr HTTP /v1/audio/transcriptions, /load"),
-                                    Tally("tts HTTP /v1/audio/speech, /load"))
-    asr_cases, tts_cases, llm_reqs, asr_reqs, tts_reqs = await asyncio.to_thread(
-        lambda: (generate(ASR_CASES, n, 5), generate(TTS_CASES, n, 6),
-                 generate(LLM_HTTP, n, 7), generate(ASR_HTTP, n // 2, 8),
-                 generate(TTS_HTTP, n // 2, 9)))
+@dataclass(frozen=True)
+class Inputs:
+    asr: list[Case | Connect]
+    tts: list[Case | Connect]
+    llm_http: list[Http]
+    asr_http: list[Http]
+    tts_http: list[Http]
+
+
+def prepare(n: int) -> Inputs:
+    """``n`` frames for each stream and the LLM, half as many for the other HTTP APIs."""
+    return Inputs(generate(ASR_CASES, n, 5), generate(TTS_CASES, n, 6),
+                  generate(LLM_HTTP, n, 7), generate(ASR_HTTP, n // 2, 8),
+                  generate(TTS_HTTP, n // 2, 9))
+
+
+async def run(urls: dict[str, str], inputs: Inputs) -> list[Tally]:
+    """Every stage target, concurrently."""
+    asr_ws = Tally("asr WebSocket /v1/stream", len(inputs.asr) + 1)
+    tts_ws = Tally("tts WebSocket /v1/stream", len(inputs.tts) + 1)
+    llm_http = Tally("llm HTTP /v1/chat/completions, /v1/completions, /v1/models, /load",
+                     len(inputs.llm_http))
+    asr_http = Tally("asr HTTP /v1/audio/transcriptions, /load", len(inputs.asr_http))
+    tts_http = Tally("tts HTTP /v1/audio/speech, /load", len(inputs.tts_http))
     asr_base = "ws" + urls["asr"].removeprefix("http")
     tts_base = "ws" + urls["tts"].removeprefix("http")
 
     async def asr() -> None:
-        await fuzz_stream("asr", asr_base, asr_cases, asr_ws)
+        await fuzz_stream("asr", asr_base, inputs.asr, asr_ws)
         await _huge_frame("asr", asr_base, asr_ws)
 
     async def tts() -> None:
-        await fuzz_stream("tts", tts_base, tts_cases, tts_ws)
+        await fuzz_stream("tts", tts_base, inputs.tts, tts_ws)
         await _huge_frame("tts", tts_base, tts_ws)
 
-    await asyncio.gather(asr(), tts(), _http(urls["llm"], llm_reqs, llm_http),
-                         _http(urls["asr"], asr_reqs, asr_http),
-                         _http(urls["tts"], tts_reqs, tts_http))
+    await asyncio.gather(asr(), tts(), _http(urls["llm"], inputs.llm_http, llm_http),
+                         _http(urls["asr"], inputs.asr_http, asr_http),
+                         _http(urls["tts"], inputs.tts_http, tts_http))
     return [asr_ws, tts_ws, llm_http, asr_http, tts_http]
