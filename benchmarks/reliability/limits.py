@@ -37,7 +37,7 @@ from benchmarks.reliability.limits_client import (
     refusal,
     session,
 )
-from benchmarks.reliability.rows import Row
+from benchmarks.reliability.rows import Row, Section
 from orchestrator import limits as limits_mod
 from orchestrator.protocol import base as protocol_base
 from orchestrator.store import codec
@@ -64,10 +64,10 @@ class Seen:
         return sess
 
 
-def row(section: str, name: str, result: str, passed: bool, note: str = "",
+def row(section: Section, name: str, result: str, passed: bool, note: str = "",
         **figures: Any) -> Row:
-    return Row(section=section, name=name, result=result, passed=passed,  # type: ignore[arg-type]
-               command=COMMAND, figures=figures, note=note)
+    return Row(section=section, name=name, result=result, passed=passed, command=COMMAND,
+               figures=figures, note=note)
 
 
 async def _opened(server: Server, seen: Seen, key: str,
@@ -434,11 +434,14 @@ def keys_not_logged(server: Server, seen: Seen) -> Row:
                not leaked and lines > 0, leaked=leaked, where=where)
 
 
-def _bits(values: list[str]) -> float:
+PREFIXES = {"session": "sess_", "item": "item_", "resume_token": "", "ek": "ek_"}
+
+
+def _bits(values: list[str], prefix: str) -> float:
     """Entropy of the random part, from its alphabet (hex 4 bits/char, base64url 6)."""
-    if not values:
+    if not values or not all(v.startswith(prefix) for v in values):
         return 0.0
-    tails = [v.split("_", 1)[1] if re.match(r"^[a-z]+_", v) else v for v in values]
+    tails = [v[len(prefix):] for v in values]
     hexy = all(re.fullmatch(r"[0-9a-f]+", t) for t in tails)
     shortest = min(len(t) for t in tails)
     return shortest * 4 if hexy else shortest * 6 // 8 * 8  # base64: whole bytes encoded
@@ -449,7 +452,7 @@ def ids_entropy(seen: Seen) -> Row:
         "session id": codec.new_session_id, "resume token": codec.new_resume_token,
         "item/response id": protocol_base.new_id}
     from_secrets = all("secrets." in inspect.getsource(f) for f in generators.values())
-    bits = {name: round(_bits(values)) for name, values in seen.ids.items()}
+    bits = {name: round(_bits(values, PREFIXES[name])) for name, values in seen.ids.items()}
     unique = all(len(set(v)) == len(v) for v in seen.ids.values())
     ok = from_secrets and unique and bits["resume_token"] >= 128 and bits["ek"] >= 128 \
         and bits["session"] >= 64 and bits["item"] >= 64
