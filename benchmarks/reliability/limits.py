@@ -429,7 +429,7 @@ def keys_not_logged(server: Server, seen: Seen) -> Row:
     lines = log.count("\n")
     return row("security", "keys and tokens never logged",
                f"{len(values)} secrets (3 API keys, ek_ keys, resume tokens) searched in the "
-               f"server's whole log ({lines} lines at INFO, after refusals, mints, resumes "
+               f"server's whole log ({lines} lines, DEBUG level, after refusals, mints, resumes "
                f"and errors): {len(leaked)} found{': ' if leaked else ''}{', '.join(leaked)}",
                not leaked and lines > 0, leaked=leaked, where=where)
 

@@ -85,8 +85,9 @@ def limits_server(limits: Limits, ready_timeout: float = 180.0) -> Iterator[Serv
         "CASCADE_DEMO": "false",
     }
     with mock.patch.dict(os.environ, env):  # the child copies the environment at spawn
-        proc = CascadeProcess("serve-limits", ["serve"], "--asr-url", NOWHERE,
-                              "--llm-url", NOWHERE, "--tts-url", NOWHERE)
+        # DEBUG: the keys-not-logged row reads every line the server writes
+        proc = CascadeProcess("serve-limits", ["--log-level", "DEBUG", "serve"],
+                              "--asr-url", NOWHERE, "--llm-url", NOWHERE, "--tts-url", NOWHERE)
     try:
         url = proc.wait_ready(ready_timeout)
         yield Server(url, keys, limits, proc)
