@@ -49,7 +49,7 @@ class ApiKeyConfig(BaseModel):
     "max_sessions": 10, "connection_rate": 30, "connection_window_s": 60}``; a limit left
     out takes the server's per-key default (``key_max_sessions``, ...)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     # Shown in logs and metrics instead of the key; letters, digits, "_", "-", ".".
     name: str

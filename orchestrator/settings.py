@@ -32,7 +32,9 @@ MIB = 1024 * 1024
 
 
 class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore")
+    # hide_input_in_errors: a validation error must not echo the keys it was given
+    model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore",
+                                      hide_input_in_errors=True)
 
     # --- network and auth --------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -130,8 +130,9 @@ def test_settings_parse_api_keys_and_refuse_conflicts(monkeypatch: pytest.Monkey
     assert ring.limits("globex") == TenantLimits(7, 5, 60.0)
     assert ring.limits("default") == TenantLimits(7, 300, 60.0)
     assert ACME not in repr(settings.api_keys)
-    with pytest.raises(ValueError, match="api_key's"):
+    with pytest.raises(ValueError, match="api_key's") as refused:
         ServeSettings(api_keys=[{"name": "default", "key": ACME}])
+    assert "tenant-0123" not in str(refused.value) and "sk-" not in str(refused.value)
     with pytest.raises(ValueError, match="same value"):
         ServeSettings(api_keys=[{"name": "x", "key": KEY}])
     with pytest.raises(ValueError):
