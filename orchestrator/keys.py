@@ -45,7 +45,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.auth import EPHEMERAL_PREFIX, authorize, presented_keys
-from orchestrator.limits import DEFAULT_TENANT
+from orchestrator.limits import DEFAULT_TENANT, TenantLimiter, refusal_response
+from orchestrator.metrics import REJECTED_CONNECTIONS
 from orchestrator.protocol.base import WireModel, wire_context
 from orchestrator.protocol.errors import from_validation_error
 from orchestrator.protocol.session import Session, SessionConfig, apply_update
@@ -215,9 +216,11 @@ def _server_default(settings: ServeSettings) -> Session:
 
 
 def secrets_router(settings: ServeSettings,
-                   secrets: Callable[[], ClientSecrets | None]) -> APIRouter:
+                   secrets: Callable[[], ClientSecrets | None],
+                   limiter: TenantLimiter | None = None) -> APIRouter:
     """``POST /v1/realtime/client_secrets``. ``secrets()`` is None until the server has
-    loaded its store (then 503)."""
+    loaded its store (then 503). With ``limiter`` each key mints at most its connection
+    rate (a bucket of its own), so no key can fill the store's bound of live secrets."""
     router = APIRouter()
 
     @router.post(CLIENT_SECRETS_PATH)
@@ -235,6 +238,9 @@ def secrets_router(settings: ServeSettings,
                     message = "Missing or incorrect API key: send 'Authorization: Bearer <key>'."
                 return error_response(401, "invalid_api_key", message)
             tenant = grant.tenant
+        if limiter is not None and (refusal := limiter.connect(tenant, "client secrets")):
+            REJECTED_CONNECTIONS.labels(refusal.reason).inc()
+            return refusal_response(refusal)
         store = secrets()
         if store is None:
             return error_response(503, "server_not_ready",

@@ -161,27 +161,28 @@ class TenantLimiter:
     def __init__(self, ring: KeyRing, clock: Callable[[], float] = time.monotonic) -> None:
         self.ring = ring
         self._clock = clock
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self.active: dict[str, int] = {}
 
-    def connect(self, tenant: str) -> Refusal | None:
-        """One new connection of ``tenant`` (a session, a call, a sideband): rate check."""
+    def connect(self, tenant: str, what: str = "connections") -> Refusal | None:
+        """One new connection of ``tenant`` (a session, a call, a sideband): rate check.
+        ``what="client secrets"``: a mint, against a bucket of its own at the same rate."""
         limits = self.ring.limits(tenant)
         if limits.connection_rate <= 0:
             return None
-        bucket = self._buckets.get(tenant)
+        bucket = self._buckets.get((tenant, what))
         if bucket is None or (bucket.rate, bucket.window_s) != (
                 limits.connection_rate, limits.connection_window_s):
             bucket = TokenBucket(limits.connection_rate, limits.connection_window_s,
                                  self._clock)
-            self._buckets[tenant] = bucket
+            self._buckets[tenant, what] = bucket
         wait = bucket.take()
         if wait <= 0:
             return None
         retry = max(1, math.ceil(wait))
         return Refusal(
-            "connection_rate_limited",
-            f"Too many new connections for this API key (limit {limits.connection_rate} "
+            "connection_rate_limited" if what == "connections" else "mint_rate_limited",
+            f"Too many new {what} for this API key (limit {limits.connection_rate} "
             f"per {limits.connection_window_s:g} s). Try again in {retry} s.",
             "rate", retry_after_s=retry)
 

@@ -298,7 +298,7 @@ def create_app(settings: ServeSettings | None = None, *,
                            "X-OpenAI-Agents-SDK"],
             expose_headers=["Location"], max_age=600)
     app.include_router(signalling.router(state))
-    app.include_router(keys.secrets_router(settings, state.client_secrets))
+    app.include_router(keys.secrets_router(settings, state.client_secrets, state.limiter))
     app.include_router(web_demo.router(settings, state.client_secrets))
 
     @app.get("/healthz")

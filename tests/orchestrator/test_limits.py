@@ -442,3 +442,20 @@ async def test_a_calls_sideband_and_hangup_answer_only_its_key() -> None:
             assert own.status_code == 200 and call.closed == ["hangup"]
         state.calls.clear()
         state.call_tenants.clear()
+
+
+async def test_minting_is_rate_limited_per_key_in_its_own_bucket() -> None:
+    async with serving(app_with(api_key=KEY, api_keys=TENANTS)) as (port, _):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            mint = "/v1/realtime/client_secrets"
+            auth = {"Authorization": f"Bearer {GLOBEX}"}
+            assert [(await http.post(mint, headers=auth, json={})).status_code
+                    for _ in range(2)] == [200, 200]
+            refused = await http.post(mint, headers=auth, json={})
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "mint_rate_limited"
+            assert int(refused.headers["retry-after"]) >= 1
+            other = await http.post(mint, headers={"Authorization": f"Bearer {KEY}"}, json={})
+            assert other.status_code == 200
+        async with ws(port, GLOBEX) as c:  # connections have their own bucket
+            assert (await recv(c))["type"] == "session.created"
