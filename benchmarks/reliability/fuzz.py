@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from benchmarks.reliability import fuzz_http, fuzz_stages
@@ -34,7 +35,7 @@ from orchestrator.launcher import CascadeProcess, StageProcess
 
 API_KEY = "sk-fuzz"
 COMMAND = "python -m benchmarks.reliability fuzz"
-SHARDS = 3  # concurrent fuzzing sessions on the Realtime WebSocket
+SHARDS = 4  # concurrent fuzzing sessions on the Realtime WebSocket
 MAX_EVENT_BYTES = 15 * 1024 * 1024  # the server's default (ServeSettings.max_event_bytes)
 
 
@@ -49,18 +50,51 @@ def _ws(url: str) -> str:
     return "ws" + url.removeprefix("http")
 
 
-async def _realtime(serve: CascadeProcess, cases: list[Case]) -> tuple[Tally, Bystander]:
-    tally = Tally("realtime", len(cases))
+class _Feed:
+    """Realtime cases drawn chunk by chunk in a thread while they are being sent (the
+    full run's 10 000 take minutes to draw); the huge frames come first."""
+
+    CHUNK = 100
+
+    def __init__(self, n: int) -> None:
+        self.queue: asyncio.Queue[Case | None] = asyncio.Queue()
+        self.drawn = 0
+        self.task = asyncio.create_task(self._produce(n))
+
+    async def _produce(self, n: int) -> None:
+        try:
+            for case in huge_frames(MAX_EVENT_BYTES):
+                self.queue.put_nowait(case)
+                self.drawn += 1
+            for chunk in range(-(-n // self.CHUNK)):
+                size = min(self.CHUNK, n - chunk * self.CHUNK)
+                cases = await asyncio.to_thread(generate, REALTIME_CASES, size, 100 + chunk)
+                self.drawn += len(cases)
+                for case in cases:
+                    self.queue.put_nowait(case)
+        finally:
+            for _ in range(SHARDS):
+                self.queue.put_nowait(None)
+
+    async def cases(self) -> AsyncIterator[Case]:
+        while (case := await self.queue.get()) is not None:
+            yield case
+
+
+async def _realtime(serve: CascadeProcess, feed: _Feed) -> tuple[Tally, Bystander]:
+    tally = Tally("realtime")
     open_ = realtime_connect(_ws(serve.url), API_KEY)
     bystander = Bystander(open_)
     stop = asyncio.Event()
     watcher = asyncio.create_task(bystander.run(stop))
     try:
-        await asyncio.gather(*(fuzz_session(open_, cases[i::SHARDS], tally, f"probe{i}_")
+        await asyncio.gather(*(fuzz_session(open_, feed.cases(), tally, f"probe{i}_")
                                for i in range(SHARDS)))
+        await feed.task
     finally:
         stop.set()
         await watcher
+    tally.asked = feed.drawn
     return tally, bystander
 
 
@@ -100,14 +134,13 @@ async def run(quick: bool) -> list[Row]:
     started = time.monotonic()
     try:
         # The inputs are drawn while the servers load their models.
-        realtime_cases = huge_frames(MAX_EVENT_BYTES) + await asyncio.to_thread(
-            generate, REALTIME_CASES, n["realtime"], 1)
+        feed = _Feed(n["realtime"])
         http_inputs = await fuzz_http.prepare(n["http"], n["sdp"], n["sideband"])
         stage_inputs = await asyncio.to_thread(fuzz_stages.prepare, n["stage"])
         for proc in procs:
             await asyncio.to_thread(proc.wait_ready, 300.0)
         (realtime, bystander), http_tallies, stage_tallies = await asyncio.gather(
-            _realtime(serve, realtime_cases),
+            _realtime(serve, feed),
             fuzz_http.run(serve.url, API_KEY, http_inputs),
             fuzz_stages.run({k: p.url for k, p in stages.items()}, stage_inputs))
         health = await _checked(procs)

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -79,6 +79,15 @@ async def _until(ws: ClientConnection, match: Callable[[dict[str, Any]], bool],
             return seen
 
 
+async def _each(cases: Iterable[Case] | AsyncIterable[Case]) -> AsyncIterator[Case]:
+    if isinstance(cases, AsyncIterable):
+        async for case in cases:
+            yield case
+    else:
+        for case in cases:
+            yield case
+
+
 def _answers(probe_id: str) -> Callable[[dict[str, Any]], bool]:
     def match(event: dict[str, Any]) -> bool:
         err = event.get("error")
@@ -112,12 +121,14 @@ def judge(case: Case, window: list[dict[str, Any]]) -> str | None:
     return None
 
 
-async def fuzz_session(open_: Connect, cases: list[Case], tally: Tally,
-                       probe_prefix: str) -> None:
+async def fuzz_session(open_: Connect, cases: Iterable[Case] | AsyncIterable[Case],
+                       tally: Tally, probe_prefix: str) -> None:
     """Replay ``cases`` on one connection, reconnecting after each clean close."""
     ws: ClientConnection | None = None
+    n = 0
     try:
-        for n, case in enumerate(cases):
+        async for case in _each(cases):
+            n += 1
             if ws is None:
                 try:
                     ws = await open_()
@@ -158,7 +169,8 @@ async def fuzz_session(open_: Connect, cases: list[Case], tally: Tally,
 
 
 class Bystander:
-    """A well-behaved session on the fuzzed server: it must keep working throughout."""
+    """A well-behaved session on the fuzzed server: it must keep working throughout (an
+    item added and deleted every second), and at the end get a real reply."""
 
     def __init__(self, open_: Connect) -> None:
         self._open = open_
@@ -192,9 +204,17 @@ class Bystander:
             "content": [{"type": "input_text", "text": f"note {n}"}]}}))
         seen = await _until(ws, lambda e: e.get("type") in ("conversation.item.done", "error")
                             and (e.get("item") or {}).get("id", item_id) == item_id, PROBE_S)
-        self.checks += 1
         if seen[-1].get("type") == "error":
             self.failures.append(f"bystander item {n} refused: {seen[-1]}")
+            return
+        # ... and deletes it again: a long run stays under the session's item limit.
+        await ws.send(json.dumps({"type": "conversation.item.delete", "item_id": item_id}))
+        seen = await _until(ws, lambda e: e.get("type") in ("conversation.item.deleted",
+                                                            "error"), PROBE_S)
+        if seen[-1].get("type") == "error":
+            self.failures.append(f"bystander item {n} not deleted: {seen[-1]}")
+            return
+        self.checks += 1
 
     async def _reply(self, ws: ClientConnection) -> None:
         """A real turn: a question as text, a reply (text) from the LLM."""
@@ -209,6 +229,8 @@ class Bystander:
                        if e.get("type") == "response.output_text.delta")
         self.checks += 1
         self.turn = text.strip()
-        if done.get("status") != "completed" or not self.turn:
+        # A reply cut at its max_output_tokens is still a real, answered turn.
+        cut = (done.get("status_details") or {}).get("reason") == "max_output_tokens"
+        if not (done.get("status") == "completed" or cut) or not self.turn:
             self.failures.append(f"bystander reply {done.get('status')}: "
                                  f"{done.get('status_details')} text={text!r}")
