@@ -116,8 +116,8 @@ from stages.llm.types import (
     ToolCall,
     ToolSpec,
 )
+from stages.vad.batch import BatchedVadStream, batcher_for
 from stages.vad.model import SileroVadModel
-from stages.vad.stream import VadStream
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ class RealtimeSession:
             if vad is None:
                 raise ValueError("RealtimeSession needs a VAD model (or make_vad)")
             model = vad
-            make_vad = lambda: VadStream(model)  # noqa: E731
+            # Every session's frames share batched runs of the one model (stages/vad/batch.py).
+            make_vad = lambda: BatchedVadStream(batcher_for(model))  # noqa: E731
         self._make_vad = make_vad
         self._store = store
         self._settings = settings

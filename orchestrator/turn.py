@@ -180,7 +180,8 @@ class TurnController:
     async def push_audio(self, pcm16: bytes) -> None:
         """16 kHz mono pcm16 from the client, in arrival order. Never waits on a stage."""
         async with self._lock:
-            frames = self._vad.process(pcm16)
+            batched = getattr(self._vad, "process_async", None)  # frames run across sessions
+            frames = await batched(pcm16) if batched is not None else self._vad.process(pcm16)
             self.samples += len(pcm16) // 2
             self._history += pcm16
             if len(self._history) > self._history_max:

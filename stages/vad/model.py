@@ -71,3 +71,10 @@ class SileroVadModel:
             self._outputs, {"input": window.reshape(1, -1), "state": state, "sr": self._sr}
         )
         return float(prob[0, 0]), np.asarray(new_state, dtype=np.float32)
+
+    def infer_batch(self, windows: FloatArray, states: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Many streams' frames in one run: ``windows`` [B, 576], ``states`` [2, B, 128] ->
+        (p(speech) [B, 1], next states [2, B, 128]); row i is exactly ``infer`` of row i."""
+        probs, new_states = self._session.run(
+            self._outputs, {"input": windows, "state": states, "sr": self._sr})
+        return np.asarray(probs, dtype=np.float32), np.asarray(new_states, dtype=np.float32)

@@ -1,0 +1,130 @@
+"""Silero VAD batched across the streams of one process.
+
+One frame at a time, the model costs a fixed overhead per ``InferenceSession.run`` that
+dwarfs the arithmetic of a 512-sample frame; with hundreds of sessions in one orchestrator
+those per-frame runs on the event loop were its largest cost. The model takes a batch
+(``input`` [B, 576], ``state`` [2, B, 128]) and gives each row exactly what a run of that
+row alone gives, so frames from many streams are run together:
+
+``VadBatcher.infer(window, state)`` queues one frame and awaits its result. While no batch
+is running, the queue is handed at once to one worker thread (onnxruntime releases the
+GIL, so the event loop goes on meanwhile); frames that arrive while a batch runs form the
+next batch. Under light load a batch is one frame (no added delay beyond the thread hop);
+under heavy load batches grow by themselves, up to ``max_batch``.
+
+``BatchedVadStream`` is ``VadStream`` with ``process_async``, its frames run through a
+batcher; ``batcher_for(model)`` gives the batcher of a model on the running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import numpy.typing as npt
+
+from stages.vad.model import CONTEXT_SAMPLES, FRAME_SAMPLES, SileroVadModel
+from stages.vad.stream import AudioInput, VadFrame, VadStream, _as_float
+
+FloatArray = npt.NDArray[np.float32]
+_Entry = tuple[FloatArray, FloatArray, "asyncio.Future[tuple[float, FloatArray]]"]
+
+
+class VadBatcher:
+    """Runs the frames of many streams of one model in batches, on one worker thread."""
+
+    def __init__(self, model: SileroVadModel, max_batch: int = 256) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self._pending: list[_Entry] = []
+        self._running = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vad-batch")
+        self.batches = 0
+        self.frames = 0
+
+    async def infer(self, window: FloatArray, state: FloatArray) -> tuple[float, FloatArray]:
+        """p(speech) of one window and the stream's next state, as ``model.infer``. The
+        window is copied: the caller may reuse its buffer at once."""
+        future: asyncio.Future[tuple[float, FloatArray]] = (
+            asyncio.get_running_loop().create_future())
+        self._pending.append((window.copy(), state, future))
+        if not self._running:
+            self._start()
+        return await future
+
+    def _start(self) -> None:
+        batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+        self._running = True
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._pool, self._run, [e[0] for e in batch],
+                                   [e[1] for e in batch])
+        job.add_done_callback(lambda done: self._finish(batch, done))
+
+    def _run(self, windows: list[FloatArray], states: list[FloatArray]
+             ) -> tuple[FloatArray, FloatArray]:
+        return self.model.infer_batch(np.stack(windows), np.concatenate(states, axis=1))
+
+    def _finish(self, batch: list[_Entry],
+                done: asyncio.Future[tuple[FloatArray, FloatArray]]) -> None:
+        self._running = False
+        self.batches += 1
+        self.frames += len(batch)
+        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        if error is None:
+            probs, states = done.result()
+            for i, (_w, _s, future) in enumerate(batch):
+                if not future.done():
+                    future.set_result((float(probs[i, 0]), states[:, i:i + 1, :]))
+        else:
+            for _w, _s, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+        if self._pending:
+            self._start()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_BATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                     dict[int, VadBatcher]] = weakref.WeakKeyDictionary()
+
+
+def batcher_for(model: SileroVadModel) -> VadBatcher:
+    """The batcher of ``model`` on the running loop (made on first use)."""
+    per_loop = _BATCHERS.setdefault(asyncio.get_running_loop(), {})
+    batcher = per_loop.get(id(model))
+    if batcher is None or batcher.model is not model:
+        batcher = per_loop[id(model)] = VadBatcher(model)
+    return batcher
+
+
+class BatchedVadStream(VadStream):
+    """A ``VadStream`` whose frames go through a ``VadBatcher``: same frames, same
+    probabilities, ``await stream.process_async(audio)`` instead of ``process``."""
+
+    def __init__(self, batcher: VadBatcher) -> None:
+        super().__init__(batcher.model)
+        self._batcher = batcher
+
+    async def process_async(self, audio: AudioInput) -> list[VadFrame]:
+        samples = _as_float(audio)
+        frames: list[VadFrame] = []
+        pos = 0
+        n = samples.shape[0]
+        while pos < n:
+            take = min(FRAME_SAMPLES - self._n_pending, n - pos)
+            self._pending[self._n_pending : self._n_pending + take] = samples[pos : pos + take]
+            self._n_pending += take
+            pos += take
+            if self._n_pending == FRAME_SAMPLES:
+                self._window[CONTEXT_SAMPLES:] = self._pending
+                prob, self._state = await self._batcher.infer(self._window, self._state)
+                self._window[:CONTEXT_SAMPLES] = self._pending[-CONTEXT_SAMPLES:]
+                self._n_pending = 0
+                start = self._samples_done
+                self._samples_done += FRAME_SAMPLES
+                frames.append(VadFrame(start, self._samples_done, prob))
+        return frames

@@ -1,0 +1,67 @@
+"""Batched VAD: the same probabilities as one stream at a time, in fewer model runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from stages.vad.batch import BatchedVadStream, VadBatcher, batcher_for
+from stages.vad.model import SileroVadModel
+from stages.vad.stream import VadStream
+
+
+@pytest.fixture(scope="module")
+def model() -> SileroVadModel:
+    return SileroVadModel()
+
+
+def _audio(seed: int, seconds: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    voiced = np.sin(2 * np.pi * (120 + 40 * seed) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    noise = rng.normal(0, 0.05, t.size)
+    return (np.clip(voiced * 0.4 + noise, -1, 1) * 32767).astype(np.int16)
+
+
+async def test_batched_streams_match_unbatched_exactly(model: SileroVadModel) -> None:
+    streams = 12
+    audio = [_audio(i) for i in range(streams)]
+    expected = []
+    for samples in audio:
+        plain = VadStream(model)
+        expected.append([f for i in range(0, samples.size, 320)
+                         for f in plain.process(samples[i:i + 320])])
+    batcher = VadBatcher(model)
+    batched = [BatchedVadStream(batcher) for _ in range(streams)]
+
+    async def feed(stream: BatchedVadStream, samples: np.ndarray) -> list[object]:
+        out: list[object] = []
+        for i in range(0, samples.size, 320):  # 20 ms pieces, as clients send them
+            out += await stream.process_async(samples[i:i + 320])
+        return out
+
+    got = await asyncio.gather(*(feed(s, a) for s, a in zip(batched, audio, strict=True)))
+    assert got == expected  # same frames, bit-identical probabilities
+    total = sum(len(frames) for frames in expected)
+    assert batcher.frames == total
+    assert batcher.batches < total  # frames of concurrent streams shared runs
+    batcher.close()
+
+
+async def test_batcher_is_per_model_and_loop(model: SileroVadModel) -> None:
+    first = batcher_for(model)
+    assert batcher_for(model) is first
+    assert batcher_for(SileroVadModel()) is not first
+
+
+async def test_a_failed_run_fails_its_frames(model: SileroVadModel) -> None:
+    batcher = VadBatcher(model)
+    stream = BatchedVadStream(batcher)
+    stream._state = np.zeros((2, 1, 7), dtype=np.float32)  # a shape the model refuses
+    with pytest.raises(Exception):  # noqa: B017, PT011 - onnxruntime's own error type
+        await stream.process_async(np.zeros(512, dtype=np.int16))
+    good = BatchedVadStream(batcher)  # the batcher goes on serving other streams
+    assert len(await good.process_async(np.zeros(512, dtype=np.int16))) == 1
+    batcher.close()
