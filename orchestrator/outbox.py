@@ -1,7 +1,9 @@
 """One connection's outgoing events: a bounded queue drained by a single writer task, so
 sends never interleave and the session never waits on the client. A client that reads
 slower than its session produces fills the queue and is disconnected (close 1008)
-instead of being buffered without bound. Transport-independent: the WebSocket and a
+instead of being buffered without bound: the queue is bounded in events and in bytes
+(512 events of a 200 KB retrieved item would hold ~100 MB for one connection that stopped
+reading). Transport-independent: the WebSocket and a
 WebRTC call's data channel each give their own ``write`` and ``close``."""
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ log = logging.getLogger(__name__)
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
+# Characters of queued events per connection (JSON is ASCII, so bytes): a live session
+# queues a few KB (audio is paced at real time); a client this far behind is not reading.
+MAX_QUEUED_CHARS = 8 * 1024 * 1024
 
 
 def error_json(code: str, message: str, type: str = "invalid_request_error") -> str:
@@ -35,10 +40,12 @@ class Outbox:
 
     def __init__(self, write: Callable[[str], Awaitable[None]],
                  close: Callable[[int, str], Awaitable[None]], max_events: int,
-                 close_timeout_s: float) -> None:
+                 close_timeout_s: float, max_chars: int = MAX_QUEUED_CHARS) -> None:
         self._write = write
         self._close = close
         self._queue: asyncio.Queue[str] = asyncio.Queue(max_events)
+        self._max_chars = max_chars
+        self.queued_chars = 0  # in the queue, not yet handed to ``write``
         self._timeout = close_timeout_s
         self.closing = asyncio.Event()  # no more sends; the connection is ending
         self.close_code = CLOSE_NORMAL
@@ -55,12 +62,19 @@ class Outbox:
         """Queue one event; never waits on the client. Dropped once the connection ends."""
         if self.closing.is_set():
             return
+        # One event larger than the bound still goes out when nothing waits before it.
+        too_much = self.queued_chars + len(text) > self._max_chars and self.queued_chars > 0
         try:
+            if too_much:
+                raise asyncio.QueueFull
             self._queue.put_nowait(text)
         except asyncio.QueueFull:
             REJECTED_CONNECTIONS.labels("slow_client").inc()
-            log.warning("client too slow: %d events queued; closing", self._queue.maxsize)
+            log.warning("client too slow: %d events (%d chars) queued; closing",
+                        self._queue.qsize(), self.queued_chars)
             self.abort(CLOSE_POLICY, "client is not reading events fast enough")
+            return
+        self.queued_chars += len(text)
 
     def abort(self, code: int, reason: str) -> None:
         """End now: queued events are dropped, the close frame follows."""
@@ -70,11 +84,16 @@ class Outbox:
         self.closing.set()
         if self._writer is not None:
             self._writer.cancel()
+        while not self._queue.empty():  # freed now, not when the connection is gone
+            self._queue.get_nowait()
+            self._queue.task_done()
+        self.queued_chars = 0
 
     async def _write_loop(self) -> None:
         try:
             while True:
                 text = await self._queue.get()
+                self.queued_chars -= len(text)
                 await self._write(text)
                 self._queue.task_done()
         except asyncio.CancelledError:
