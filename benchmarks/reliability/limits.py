@@ -26,6 +26,7 @@ from typing import Any
 from unittest import mock
 
 import httpx
+from websockets.exceptions import ConnectionClosed
 
 from benchmarks.reliability.limits_client import (
     Conn,
@@ -72,10 +73,18 @@ def row(section: Section, name: str, result: str, passed: bool, note: str = "",
 
 async def _opened(server: Server, seen: Seen, key: str,
                   stack: contextlib.AsyncExitStack) -> Conn:
-    """A session kept open until ``stack`` closes (or the caller closes it)."""
+    """A session kept open (and talking, so never idle) until ``stack`` closes or the
+    caller closes it."""
     conn = await stack.enter_async_context(session(server, key))
     seen.created(await conn.until("session.created", "error"))
+    talking = asyncio.create_task(_keep_talking(conn))
+    stack.push_async_callback(_stop, talking)
     return conn
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 # --- limits ----------------------------------------------------------------------------------
@@ -183,9 +192,10 @@ async def lifetime(server: Server, seen: Seen) -> Row:
 
 
 async def _keep_talking(conn: Conn) -> None:
-    while True:
-        await asyncio.sleep(0.4)
-        await conn.send({"type": "session.update", "session": {"type": "realtime"}})
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await asyncio.sleep(0.4)
+            await conn.send({"type": "session.update", "session": {"type": "realtime"}})
 
 
 async def idle(server: Server, seen: Seen) -> Row:
