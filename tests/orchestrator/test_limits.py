@@ -374,7 +374,7 @@ async def test_idle_session_gets_an_error_then_a_clean_close() -> None:
             err = await recv(idle)
             assert err["error"]["code"] == "session_idle_timeout"
             assert await close_code(idle) == 1000
-            assert loop.time() - start < 2.0
+            assert loop.time() - start < 5.0  # 0.4 s, with room for a busy machine
             await busy.send("{}")
             assert (await recv(busy))["type"] == "cascade.echo"
     assert rejected("idle") == before + 1
