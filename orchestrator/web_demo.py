@@ -11,7 +11,11 @@ Why it is built this way:
   only clients on this machine: the peer address (``request.client.host``, never a
   forwarded-for header we would have to trust) must be loopback, and the ``Host`` header
   must name a loopback host too, which stops a DNS-rebinding page (an attacker's name
-  that resolves to 127.0.0.1) from minting keys through the user's own browser.
+  that resolves to 127.0.0.1) from minting keys through the user's own browser. A request
+  that carries a reverse proxy's headers (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``...)
+  is refused as well: a proxy on the same machine makes every visitor's request look local
+  (nginx even sends ``Host: 127.0.0.1:<port>`` by default), and no browser talking to the
+  server directly sends them.
   ``CASCADE_DEMO_PUBLIC=true`` lifts both for a deliberate public demo. In every mode a
   browser request from another site (``Sec-Fetch-Site``/``Origin``) is refused, so
   permissive CORS settings cannot turn the endpoint into a key dispenser for other pages.
@@ -77,6 +81,9 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
+# Headers a reverse proxy adds (lowercase, as starlette's Headers compares them).
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+                 "x-real-ip", "via")
 NOT_PUBLIC_HINT = ("Set CASCADE_DEMO_PUBLIC=true to let other machines use the demo page; "
                    "anyone who can reach the server can then talk to the agent.")
 
@@ -190,6 +197,13 @@ def token_refusal(request: Request, public: bool) -> JSONResponse | None:
             403, "demo_not_public",
             f"The demo token endpoint answers clients on this machine only (loopback); "
             f"this request came from {peer or 'an unknown address'}. {NOT_PUBLIC_HINT}")
+    proxied = [name for name in PROXY_HEADERS if name in request.headers]
+    if proxied:
+        return error_response(
+            403, "demo_not_public",
+            f"The demo token endpoint answers clients on this machine only, and this request "
+            f"came through a proxy ({', '.join(proxied)}): behind a reverse proxy every "
+            f"visitor looks local. {NOT_PUBLIC_HINT}")
     host = request.headers.get("host", "")
     if not is_loopback_host(host):
         return error_response(

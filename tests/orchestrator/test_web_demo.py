@@ -239,6 +239,22 @@ def test_token_refused_for_other_machines(secrets: ClientSecrets,
     assert peer[0] in error["message"]
 
 
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "Forwarded", "X-Real-IP", "Via"])
+def test_token_refused_through_a_local_reverse_proxy(secrets: ClientSecrets,
+                                                     header: str) -> None:
+    """A proxy on this machine: loopback peer, loopback Host (nginx's default), but the
+    visitor is anywhere; its forwarding headers give it away."""
+    with client(secrets) as http:
+        answer = http.post("/demo/token", headers={header: "for=198.51.100.4"})
+        assert http.post("/demo/token").status_code == 200
+    assert answer.status_code == 403
+    error = answer.json()["error"]
+    assert error["code"] == "demo_not_public" and "proxy" in error["message"]
+    assert header.lower() in error["message"]
+    with client(secrets, demo_public=True) as http:
+        assert http.post("/demo/token", headers={header: "x"}).status_code == 200
+
+
 def test_token_refused_to_a_rebinding_host_name(secrets: ClientSecrets) -> None:
     """A loopback peer whose page was loaded under another name (DNS rebinding)."""
     with client(secrets, base_url="http://attacker.example:8000") as http:
