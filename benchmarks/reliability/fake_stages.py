@@ -170,6 +170,7 @@ class FakeStages:
         self.counters = Counters()
         self.audio = AudioBank()
         self._servers: list[Server | asyncio.Server] = []
+        self._llm_writers: set[asyncio.StreamWriter] = set()
         self.ports: tuple[int, int, int] = (0, 0, 0)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[int, int, int]:
@@ -193,6 +194,8 @@ class FakeStages:
     async def aclose(self) -> None:
         for server in self._servers:
             server.close()
+        for writer in list(self._llm_writers):  # asyncio.Server.close leaves them open
+            writer.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
@@ -291,6 +294,7 @@ class FakeStages:
     # ------------------------------------------------------------------ LLM
     async def _llm_connection(self, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
+        self._llm_writers.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -310,6 +314,7 @@ class FakeStages:
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
         finally:
+            self._llm_writers.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

@@ -25,7 +25,7 @@ import os
 from typing import Any
 
 from benchmarks.reliability.loadgen import LoadGen, Stats, quantile
-from benchmarks.reliability.procs import CpuMeter, Rig, Scrape, rss_mb
+from benchmarks.reliability.procs import CpuMeter, Rig, rss_mb
 from benchmarks.reliability.rows import Row
 
 COMMAND = "python -m benchmarks.reliability load"
@@ -66,24 +66,23 @@ async def measure_step(rig: Rig, gen: LoadGen, sessions: int, hold_s: float,
     after = await rig.scrape()
     stats = gen.reset()
     lag = after.lag.since(before.lag)
-    return summarize(sessions, gen.live, stats, lag_scrape=(before, after),
+    return summarize(sessions, gen.live, stats, tasks=after.tasks, sockets=after.sockets,
                      cpu={k: round(m.read(), 3) for k, m in meters.items()},
                      rss=rss_mb(rig.orch.pid), lag_p50=lag.quantile(0.5) * 1000,
                      lag_p99=lag.quantile(0.99) * 1000, lag_samples=lag.count,
                      alive=rig.alive())
 
 
-def summarize(sessions: int, live: int, stats: Stats, *, lag_scrape: tuple[Scrape, Scrape],
+def summarize(sessions: int, live: int, stats: Stats, *, tasks: float, sockets: float,
               cpu: dict[str, float], rss: float, lag_p50: float, lag_p99: float,
-              lag_samples: float, alive: bool, gen_lag: list[float] | None = None
-              ) -> dict[str, Any]:
+              lag_samples: float, alive: bool) -> dict[str, Any]:
     finished = stats.answered + stats.unanswered
     return {
         "sessions": sessions, "live": live, "alive": alive,
         "lag_p50_ms": round(lag_p50, 2), "lag_p99_ms": round(lag_p99, 2),
         "lag_samples": lag_samples,
         "rss_mb": round(rss, 1), "cpu": cpu,
-        "tasks": lag_scrape[1].tasks, "sockets": lag_scrape[1].sockets,
+        "tasks": tasks, "sockets": sockets,
         "turns": stats.turns, "answered": stats.answered, "unanswered": stats.unanswered,
         "finished": finished, "completed": stats.completed, "failed": stats.failed,
         "barge_ins": stats.barge_ins, "reconnects": stats.reconnects,

@@ -143,6 +143,7 @@ class Rig:
         self.fakes: subprocess.Popen[str] | None = None
         self.orch: subprocess.Popen[str] | None = None
         self.port = 0
+        self.stage_ports: dict[int, str] = {}
         self.orchestrator_cpus = orchestrator_cpus
         self.others_cpus = others_cpus
         self.pinned = False
@@ -166,6 +167,7 @@ class Rig:
         if len(parts) < 8:
             raise RuntimeError(f"fake stages did not start: {line!r}")
         asr, llm, tts = parts[3], parts[5], parts[7]
+        self.stage_ports = {int(asr): "asr", int(llm): "llm", int(tts): "tts"}
         self.port = free_port()
         env = {**os.environ, "CASCADE_ASR_URL": f"http://127.0.0.1:{asr}",
                "CASCADE_LLM_URL": f"http://127.0.0.1:{llm}",
@@ -227,3 +229,51 @@ class Rig:
             for tid in os.listdir("/proc/self/task"):
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(int(tid), self._own_cpus)
+
+
+def socket_peers(pid: int) -> dict[str, int]:
+    """The process's TCP sockets by what they are: ``listen``, ``to:<port>`` (connections
+    it opened to that local port, e.g. a stage's), ``from-clients`` (accepted) or
+    ``other`` (UDP, unix, closing), matched through ``/proc/<pid>/net/tcp*`` by inode."""
+    inodes: set[str] = set()
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"{base}/{name}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    listening: set[int] = set()
+    rows: list[tuple[int, int, str, str]] = []  # local port, remote port, state, inode
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                cols = line.split()
+                local = int(cols[1].rsplit(":", 1)[1], 16)
+                remote = int(cols[2].rsplit(":", 1)[1], 16)
+                if cols[3] == "0A":
+                    listening.add(local)
+                rows.append((local, remote, cols[3], cols[9]))
+    out: dict[str, int] = {}
+    seen: set[str] = set()
+    for local, remote, state, inode in rows:
+        if inode not in inodes or inode in seen:
+            continue
+        seen.add(inode)
+        if state == "0A":
+            key = "listen"
+        elif local in listening:
+            key = "from-clients"
+        else:
+            key = f"to:{remote}"
+        out[key] = out.get(key, 0) + 1
+    other = len(inodes) - len(seen)
+    if other:
+        out["other"] = other
+    return out
+
+
+def threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
