@@ -8,7 +8,8 @@ Design:
   (``turn_detection: null`` switches to manual turns). ``apply_update`` merges an update
   into the effective ``Session`` field by field, recursing into nested objects, so
   ``{"audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 0.7}}}}``
-  changes only the threshold.
+  changes only the threshold. A ``null`` for a field the effective session cannot be
+  without (``audio``, ``instructions``, ``tools``...) counts as absent.
 * Beta clients send a flat session (``modalities``, ``input_audio_format: "pcm16"``,
   ``turn_detection`` at the top level, ...). A ``before`` validator rewrites it into the
   GA shape, so the rest of cascade sees GA only. A GA field wins over its beta twin.
@@ -24,6 +25,7 @@ Design:
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -31,6 +33,8 @@ from pydantic import (
     JsonValue,
     SerializationInfo,
     SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
     model_serializer,
     model_validator,
 )
@@ -347,6 +351,19 @@ _M = TypeVar("_M", bound=WireModel)
 _REPLACED_WHOLE = frozenset({"truncation"})  # a policy, not a bag of settings
 
 
+@functools.cache
+def _nullable(model: type[WireModel], name: str) -> bool:
+    """Whether ``model.name`` may be null (``turn_detection: null`` means manual turns);
+    an explicit null elsewhere (``"audio": null``, ``"instructions": null``) would leave
+    the effective session without a value it needs."""
+    annotation = model.model_fields[name].annotation
+    try:
+        TypeAdapter(Any if annotation is None else annotation).validate_python(None)
+    except ValidationError:
+        return False
+    return True
+
+
 def _merge(base: _M, update: WireModel) -> _M:
     changes: dict[str, Any] = {}
     for name in update.model_fields_set:
@@ -356,6 +373,8 @@ def _merge(base: _M, update: WireModel) -> _M:
             continue
         new = getattr(update, name)
         old = getattr(base, name)
+        if new is None and not _nullable(type(base), name):
+            continue  # null where the session must hold a value: as if absent
         if (isinstance(new, WireModel) and isinstance(old, WireModel) and type(old) is type(new)
                 and name not in _REPLACED_WHOLE):
             new = _merge(old, new)

@@ -70,6 +70,22 @@ def test_null_turn_detection_means_manual_turns() -> None:
     SdkSessionUpdated.model_validate(wire)
 
 
+def test_null_for_a_value_the_session_needs_counts_as_absent() -> None:
+    # found by fuzzing: {"audio": null} left the session without audio (AttributeError
+    # in apply_update, a server_error event; a 500 for a client secret)
+    base = apply_update(Session(), _update({"instructions": "Be brief.", "tools": [
+        {"type": "function", "name": "f"}]}))
+    s = apply_update(base, _update({
+        "audio": None, "instructions": None, "tools": None, "tool_choice": None,
+        "temperature": None, "max_output_tokens": None, "truncation": None, "cascade": None,
+        "output_modalities": None, "model": None}))
+    assert s == base
+    SdkSessionUpdated.model_validate(json.loads(SessionUpdatedEvent(session=s).to_json()))
+    # where null means something, it still does
+    assert apply_update(base, _update({"audio": {"input": {"turn_detection": None}}})
+                        ).turn_detection is None
+
+
 def test_switching_to_semantic_vad_gets_defaults() -> None:
     s = apply_update(
         Session(), _update({"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}})
