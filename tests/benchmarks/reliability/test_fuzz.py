@@ -62,5 +62,6 @@ def test_quick_fuzz_finds_no_crash() -> None:
     assert realtime.figures["asked"] >= asked["realtime"]
     assert realtime.figures["errors"] > asked["realtime"] // 4  # bad input was sent
     assert realtime.figures["bystander_checks"] >= 3  # items throughout, then a reply
-    sizes = {row.name.split()[0]: row.figures["asked"] for row in targets[4:]}
-    assert sizes["asr"] >= asked["stage"] // 2 and sizes["tts"] >= asked["stage"] // 2
+    asr_ws, tts_ws = targets[4], targets[5]
+    assert asr_ws.name.startswith("asr WebSocket") and tts_ws.name.startswith("tts WebSocket")
+    assert min(asr_ws.figures["asked"], tts_ws.figures["asked"]) > asked["stage"]
