@@ -174,7 +174,10 @@ class Rig:
                "CASCADE_TTS_URL": f"http://127.0.0.1:{tts}",
                "CASCADE_PORT": str(self.port), "CASCADE_HOST": "127.0.0.1",
                "CASCADE_MAX_SESSIONS": str(max_sessions), "CASCADE_DEMO": "false",
-               "CASCADE_REDIS_URL": "", **self.env}
+               "CASCADE_REDIS_URL": "",
+               # The per-key connection rate (300 a minute) would refuse a ramp's
+               # connects and resumes: this run measures capacity, not that limit.
+               "CASCADE_KEY_CONNECTION_RATE": "0", **self.env}
         self.orch = self._spawn_orchestrator(env)
         deadline = time.monotonic() + ready_timeout_s
         async with httpx.AsyncClient(timeout=2) as http:

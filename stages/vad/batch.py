@@ -10,8 +10,9 @@ row alone gives, so frames from many streams are run together:
 is running, the queue is handed, ``gather_s`` (2 ms) after its first frame, to one worker
 thread (onnxruntime releases the GIL, so the event loop goes on meanwhile); frames that
 arrive while a batch runs form the next batch. The short gathering delay spares a thread
-hand-off per frame (it cost more than the inference of one frame); under heavy load
-batches grow by themselves, up to ``max_batch``.
+hand-off per frame (it cost more than the inference of one frame), and a batch of at most
+``inline_max`` frames (light load) runs on the loop at once, as before batching; under
+heavy load batches grow by themselves, up to ``max_batch``.
 
 ``BatchedVadStream`` is ``VadStream`` with ``process_async``, its frames run through a
 batcher; ``batcher_for(model)`` gives the batcher of a model on the running loop.
@@ -37,10 +38,11 @@ class VadBatcher:
     """Runs the frames of many streams of one model in batches, on one worker thread."""
 
     def __init__(self, model: SileroVadModel, max_batch: int = 256,
-                 gather_s: float = 0.002) -> None:
+                 gather_s: float = 0.002, inline_max: int = 2) -> None:
         self.model = model
         self.max_batch = max_batch
         self.gather_s = gather_s
+        self.inline_max = inline_max
         self._pending: list[_Entry] = []
         self._running = False
         self._scheduled: asyncio.TimerHandle | None = None
@@ -61,6 +63,16 @@ class VadBatcher:
     def _start(self) -> None:
         self._scheduled = None
         batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+        if len(batch) <= self.inline_max:  # light load: a thread hand-off costs more
+            done: asyncio.Future[tuple[FloatArray, FloatArray]] = (
+                asyncio.get_running_loop().create_future())
+            try:
+                done.set_result(self._run([e[0] for e in batch], [e[1] for e in batch]))
+            except Exception as exc:
+                done.set_exception(exc)
+            self._running = True
+            self._finish(batch, done)
+            return
         self._running = True
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(self._pool, self._run, [e[0] for e in batch],

@@ -60,8 +60,20 @@ async def test_a_failed_run_fails_its_frames(model: SileroVadModel) -> None:
     batcher = VadBatcher(model)
     stream = BatchedVadStream(batcher)
     stream._state = np.zeros((2, 1, 7), dtype=np.float32)  # a shape the model refuses
-    with pytest.raises(Exception):  # noqa: B017, PT011 - onnxruntime's own error type
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error type
         await stream.process_async(np.zeros(512, dtype=np.int16))
     good = BatchedVadStream(batcher)  # the batcher goes on serving other streams
     assert len(await good.process_async(np.zeros(512, dtype=np.int16))) == 1
+    batcher.close()
+
+
+async def test_a_lone_stream_runs_inline_with_the_same_result(model: SileroVadModel) -> None:
+    samples = _audio(3, 0.5)
+    plain = VadStream(model).process(samples)
+    batcher = VadBatcher(model)
+    stream = BatchedVadStream(batcher)
+    got = [f for i in range(0, samples.size, 320)
+           for f in await stream.process_async(samples[i:i + 320])]
+    assert got == plain
+    assert batcher.batches == batcher.frames == len(plain)  # one frame per run, no thread
     batcher.close()
