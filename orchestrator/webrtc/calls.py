@@ -281,8 +281,13 @@ async def negotiate(call: Call, offer_sdp: str) -> str:
     peer.decode_promptly(pc)
     call.attach(data_channel=any(line.startswith("m=application ")
                                for line in offer_sdp.splitlines()))
-    answer = await pc.createAnswer()
-    await pc.setLocalDescription(answer)
+    try:
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+    except Exception as exc:  # aiortc trips over offers it accepted (peer.check_offer
+        # refuses the ones fuzzing found); still the offer's fault, not a server error
+        log.warning("call %s: the offer could not be answered: %r", call.id, exc)
+        raise peer.InvalidOffer(f"the SDP offer could not be answered: {exc}") from exc
     local = pc.localDescription
     if local is None:
         raise RuntimeError("no local description after setLocalDescription")

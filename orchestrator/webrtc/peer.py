@@ -91,6 +91,35 @@ def check_offer(sdp: str) -> None:
     if not any(line.startswith("m=audio ") for line in lines):
         raise InvalidOffer("the SDP offer has no audio section (m=audio): a Realtime call "
                            "needs the microphone track (or a recvonly audio transceiver)")
+    _check_sections(lines)
+
+
+_DIRECTIONS = ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive")
+
+
+def _check_sections(lines: list[str]) -> None:
+    """What aiortc assumes of an offer without checking (found by fuzzing: each one was an
+    AttributeError or ValueError while answering, a 500): a BUNDLE group names only
+    sections the offer has, and every audio/video section states its direction."""
+    sections: list[list[str]] = []
+    for line in lines:
+        if line.startswith("m="):
+            sections.append([line])
+        elif sections:
+            sections[-1].append(line)
+    mids = {line.removeprefix("a=mid:").strip() for section in sections for line in section
+            if line.startswith("a=mid:")}
+    for line in lines:
+        if line.startswith("a=group:BUNDLE"):
+            missing = [mid for mid in line.split()[1:] if mid not in mids]
+            if missing:
+                raise InvalidOffer(f"the SDP offer's BUNDLE group names media sections it "
+                                   f"does not have: {' '.join(missing)[:80]}")
+    for section in sections:
+        if section[0].startswith(("m=audio", "m=video")) and not any(
+                line.startswith(_DIRECTIONS) for line in section):
+            raise InvalidOffer(f"the SDP offer's section {section[0][:40]!r} has no direction "
+                               "(a=sendrecv, a=sendonly, a=recvonly or a=inactive)")
 
 
 # aiortc's audio receiver holds every packet until four later ones have arrived (prefetch

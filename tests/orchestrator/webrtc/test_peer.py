@@ -102,6 +102,31 @@ def test_offer_checks_say_what_is_wrong(sdp: str, reason: str) -> None:
         peer.check_offer(sdp)
 
 
+async def _browser_offer() -> str:
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio", direction="sendrecv")
+    pc.createDataChannel("oai-events")
+    await pc.setLocalDescription(await pc.createOffer())
+    assert pc.localDescription is not None
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+async def test_offers_aiortc_cannot_answer_are_refused_first() -> None:
+    # found by fuzzing: aiortc accepted these offers, then failed answering them (an
+    # AttributeError / ValueError: a 500 and a traceback)
+    good = await _browser_offer()
+    peer.check_offer(good)
+    bad_bundle = good.replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 4294967296 0")
+    no_direction = good.replace("a=sendrecv\r\n", "", 1)
+    assert bad_bundle != good and no_direction != good
+    with pytest.raises(peer.InvalidOffer, match="BUNDLE"):
+        peer.check_offer(bad_bundle)
+    with pytest.raises(peer.InvalidOffer, match="direction"):
+        peer.check_offer(no_direction)
+
+
 async def test_audio_is_decoded_as_soon_as_the_next_packet_arrives() -> None:
     """The server feeds a VAD, not a speaker: no 80 ms prefetch before decoding."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
