@@ -56,6 +56,12 @@ FINDINGS: tuple[tuple[str, str, str, str], ...] = (
      "strict_loads: 400 invalid_json"),
     ("offers", "a JSON offer whose sdp holds a lone surrogate",
      "HTTP 500 (UnicodeEncodeError in check_offer)", "strict_loads: 400 invalid_json"),
+    ("offers", "an offer whose BUNDLE group names a missing section, or whose audio "
+     "section has no direction", "aiortc failed answering it: HTTP 500 and a traceback",
+     "peer.check_offer refuses both: 400 invalid_offer"),
+    ("realtime", "session.update with \"audio\": null (or instructions, tools... null)",
+     "AttributeError in apply_update: server_error (a 500 for client secrets)",
+     "a null the session cannot hold counts as absent"),
     ("asr", "a control message nested 1000+ levels deep",
      "the stream ended silently (RecursionError)", "strict_loads: malformed_json error"),
     ("tts", "a message nested 1000+ levels deep",

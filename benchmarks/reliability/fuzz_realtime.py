@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from benchmarks.reliability.fuzz_cases import Case
 from benchmarks.reliability.fuzz_oracle import CLEAN_CLOSES, PARSE_CODES, Tally, bad_error
 
-PROBE_S = 20.0  # the longest a probe may wait (a huge frame is parsed first)
+PROBE_S = 30.0  # the longest a probe may wait (a huge frame is parsed first)
 # The event each request type is answered with (besides an error); the others (append,
 # response.*, output_audio_buffer.clear) answer later or not at all by design.
 REPLIES = {

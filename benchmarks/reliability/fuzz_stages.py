@@ -35,7 +35,7 @@ from benchmarks.reliability.fuzz_cases import (
 from benchmarks.reliability.fuzz_oracle import CLEAN_CLOSES, Tally, bad_error, bad_http, short
 from benchmarks.reliability.fuzz_realtime import Closed
 
-PROBE_S = 20.0
+PROBE_S = 30.0
 TTS_MAX_TEXT = 4096  # TtsSettings.max_text_chars (the probe is one char over, plus n)
 STAGE_MAX_BYTES = 4 * 1024 * 1024  # StageSettings.max_message_bytes
 
