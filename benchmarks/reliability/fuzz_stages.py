@@ -290,7 +290,7 @@ LLM_HTTP = st.one_of(
               st.sampled_from(["messages", "max_tokens", "stream", "temperature", "tools",
                                "tool_choice", "stop", "n", "stream_options",
                                "max_completion_tokens", "prefill_only"]), JUNK)
-    .filter(lambda h: b'"max_tokens": 1' in h.body or b'"max_tokens": 2' in h.body),
+    .filter(lambda h: json.loads(h.body).get("max_tokens") in (1, 2)),  # cheap to answer
     JUNK.map(lambda j: _chat(dumps(j).encode())),
     st.binary(max_size=300).map(lambda b: _chat(b, None)),
     st.sampled_from([100, 1000, 100_000]).map(lambda d: _chat(("[" * d + "]" * d).encode())),
