@@ -171,11 +171,16 @@ class Probe:
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.proc.pid}/fd"))
 
-    async def sessions(self) -> float:
+    async def metric(self, pattern: str) -> float:
+        """The value of the first /metrics line matching ``pattern`` (a regex of the
+        name and labels); -1 when absent."""
         async with httpx.AsyncClient(timeout=5.0) as http:
             text = (await http.get(f"{self.proc.url}/metrics")).text
-        found = re.search(r"^cascade_active_sessions (\S+)$", text, re.MULTILINE)
+        found = re.search(rf"^{pattern} (\S+)$", text, re.MULTILINE)
         return float(found[1]) if found else -1.0
+
+    async def sessions(self) -> float:
+        return await self.metric("cascade_active_sessions")
 
     async def settle(self, sessions: float, fds: int, limit_s: float, fd_slack: int = 2
                      ) -> float | None:

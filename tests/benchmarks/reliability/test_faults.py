@@ -1,6 +1,7 @@
 """The quick fault run (benchmarks/reliability/faults.py) against real processes: an
 orchestrator killed with live sessions, Redis restarted, TTS replicas reset mid-reply, a
-client vanishing mid-reply and one reconnecting in a loop. Every row must pass."""
+client vanishing mid-reply, one that stops reading and one reconnecting in a loop.
+Every row must pass."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from benchmarks.reliability import faults
 async def test_quick_faults_every_row_passes() -> None:
     rows = await faults.run(quick=True)
     names = [row.name for row in rows]
-    assert len(rows) == 5, names
+    assert len(rows) == 6, names
     failed = [f"{row.name}: {row.result} {row.note}" for row in rows if not row.passed]
     assert not failed, "\n".join(failed)
     kill, restart = rows[0].figures, rows[1].figures
