@@ -120,10 +120,14 @@ def builtin_clip(prompt: Prompt, cache: Path | None = None) -> Clip:
                     duration_ms=pcm.size * 1000 / RATE,
                     speech_end_ms=speech_end(pcm) * 1000 / RATE, pauses_ms=pauses)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stem.with_suffix(".tmp")
+    # Written under names of this process, then renamed: several processes (parallel test
+    # workers, concurrent benches) may make the same clip at once. The metadata is written
+    # last, so a reader that finds both files finds both complete.
+    tmp = stem.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(wav_bytes(pcm, RATE))
     os.replace(tmp, wav)
-    meta.write_text(info.model_dump_json(indent=2))
+    tmp.write_text(info.model_dump_json(indent=2))
+    os.replace(tmp, meta)
     return Clip(info, pcm)
 
 
