@@ -27,11 +27,15 @@ from typing import Any
 
 from benchmarks.reliability.loadgen import LoadGen, Stats, quantile
 from benchmarks.reliability.procs import CpuMeter, Rig, rss_mb
-from benchmarks.reliability.rows import Row
+from benchmarks.reliability.rows import Row, command
 
-COMMAND = "python -m benchmarks.reliability load"
 LAG_P99_MAX_MS = 20.0
 QUICK_SESSIONS = 4
+
+
+def reproduce() -> str:
+    """This run's command, with the settings it was given."""
+    return command("load", "CASCADE_LOAD_")
 
 
 def _steps() -> list[int]:
@@ -151,7 +155,7 @@ async def run(quick: bool) -> list[Row]:
                 results.append(step)
                 rows.append(Row(
                     section="load", name=f"{sessions} sessions, one orchestrator process",
-                    result=step_text(step), passed=not step["why"], command=COMMAND,
+                    result=step_text(step), passed=not step["why"], command=reproduce(),
                     figures=step, note="; ".join(step["why"])))
                 if not rig.alive() or (step["why"] and not all_steps):
                     break
@@ -184,6 +188,6 @@ def summary_row(results: list[dict[str, Any]], idle_rss: float, pinned: bool,
             "not pinned: the generator and fakes share the orchestrator's cores")
     passed = best is not None if quick else (best is not None and best["sessions"] >= 200)
     return Row(section="load", name="sessions one orchestrator process holds (target >= 200)",
-               result="; ".join(parts), passed=passed, command=COMMAND,
+               result="; ".join(parts), passed=passed, command=reproduce(),
                figures={"steps": results, "idle_rss_mb": idle_rss, "pinned": pinned},
                note=note)

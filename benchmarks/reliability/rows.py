@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -34,3 +35,11 @@ class Row(BaseModel):
     figures: dict[str, Any] = Field(default_factory=dict)
     # Why it failed or what it does not cover (goes under the table).
     note: str = ""
+
+
+def command(part: str, env_prefix: str) -> str:
+    """The command that reproduces a part's rows, with the ``env_prefix`` variables this
+    run was given (``CASCADE_LOAD_STEPS=5,10 python -m benchmarks.reliability load``)."""
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                   if k.startswith(env_prefix))
+    return f"{env} python -m benchmarks.reliability {part}".strip()

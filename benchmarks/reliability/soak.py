@@ -26,11 +26,15 @@ from typing import Any
 from benchmarks.reliability.load import cpu_split, summarize
 from benchmarks.reliability.loadgen import LoadGen
 from benchmarks.reliability.procs import CpuMeter, Rig, fds, rss_mb, socket_peers, threads
-from benchmarks.reliability.rows import Row
+from benchmarks.reliability.rows import Row, command
 
-COMMAND = "python -m benchmarks.reliability soak"
 DRIFT_MAX = 0.10
 KEEPALIVE_MAX = 20  # httpx's default max_keepalive_connections (the LLM client's pool)
+
+
+def reproduce() -> str:
+    """This run's command, with the settings it was given."""
+    return command("soak", "CASCADE_SOAK_")
 
 
 async def sample(rig: Rig, client_live: int, t0: float) -> dict[str, Any]:
@@ -111,7 +115,7 @@ def rows(sessions: int, duration: float, window: float, idle: dict[str, Any],
         result=(f"RSS idle {idle['rss_mb']:.0f} MB, loaded {mean_rss:.0f} MB: "
                 f"{per_session:.2f} MB per session; drift {drift * 100:+.1f} % (mean of the "
                 f"last {window:.0f} s vs the first; criterion +-{DRIFT_MAX * 100:.0f} %)"),
-        passed=bool(samples) and abs(drift) <= DRIFT_MAX, command=COMMAND,
+        passed=bool(samples) and abs(drift) <= DRIFT_MAX, command=reproduce(),
         figures={"idle": idle, "samples": samples, "per_session_mb": round(per_session, 3),
                  "drift": round(drift, 4), "window_s": window, "pinned": pinned},
         note="" if samples else "no samples: the orchestrator died")
@@ -133,7 +137,7 @@ def rows(sessions: int, duration: float, window: float, idle: dict[str, Any],
                 f"{end['sockets']} (of which idle LLM keep-alive {llm_idle} -> {llm_end}), "
                 f"threads {idle['threads']} -> {end['threads']}, live sessions "
                 f"{end['sessions']:.0f}"),
-        passed=leak_ok, command=COMMAND, figures={"idle": idle, "end": end, "leaks": leaks},
+        passed=leak_ok, command=reproduce(), figures={"idle": idle, "end": end, "leaks": leaks},
         note=("threads are reported, not judged: the VAD batch thread starts with the first "
               "session and stays" if leak_ok else f"not back to the idle baseline: {leaks}"))
     why = []
@@ -152,5 +156,5 @@ def rows(sessions: int, duration: float, window: float, idle: dict[str, Any],
                 f"{turns['gaps']}; loop lag p50 {turns['lag_p50_ms']:.1f} / p99 "
                 f"{turns['lag_p99_ms']:.1f} ms; orchestrator CPU "
                 f"{turns['cpu']['orchestrator']:.2f} cores"),
-        passed=not why, command=COMMAND, figures=turns, note="; ".join(why))
+        passed=not why, command=reproduce(), figures=turns, note="; ".join(why))
     return [memory, leak, activity]
