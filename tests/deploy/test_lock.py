@@ -12,47 +12,22 @@ import importlib.metadata
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from packaging.markers import Marker
+
+from tests.support.audit import load_audit
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "deploy" / "requirements.lock"
 PYPROJECT = ROOT / "pyproject.toml"
 REQUIREMENTS = ROOT / "deploy" / "images" / "requirements.py"
 REGENERATE = "run `bash deploy/lock.sh` and commit deploy/requirements.lock"
-_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+?)\s*(?:;\s*(.*?))?\s*\\?$")
-
-
-def norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-@dataclass(frozen=True)
-class Locked:
-    name: str
-    version: str
-    marker: str | None
-    hashes: int
-
-
-def parse_lock(text: str) -> list[Locked]:
-    """The entries of a ``uv pip compile --generate-hashes`` file."""
-    entries: list[Locked] = []
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        match = _ENTRY.match(line)
-        if match is None:
-            continue
-        hashes = 0
-        for following in lines[i + 1:]:
-            if not following.strip().startswith("--hash=sha256:"):
-                break
-            hashes += 1
-        entries.append(Locked(norm(match.group(1)), match.group(2), match.group(3), hashes))
-    return entries
+audit = load_audit()
+Locked = audit.Locked
+norm = audit.norm
+parse_lock = audit.parse_lock
 
 
 def pins(*args: str) -> dict[str, str]:
