@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import numpy.typing as npt
 
-from stages.vad.model import CONTEXT_SAMPLES, FRAME_SAMPLES, SileroVadModel
-from stages.vad.stream import AudioInput, VadFrame, VadStream, _as_float
+from stages.vad.model import SileroVadModel
+from stages.vad.stream import AudioInput, VadFrame, VadStream
 
 FloatArray = npt.NDArray[np.float32]
 _Entry = tuple[FloatArray, FloatArray, "asyncio.Future[tuple[float, FloatArray]]"]
@@ -129,21 +129,8 @@ class BatchedVadStream(VadStream):
         self._batcher = batcher
 
     async def process_async(self, audio: AudioInput) -> list[VadFrame]:
-        samples = _as_float(audio)
         frames: list[VadFrame] = []
-        pos = 0
-        n = samples.shape[0]
-        while pos < n:
-            take = min(FRAME_SAMPLES - self._n_pending, n - pos)
-            self._pending[self._n_pending : self._n_pending + take] = samples[pos : pos + take]
-            self._n_pending += take
-            pos += take
-            if self._n_pending == FRAME_SAMPLES:
-                self._window[CONTEXT_SAMPLES:] = self._pending
-                prob, self._state = await self._batcher.infer(self._window, self._state)
-                self._window[:CONTEXT_SAMPLES] = self._pending[-CONTEXT_SAMPLES:]
-                self._n_pending = 0
-                start = self._samples_done
-                self._samples_done += FRAME_SAMPLES
-                frames.append(VadFrame(start, self._samples_done, prob))
+        for window in self._windows(audio):
+            prob, self._state = await self._batcher.infer(window, self._state)
+            frames.append(self._frame_done(prob))
         return frames

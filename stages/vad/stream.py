@@ -12,6 +12,7 @@ sample counts reported here are exact positions in the 16 kHz stream.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -71,8 +72,17 @@ class VadStream:
 
     def process(self, audio: AudioInput) -> list[VadFrame]:
         """Feed audio of any length; returns the frames it completed, in order."""
-        samples = _as_float(audio)
         frames: list[VadFrame] = []
+        for window in self._windows(audio):
+            prob, self._state = self._model.infer(window, self._state)
+            frames.append(self._frame_done(prob))
+        return frames
+
+    def _windows(self, audio: AudioInput) -> Iterator[npt.NDArray[np.float32]]:
+        """Cuts ``audio`` into frames: yields the model's window each time one is complete
+        (context + frame, a reused buffer); the caller runs the model on it and calls
+        ``_frame_done`` before asking for the next one."""
+        samples = _as_float(audio)
         pos = 0
         n = samples.shape[0]
         while pos < n:
@@ -81,12 +91,10 @@ class VadStream:
             self._n_pending += take
             pos += take
             if self._n_pending == FRAME_SAMPLES:
-                frames.append(self._run_frame())
-        return frames
+                self._window[CONTEXT_SAMPLES:] = self._pending
+                yield self._window
 
-    def _run_frame(self) -> VadFrame:
-        self._window[CONTEXT_SAMPLES:] = self._pending
-        prob, self._state = self._model.infer(self._window, self._state)
+    def _frame_done(self, prob: float) -> VadFrame:
         self._window[:CONTEXT_SAMPLES] = self._pending[-CONTEXT_SAMPLES:]
         self._n_pending = 0
         start = self._samples_done
