@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,18 +31,20 @@ from websockets.asyncio.client import connect
 
 from orchestrator.launcher import CascadeProcess, free_port
 from tests.support.realtime_client import Client, ws_url
+from tests.support.redis_server import answers_ping
 
 KEY = "faults-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
-def _answers_ping(port: int) -> bool:
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.terminate()
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class RedisProcess:
@@ -67,7 +68,7 @@ class RedisProcess:
                 [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                  "--appendonly", "yes", "--dir", self.dir.name],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        while not _answers_ping(self.port):
+        while not answers_ping(self.port):
             if self.proc.poll() is not None or time.monotonic() - started > timeout_s:
                 raise RuntimeError("redis-server did not start:\n" + self.log_tail())
             time.sleep(0.02)
@@ -91,12 +92,7 @@ class RedisProcess:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            _stop(self.proc)
         self.dir.cleanup()
 
 
@@ -132,12 +128,7 @@ class FakeStagesProcess:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            _stop(self.proc)
         self._log.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._log.name)

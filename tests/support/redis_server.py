@@ -20,7 +20,8 @@ from pathlib import Path
 from orchestrator.launcher import free_port
 
 
-def _answers_ping(port: int) -> bool:
+def answers_ping(port: int) -> bool:
+    """True when a Redis server on this loopback port answers PING."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
@@ -45,7 +46,7 @@ def redis_server(timeout_s: float = 10.0) -> Iterator[str]:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + timeout_s
-            while not _answers_ping(port):
+            while not answers_ping(port):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
                         f"redis-server did not start:\n{log_path.read_text()[-2000:]}")
