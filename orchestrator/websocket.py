@@ -37,7 +37,7 @@ from orchestrator.outbox import Outbox, error_json
 from orchestrator.protocol import ProtocolError, error_event
 from orchestrator.protocol.session import SessionConfig
 from orchestrator.settings import ServeSettings
-from orchestrator.store import StoreError
+from orchestrator.store import StoreError, StoreUnavailable
 from orchestrator.webrtc.calls import Call
 
 if TYPE_CHECKING:
@@ -202,9 +202,13 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
             await outbox.finish(CLOSE_POLICY, exc.code)
             return
         except StoreError as exc:
-            REJECTED_CONNECTIONS.labels("resume").inc()
-            await outbox.send(error_json(exc.code, f"Cannot resume the session: {exc}"))
-            await outbox.finish(CLOSE_POLICY, exc.code)
+            # A wrong token or a lost session is final (1008); the store being out of reach
+            # (Redis restarting) is "try again later" (1013), for a new session too.
+            transient = isinstance(exc, StoreUnavailable)
+            REJECTED_CONNECTIONS.labels("store" if transient else "resume").inc()
+            what = "resume the session" if resume_id else "start a session"
+            await outbox.send(error_json(exc.code, f"Cannot {what}: {exc}"))
+            await outbox.finish(CLOSE_TRY_AGAIN if transient else CLOSE_POLICY, exc.code)
             return
         await _run(ws, session, outbox, settings)
     except Exception:

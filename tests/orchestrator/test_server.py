@@ -23,7 +23,7 @@ from orchestrator.backends import Backends
 from orchestrator.protocol import Session, SessionCreatedEvent
 from orchestrator.server import Resources, create_app
 from orchestrator.settings import ServeSettings
-from orchestrator.store import InvalidResumeToken, MemoryStore, SessionStore
+from orchestrator.store import InvalidResumeToken, MemoryStore, SessionStore, StoreUnavailable
 from stages.vad.model import SileroVadModel
 from tests.support.serving import serving
 
@@ -35,6 +35,7 @@ class FakeSession:
     """Records what the server gives it; ``start`` sends session.created."""
 
     instances: ClassVar[list[FakeSession]] = []
+    store_down: ClassVar[bool] = False  # start() as with Redis out of reach
 
     def __init__(self, *, backends: Backends, vad: SileroVadModel, store: SessionStore,
                  settings: ServeSettings, send: Callable[[str], Awaitable[None]],
@@ -51,6 +52,8 @@ class FakeSession:
                     resume_token: str | None = None, configs: Any = ()) -> None:
         self.resume = (resume_id, resume_token)
         self.configs = list(configs)
+        if FakeSession.store_down:
+            raise StoreUnavailable("redis is down")
         if resume_id is not None:
             raise InvalidResumeToken("the resume token does not match the session")
         await self.send(SessionCreatedEvent(session=Session()).to_json())
@@ -80,6 +83,7 @@ async def fake_loader(settings: ServeSettings) -> Resources:
 @pytest.fixture(autouse=True)
 def _reset() -> None:
     FakeSession.instances.clear()
+    FakeSession.store_down = False
 
 
 def app_with(**overrides: Any) -> FastAPI:
@@ -221,6 +225,20 @@ async def test_failed_resume_sends_the_store_code_then_closes_1008() -> None:
             assert (await recv_json(ws))["error"]["code"] == "invalid_resume"
             assert (await closed_code(ws))[0] == 1008
     assert len(FakeSession.instances) == 1
+
+
+async def test_store_out_of_reach_is_try_again_later_for_new_and_resumed_sessions() -> None:
+    FakeSession.store_down = True
+    before = metric("cascade_rejected_connections_total", {"reason": "store"})
+    async with serving(app_with()) as (port, _):
+        for query, what in (("", "start a session"),
+                            ("&session_id=sess_1&resume_token=t", "resume the session")):
+            async with ws_connect(port, query) as ws:
+                err = (await recv_json(ws))["error"]
+                assert err["code"] == "store_unavailable"
+                assert err["message"].startswith(f"Cannot {what}:")
+                assert (await closed_code(ws))[0] == 1013
+    assert metric("cascade_rejected_connections_total", {"reason": "store"}) == before + 2
 
 
 async def test_slow_reader_is_closed_1008_not_buffered() -> None:
@@ -441,15 +459,19 @@ def test_cli_serve_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
     import stages.common.service
     from orchestrator import cli
 
-    calls: list[tuple[FastAPI, str, int]] = []
+    calls: list[tuple[FastAPI, str, int, dict[str, Any]]] = []
     monkeypatch.setattr(stages.common.service, "serve",
-                        lambda app, host, port: calls.append((app, host, port)))
+                        lambda app, host, port, **tls: calls.append((app, host, port, tls)))
     monkeypatch.setenv("CASCADE_PORT", "9100")
     monkeypatch.setenv("CASCADE_PIPELINE", "serial")
-    cli.main(["serve", "--port", "9200", "--api-key", KEY])
-    (app, host, port), = calls
+    monkeypatch.setenv("CASCADE_SSL_CERTFILE", "/env/cert.pem")
+    monkeypatch.setenv("CASCADE_SSL_KEYFILE", "/env/key.pem")
+    cli.main(["serve", "--port", "9200", "--api-key", KEY, "--ssl-certfile", "/flag/cert.pem",
+              "--ssl-keyfile", "/flag/key.pem"])
+    (app, host, port, tls), = calls
     settings = app.state.server.settings
     assert (host, port) == ("127.0.0.1", 9200)
+    assert tls == {"ssl_certfile": "/flag/cert.pem", "ssl_keyfile": "/flag/key.pem"}
     assert settings.api_key == KEY and settings.pipeline == "serial"
 
 
