@@ -91,7 +91,7 @@ def test_remote_llm_serve_needs_asr_and_tts_only(hide: set[str],
     served: list[int] = []
     monkeypatch.setattr(orchestrator.server, "create_app", lambda settings: settings)
     monkeypatch.setattr(stages.common.service, "serve",
-                        lambda app, host, port: served.append(port))
+                        lambda app, host, port, **tls: served.append(port))
     hide.add("llama_cpp")
     cli.main(["serve", "--port", "1", "--llm-url", "http://127.0.0.1:9"])
     assert served == [1]
@@ -108,7 +108,7 @@ def test_remote_stages_serve_needs_no_stage_extra(hide: set[str],
     served: list[int] = []
     monkeypatch.setattr(orchestrator.server, "create_app", lambda settings: settings)
     monkeypatch.setattr(stages.common.service, "serve",
-                        lambda app, host, port: served.append(port))
+                        lambda app, host, port, **tls: served.append(port))
     hide.update(m for extra in ("asr", "tts", "llm", "bench") for m in cli.EXTRA_MODULES[extra])
     urls = [f"--{s}-url=http://127.0.0.1:9" for s in cli.STAGES]
     cli.main(["serve", "--port", "2", *urls])

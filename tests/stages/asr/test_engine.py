@@ -18,6 +18,9 @@ from stages.common.text import wer
 from tests.stages.asr.helpers import check_stability, silence, stream_clip
 from tests.support.speech import SENTENCES, espeak_clip, piper_clip, with_silence, word_errors
 
+# Streaming WER depends on keeping up with real time: not beside another worker.
+pytestmark = pytest.mark.serial
+
 
 @pytest.fixture(scope="module")
 def asr() -> Iterator[WhisperAsr]:
