@@ -43,7 +43,10 @@ RATE = 16_000
 
 
 class VadLike(Protocol):
-    def process(self, audio: bytes) -> list[VadFrame]: ...
+    """A session's VAD stream (``stages.vad.stream.VadStream``, or its batched variant whose
+    frames run together with every other session's)."""
+
+    async def process_async(self, audio: bytes) -> list[VadFrame]: ...
 
 
 class EndOfTurnModel(Protocol):
@@ -180,8 +183,7 @@ class TurnController:
     async def push_audio(self, pcm16: bytes) -> None:
         """16 kHz mono pcm16 from the client, in arrival order. Never waits on a stage."""
         async with self._lock:
-            batched = getattr(self._vad, "process_async", None)  # frames run across sessions
-            frames = await batched(pcm16) if batched is not None else self._vad.process(pcm16)
+            frames = await self._vad.process_async(pcm16)
             self.samples += len(pcm16) // 2
             self._history += pcm16
             if len(self._history) > self._history_max:

@@ -78,6 +78,11 @@ class VadStream:
             frames.append(self._frame_done(prob))
         return frames
 
+    async def process_async(self, audio: AudioInput) -> list[VadFrame]:
+        """``process`` for callers that may share the model across streams
+        (``BatchedVadStream`` overrides it; here it runs at once)."""
+        return self.process(audio)
+
     def _windows(self, audio: AudioInput) -> Iterator[npt.NDArray[np.float32]]:
         """Cuts ``audio`` into frames: yields the model's window each time one is complete
         (context + frame, a reused buffer); the caller runs the model on it and calls

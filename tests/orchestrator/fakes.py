@@ -173,6 +173,9 @@ class FakeVad:
         self._pending = data[whole:]
         return frames
 
+    async def process_async(self, audio: bytes) -> list[VadFrame]:
+        return self.process(audio)
+
 
 class FakeAsrStream:
     """Each voiced burst of the audio it receives is one word: words[0], words[1], ...
