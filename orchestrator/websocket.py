@@ -86,10 +86,11 @@ class _Activity:
     """When the client last sent a frame (loop time)."""
 
     def __init__(self) -> None:
-        self.at = asyncio.get_running_loop().time()
+        self._clock = asyncio.get_running_loop().time  # looked up once: touched per frame
+        self.at = self._clock()
 
     def touch(self) -> None:
-        self.at = asyncio.get_running_loop().time()
+        self.at = self._clock()
 
 
 async def _idle_watch(session: RealtimeSessionLike, activity: _Activity,
