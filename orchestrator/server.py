@@ -244,12 +244,6 @@ class ServerState:
         self.active -= 1
         ACTIVE_SESSIONS.dec()
 
-    def reserve_session(self, tenant: str = DEFAULT_TENANT) -> bool:
-        return self.admit(tenant) is None
-
-    def release_session(self, tenant: str = DEFAULT_TENANT) -> None:
-        self.release(tenant)
-
 
 def create_app(settings: ServeSettings | None = None, *,
                session_factory: SessionFactory | None = None,
