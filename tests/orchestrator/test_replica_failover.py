@@ -55,7 +55,9 @@ from tests.support.realtime_client import (
 from tests.support.redis_server import redis_server
 from tests.support.speech import piper_clip, word_errors
 
-pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+# Short stage deadlines on real models: run alone (.ci/run's serial part), not beside a
+# second test worker that would starve the LLM past them.
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.asyncio(loop_scope="module")]
 
 KEY = "replica-failover-key"
 ASR_FINALIZE_S = 3.0

@@ -52,7 +52,9 @@ from tests.support.realtime_client import (
 )
 from tests.support.speech import piper_clip
 
-pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+# Short stage deadlines on real models: run alone (.ci/run's serial part), not beside a
+# second test worker that would starve the LLM past them.
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.asyncio(loop_scope="module")]
 
 KEY = "stage-faults-key"
 # Short deadlines (seconds), read by `cascade serve` from its environment. The LLM's are
