@@ -40,7 +40,8 @@ class AsrResult:
 
 class AsrTurn:
     def __init__(self, backend: AsrBackend, *, turn: int, origin: int, on_partial: OnPartial,
-                 open_timeout_s: float = 5.0, max_pending_ms: int = 30_000) -> None:
+                 open_timeout_s: float = 5.0, max_pending_ms: int = 30_000,
+                 coalesce_ms: int = 60) -> None:
         self.turn = turn
         self.origin = origin
         self.latest: AsrPartial | None = None
@@ -51,6 +52,10 @@ class AsrTurn:
         self._on_partial = on_partial
         self._open_timeout_s = open_timeout_s
         self._max_pending = max_pending_ms * RATE // 1000 * 2  # bytes
+        # Audio goes to the stage in pushes of >= coalesce_ms (clients send 20 ms frames:
+        # one WebSocket message per frame was most of the feeder's cost); an end of
+        # speech or the end of the turn sends what is pending at once.
+        self._coalesce_bytes = coalesce_ms * RATE // 1000 * 2
         # Audio, and end-of-speech hints (an int: stream ms) kept in order with it.
         self._pending: deque[bytes | int] = deque()
         self._pending_bytes = 0
@@ -71,7 +76,8 @@ class AsrTurn:
         self._pending.append(pcm16)
         self._pending_bytes += len(pcm16)
         self.samples += len(pcm16) // 2
-        self._wake.set()
+        if self._pending_bytes >= self._coalesce_bytes:
+            self._wake.set()
 
     def end_of_speech(self, sample: int) -> None:
         """The VAD heard the speech pause at session sample ``sample``: the stage decodes
@@ -154,6 +160,11 @@ class AsrTurn:
                     if isinstance(chunk, int):
                         await stream.end_of_speech(chunk)
                         continue
+                    if self._pending and not isinstance(self._pending[0], int):
+                        chunks = [chunk]
+                        while self._pending and not isinstance(self._pending[0], int):
+                            chunks.append(self._pending.popleft())  # type: ignore[arg-type]
+                        chunk = b"".join(chunks)
                     self._pending_bytes -= len(chunk)
                     await stream.push(chunk)
                 if self._input_done:

@@ -104,9 +104,7 @@ from orchestrator.turn import (
 from stages.common.audio import (
     ASR_RATE,
     AudioFormatError,
-    StreamResampler,
-    float_to_pcm16,
-    pcm16_to_float,
+    Pcm16StreamResampler,
 )
 from stages.llm.types import (
     ChatMessage,
@@ -193,7 +191,7 @@ class RealtimeSession:
         self.items: list[ConversationItem] = []
         self._controller: TurnController | None = None
         self._media = media
-        self._resamplers: dict[int, StreamResampler] = {}  # input rate -> pipeline rate
+        self._resamplers: dict[int, Pcm16StreamResampler] = {}  # input rate -> pipeline rate
         self._input_format = ""
         self._responder: Responder | None = None
         self._turns: dict[int, UserTurn] = {}  # open user turns by the controller's number
@@ -561,9 +559,8 @@ class RealtimeSession:
             self._manual_ms += ms
         resampler = self._resamplers.get(rate)
         if resampler is None:
-            resampler = self._resamplers[rate] = StreamResampler(rate, ASR_RATE)
-        pcm16 = float_to_pcm16(resampler.process(pcm16_to_float(samples))).tobytes()
-        await self._controller.push_audio(pcm16)
+            resampler = self._resamplers[rate] = Pcm16StreamResampler(rate, ASR_RATE)
+        await self._controller.push_audio(resampler.process(samples).tobytes())
 
     def _buffered_ms(self) -> float:
         """Uncommitted input audio, by the buffer rules of ``_append_samples``."""

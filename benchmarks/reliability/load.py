@@ -43,12 +43,13 @@ def _steps() -> list[int]:
     return [int(x) for x in raw.split(",") if x.strip()]
 
 
-def cpu_split(quick: bool = False) -> tuple[set[int] | None, set[int] | None]:
+def cpu_split(quick: bool = False, pin_var: str = "CASCADE_LOAD_PIN"
+              ) -> tuple[set[int] | None, set[int] | None]:
     """(the orchestrator's CPUs, everyone else's); (None, None): no pinning (one core,
-    ``CASCADE_LOAD_PIN=0``, or a quick run on a shared CI machine, where a pinned process
+    ``pin_var`` = 0, or a quick run on a shared CI machine, where a pinned process
     would queue behind unrelated work on its one core)."""
     cpus = sorted(os.sched_getaffinity(0))
-    if quick or os.environ.get("CASCADE_LOAD_PIN", "1") == "0" or len(cpus) < 2:
+    if quick or os.environ.get(pin_var, "1") == "0" or len(cpus) < 2:
         return None, None
     return {cpus[0]}, set(cpus[1:])
 

@@ -14,6 +14,8 @@ divided by the sessions); drift (mean RSS of the last ``window`` minus the first
 closed and ``settle`` seconds: asyncio tasks, fds and sockets against the idle baseline
 taken before the first session; idle keep-alive connections of the LLM client's pool are
 counted apart, since httpx keeps up to 20 open by design). ``--quick``: 5 sessions, 30 s.
+The orchestrator is pinned to one CPU as in the load part; ``CASCADE_SOAK_PIN=0`` leaves
+it free (more sessions than one core holds: the soak judges memory and leaks, not lag).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ async def run(quick: bool) -> list[Row]:
     every = 3.0 if quick else float(env.get("CASCADE_SOAK_EVERY_S", "10"))
     settle = 6.0 if quick else 15.0
     window = min(300.0, duration / 3)
-    orch_cpus, other_cpus = cpu_split(quick)
+    orch_cpus, other_cpus = cpu_split(quick, "CASCADE_SOAK_PIN")
     rig = Rig(orchestrator_cpus=orch_cpus, others_cpus=other_cpus)
     samples: list[dict[str, Any]] = []
     try:

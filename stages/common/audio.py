@@ -77,6 +77,26 @@ class StreamResampler:
         return self.process(np.zeros(0, dtype=np.float32), last=True)
 
 
+class Pcm16StreamResampler:
+    """``StreamResampler`` for int16 in and out: soxr converts inside, so a 20 ms frame
+    costs one call instead of three (int16->float, resample, clip and back)."""
+
+    def __init__(self, src_rate: int, dst_rate: int) -> None:
+        self.src_rate = src_rate
+        self.dst_rate = dst_rate
+        self._stream: soxr.ResampleStream | None = (
+            None
+            if src_rate == dst_rate
+            else soxr.ResampleStream(src_rate, dst_rate, 1, dtype="int16", quality="HQ")
+        )
+
+    def process(self, samples: Int16Array, last: bool = False) -> Int16Array:
+        if self._stream is None:
+            return samples
+        out: Int16Array = self._stream.resample_chunk(samples, last=last)
+        return out
+
+
 def wav_bytes(samples: Int16Array, sample_rate: int) -> bytes:
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:

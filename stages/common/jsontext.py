@@ -32,7 +32,8 @@ def strict_loads(data: str | bytes | bytearray) -> Any:
     else:
         raw = bytes(data)
     try:
-        value = json.loads(raw)
+        # a str parses as it is: json.loads of bytes would decode them to a str again
+        value = json.loads(data if isinstance(data, str) else raw)
     except RecursionError:
         raise ValueError("the JSON is nested too deeply") from None
     if _SURROGATE_ESCAPE.search(raw):

@@ -28,6 +28,7 @@ from stages.common.metrics import (
     STAGE_LOAD,
     STAGE_QUEUED,
 )
+from stages.common.ws_reads import QueuedReadsProtocol
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,8 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info", *,
         port=port,
         log_level=log_level,
         ws_max_size=16 * 1024 * 1024,
+        ws=QueuedReadsProtocol,
+        ws_per_message_deflate=False,  # see stages/common/ws_reads.py
         timeout_graceful_shutdown=10,
         lifespan="on",
         ssl_certfile=ssl_certfile or None,

@@ -16,7 +16,15 @@ from orchestrator.turn import (
     TurnEvent,
 )
 from stages.llm.types import ChatMessage, LlmRequest
-from tests.orchestrator.fakes import FakeLlm, FakeTts, FakeVad, HangingAsr, silence
+from tests.orchestrator.fakes import (
+    FakeAsr,
+    FakeAsrStream,
+    FakeLlm,
+    FakeTts,
+    FakeVad,
+    HangingAsr,
+    silence,
+)
 from tests.orchestrator.test_turn import WORDS, words
 
 FAST = StageDeadlines(asr_open_s=0.2, asr_finalize_s=0.2, asr_max_backlog_ms=1000)
@@ -111,3 +119,58 @@ async def test_the_hypothesis_joins_stable_and_unstable_words() -> None:
     turn.latest = AsrPartial(stable="order", unstable="", audio_ms=900, revision=5)
     assert turn.hypothesis() == "order"
     turn.close()
+
+
+class _RecordingAsr(FakeAsr):
+    """Records every push and end-of-speech hint its streams get, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(WORDS)
+        self.log: list[int | str] = []  # push sizes (bytes), "eos" for a hint
+
+    async def open_stream(self, *, language: str | None = None,
+                          prompt: str | None = None) -> FakeAsrStream:
+        stream = await super().open_stream(language=language, prompt=prompt)
+        push, eos = stream.push, stream.end_of_speech
+
+        async def recorded_push(pcm16: bytes) -> None:
+            self.log.append(len(pcm16))
+            await push(pcm16)
+
+        async def recorded_eos(audio_ms: int) -> None:
+            self.log.append("eos")
+            await eos(audio_ms)
+
+        stream.push = recorded_push  # type: ignore[method-assign]
+        stream.end_of_speech = recorded_eos  # type: ignore[method-assign]
+        return stream
+
+
+async def test_audio_reaches_the_stage_in_pushes_of_60_ms_and_the_end_of_speech_at_once(
+) -> None:
+    """20 ms frames are coalesced into pushes of >= 60 ms (one stage message per frame
+    was the feeder's cost); nothing is lost or reordered, and an end of speech sends
+    what is pending at once, before the hint."""
+    asr = _RecordingAsr()
+    h = Harness(asr)  # type: ignore[arg-type]
+    audio = words(2) + silence(800)
+    await h.say(audio)
+    await h.controller.wait_idle()
+    pushes = [x for x in asr.log if isinstance(x, int)]
+    assert "eos" in asr.log
+    segment: list[int] = []  # the pushes since the last hint: only the last may be short
+    for entry in [*asr.log, "eos"]:
+        if entry == "eos":
+            assert all(size >= 1920 for size in segment[:-1]), asr.log
+            segment = []
+        else:
+            assert isinstance(entry, int)
+            segment.append(entry)
+    # everything pushed: the turn's audio (from the prefix padding on) up to its end
+    streams = asr.streams
+    assert len(streams) == 1
+    assert sum(pushes) == streams[0]._received * 2
+    assert len(pushes) < len(audio) // 640 // 2  # far fewer pushes than 20 ms frames
+    done = h.of(TranscriptDone)
+    assert len(done) == 1 and done[0].text == "turn on"
+    await h.controller.aclose()

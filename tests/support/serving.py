@@ -11,6 +11,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from stages.common.ws_reads import QueuedReadsProtocol
+
 
 @contextlib.asynccontextmanager
 async def serving(app: FastAPI, wait_ready: bool = True, lifespan: str = "on"
@@ -21,7 +23,8 @@ async def serving(app: FastAPI, wait_ready: bool = True, lifespan: str = "on"
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, lifespan=lifespan, log_level="warning",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, ws=QueuedReadsProtocol,
+                            ws_per_message_deflate=False)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
