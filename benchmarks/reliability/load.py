@@ -176,9 +176,12 @@ def summary_row(results: list[dict[str, Any]], idle_rss: float, pinned: bool,
     parts: list[str] = []
     if best is not None:
         per = (best["rss_mb"] - idle_rss) / max(1, best["sessions"])
+        cpu_ms = 1000.0 * best["cpu"]["orchestrator"] / max(1, best["sessions"])
         parts.append(f"{best['sessions']} sessions held (lag p99 {best['lag_p99_ms']:.1f} ms, "
                      f"orchestrator CPU {best['cpu']['orchestrator']:.2f} cores, "
-                     f"{per:.2f} MB RSS per session over {idle_rss:.0f} MB idle)")
+                     f"{per:.2f} MB RSS per session over {idle_rss:.0f} MB idle); "
+                     f"{cpu_ms:.0f} ms of CPU per session-second: 200 sessions would need "
+                     f"{0.2 * cpu_ms:.1f} cores of this machine")
     else:
         parts.append("no step held")
     if broke is not None:

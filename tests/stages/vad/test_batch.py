@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 
 import numpy as np
 import pytest
 
-from stages.vad.batch import BatchedVadStream, VadBatcher, batcher_for
+from stages.vad.batch import BatchedVadStream, VadBatcher, batcher_for, default_inline_max
 from stages.vad.model import SileroVadModel
 from stages.vad.stream import VadStream
 
@@ -70,10 +72,50 @@ async def test_a_failed_run_fails_its_frames(model: SileroVadModel) -> None:
 async def test_a_lone_stream_runs_inline_with_the_same_result(model: SileroVadModel) -> None:
     samples = _audio(3, 0.5)
     plain = VadStream(model).process(samples)
-    batcher = VadBatcher(model)
+    batcher = VadBatcher(model, inline_max=2)
     stream = BatchedVadStream(batcher)
-    got = [f for i in range(0, samples.size, 320)
-           for f in await stream.process_async(samples[i:i + 320])]
+    threads: set[str] = set()
+    infer = model.infer_batch
+
+    def spy(windows: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        threads.add(threading.current_thread().name)
+        return infer(windows, states)
+
+    model.infer_batch = spy  # type: ignore[method-assign]
+    try:
+        got = [f for i in range(0, samples.size, 320)
+               for f in await stream.process_async(samples[i:i + 320])]
+    finally:
+        del model.infer_batch
     assert got == plain
-    assert batcher.batches == batcher.frames == len(plain)  # one frame per run, no thread
+    assert batcher.batches == batcher.frames == len(plain)  # one frame per run
+    assert threads == {threading.current_thread().name}  # on the loop, no thread
+    batcher.close()
+
+
+async def test_with_several_cpus_every_batch_runs_on_the_worker_thread(
+        model: SileroVadModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_inline_max() == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert default_inline_max() == 2
+    samples = _audio(5, 0.5)
+    plain = VadStream(model).process(samples)
+    batcher = VadBatcher(model, inline_max=0)
+    stream = BatchedVadStream(batcher)
+    threads: set[str] = set()
+    infer = model.infer_batch
+
+    def spy(windows: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        threads.add(threading.current_thread().name)
+        return infer(windows, states)
+
+    model.infer_batch = spy  # type: ignore[method-assign]
+    try:
+        got = [f for i in range(0, samples.size, 320)
+               for f in await stream.process_async(samples[i:i + 320])]
+    finally:
+        del model.infer_batch
+    assert got == plain  # same probabilities from the thread
+    assert threads and all(name.startswith("vad-batch") for name in threads)
     batcher.close()
