@@ -22,7 +22,8 @@ from tests.deploy.helm.chart import (
 VALUES = values_names()
 # Always from a Secret (secretKeyRef), never a literal value.
 SECRET_ENV = {"CASCADE_API_KEY", "CASCADE_REDIS_URL", "CASCADE_LLM_API_KEY",
-              "CASCADE_ICE_SERVERS", "HF_TOKEN", "REDIS_PASSWORD"}
+              "CASCADE_ICE_SERVERS", "HF_TOKEN", "REDIS_PASSWORD", "CASCADE_STAGE_API_KEY",
+              "VLLM_API_KEY"}
 SECRET_NAME = re.compile(r"(KEY|PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL)", re.IGNORECASE)
 URL_WITH_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@", re.IGNORECASE)
 # Values with known secrets, to find them anywhere outside Secrets.
@@ -30,6 +31,7 @@ PLANTED = {
     "auth.apiKey": "sk-planted-api-key-0123456789",
     "redis.bundled.auth.password": "planted-redis-password-42",
     "llm.external.apiKey": "sk-planted-llm-key-9876543210",
+    "stageAuth.key": "planted-stage-key-1357924680",
 }
 
 
@@ -148,7 +150,7 @@ def test_planted_secrets_appear_only_in_secrets() -> None:
     for key, value in PLANTED.items():
         set_args += ["--set", f"{key}={value}"]
     r = render("default", set_args=(
-        *set_args, "--set", "llm.mode=external", "--set",
+        *set_args, "--set", "stageAuth.enabled=true", "--set", "llm.mode=external", "--set",
         "llm.external.url=https://llm.example.com/v1", "--set", "llm.external.model=assistant"))
     secrets_text = ""
     for obj in r.objects:

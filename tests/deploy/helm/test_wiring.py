@@ -8,6 +8,7 @@ does not work. Each test here resolves one kind of reference in every render.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -308,6 +309,44 @@ def references(pod: Obj) -> Iterator[tuple[str, str, str | None, bool]]:
             for kind, key in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
                 if kind in env_from:
                     yield key, env_from[kind]["name"], None, bool(env_from[kind].get("optional"))
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_the_stage_key_reaches_every_stage_and_the_orchestrator(values: str) -> None:
+    """stageAuth.enabled: the orchestrator (which sends it) and every deployed stage (which
+    require it: CASCADE_STAGE_API_KEY, vLLM's VLLM_API_KEY) read one key from one Secret
+    entry; off, no pod has it (the stages then trust the NetworkPolicies)."""
+    r = render(values)
+    auth = r.values["stageAuth"]
+    refs: dict[str, Any] = {"orchestrator": env_map(orchestrator_container(r)).get(
+        "CASCADE_STAGE_API_KEY")}
+    for stage in STAGES:
+        workload = r.component(stage)
+        if workload is None:
+            continue
+        var = "VLLM_API_KEY" if stage == "llm" and r.values["llm"]["mode"] == "vllm" else (
+            "CASCADE_STAGE_API_KEY")
+        main = containers(workload["spec"]["template"], init=False)[0]
+        refs[stage] = env_map(main).get(var)
+    if not auth["enabled"]:
+        assert all(ref is None for ref in refs.values()), refs
+        return
+    assert len(refs) > 1, "no stage deployed: nothing to check"
+    sources = set()
+    for who, ref in refs.items():
+        assert ref is not None, f"{who} has no stage key"
+        secret = ref["valueFrom"]["secretKeyRef"]
+        sources.add((secret["name"], secret["key"]))
+    assert len(sources) == 1, sources
+    if auth["existingSecret"]:
+        assert sources == {(auth["existingSecret"], auth["existingSecretKey"])}
+    else:
+        (name, key), = sources
+        secret = next(o for o in r.objects
+                      if o["kind"] == "Secret" and o["metadata"]["name"] == name)
+        assert key in secret["data"]
+        if auth["key"]:
+            assert base64.b64decode(secret["data"][key]).decode() == auth["key"]
 
 
 @pytest.mark.parametrize("values", VALUES)

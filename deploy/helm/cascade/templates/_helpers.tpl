@@ -399,3 +399,21 @@ win, so the selector always matches): (dict "root" $ "component" "asr" "extra" m
 {{- $own := include "cascade.labels" (dict "root" .root "component" .component) | fromYaml -}}
 {{- toYaml (merge $own (.extra | default dict)) -}}
 {{- end -}}
+
+{{/* The stage key as env var .name (CASCADE_STAGE_API_KEY, VLLM_API_KEY) from its Secret,
+while stageAuth.enabled: (dict "root" $ "name" "CASCADE_STAGE_API_KEY"). */}}
+{{- define "cascade.stageKeyEnv" -}}
+{{- $a := .root.Values.stageAuth -}}
+{{- if $a.enabled }}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      {{- if $a.existingSecret }}
+      name: {{ $a.existingSecret }}
+      key: {{ $a.existingSecretKey }}
+      {{- else }}
+      name: {{ include "cascade.orchestratorSecretName" .root }}
+      key: stage-api-key
+      {{- end }}
+{{- end }}
+{{- end -}}
