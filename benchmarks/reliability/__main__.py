@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -15,6 +16,20 @@ from typing import cast
 
 from benchmarks.reliability.report import RESULTS, write_report
 from benchmarks.reliability.rows import PARTS, Row
+
+
+async def _until_terminated(run: Callable[[bool], Coroutine[None, None, list[Row]]],
+                            quick: bool) -> list[Row]:
+    """The part; SIGTERM cancels it, so its ``finally`` blocks stop every process it
+    started (the orchestrator, fakes, Redis, ...) before this one exits."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await run(quick)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(PARTS[part])
         run = cast(Callable[[bool], Coroutine[None, None, list[Row]]], module.run)
         started = time.time()
-        rows = asyncio.run(run(args.quick))
+        try:
+            rows = asyncio.run(_until_terminated(run, args.quick))
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            print(f"part {part} stopped before its end: nothing stored", file=sys.stderr)
+            return 143
         for row in rows:
             mark = "ok  " if row.passed else "FAIL"
             print(f"{mark} [{row.section}] {row.name}: {row.result}", flush=True)
