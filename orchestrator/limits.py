@@ -15,9 +15,10 @@ Why it is built this way:
   ``window_s``, bursts up to ``rate``): a refusal says exactly when the next connection
   will be let in (``Retry-After``), and a client that keeps retrying at the limit burns
   only its own tokens.
-- The counts live in the process (``TenantLimiter``): with several replicas each one
-  enforces the limits on its own connections (N replicas let a tenant hold up to N times
-  its ``max_sessions``), which needs no shared state on the connection path.
+- The counts live in the process (``TenantLimiter``), checked without an await; with the
+  Redis store a capped key's sessions are also counted across every server sharing it
+  (``shared_caps.py``, one script call per new session of a capped key). The connection
+  rate stays per process.
 - A refusal carries everything a transport needs (code, message, HTTP status, retry
   delay, metric reason), so the WebSocket and WebRTC paths say the same thing.
 """

@@ -61,7 +61,9 @@ from orchestrator.outbox import Outbox
 from orchestrator.playout import MediaPort
 from orchestrator.protocol.session import SessionConfig
 from orchestrator.settings import ServeSettings
+from orchestrator.shared_caps import SharedSessionCaps
 from orchestrator.store import SessionStore, open_store
+from orchestrator.store.redis_store import RedisStore
 from orchestrator.webrtc import signalling
 from orchestrator.webrtc.calls import Call, CallSession, MakeSession
 from stages.common import tracing
@@ -168,6 +170,8 @@ class ServerState:
         # Per-key (tenant) connection rates and live sessions; the tenant of each live call.
         self.limiter = TenantLimiter(settings.key_ring())
         self.call_tenants: dict[str, str] = {}
+        # With the Redis store: the keys' session caps across every server (shared_caps.py).
+        self.shared_caps: SharedSessionCaps | None = None
         self._drainer: asyncio.Task[int] | None = None
 
     def live_sessions(self) -> list[object]:
@@ -190,6 +194,9 @@ class ServerState:
         try:
             resources = await self.loader(self.settings)
             self.secrets = keys.ClientSecrets(resources.store)
+            if isinstance(resources.store, RedisStore):
+                self.shared_caps = SharedSessionCaps(resources.store.client,
+                                                     resources.store.settings.key_prefix)
             self.resources = resources
             s = self.settings
             placement = ("remote" if s.distributed else
@@ -244,6 +251,38 @@ class ServerState:
         self.active -= 1
         ACTIVE_SESSIONS.dec()
 
+    async def enter(self, tenant: str, member: str) -> Refusal | None:
+        """``admit``, then the key's cap across every server sharing Redis
+        (``shared_caps.py``; ``member``: the session id of a resume, else ``new_member()``).
+        Let in: ``leave(tenant, member)`` when the session ends."""
+        refusal = self.admit(tenant)
+        caps = self.shared_caps
+        cap = self.limiter.ring.limits(tenant).max_sessions
+        if refusal is not None or caps is None or cap <= 0:
+            return refusal
+        held = await caps.reserve(tenant, member, cap)
+        if held is None:
+            return None
+        self.release(tenant)
+        return Refusal("key_session_limit_reached",
+                       f"This API key already has {held} live sessions across the servers, "
+                       "its limit. Close one or try again later.", "key_capacity",
+                       retry_after_s=5)
+
+    def rename_member(self, tenant: str, member: str, session: object) -> str:
+        """A started session's id is known: its shared-cap entry takes it (see ``enter``);
+        returns the member to ``leave`` with."""
+        session_id = getattr(session, "session_id", None)  # RealtimeSession's
+        if self.shared_caps is None or not isinstance(session_id, str) or not session_id:
+            return member
+        self.shared_caps.rename(tenant, member, session_id)
+        return session_id
+
+    def leave(self, tenant: str, member: str) -> None:
+        self.release(tenant)
+        if self.shared_caps is not None:
+            self.shared_caps.release(tenant, member)
+
 
 def create_app(settings: ServeSettings | None = None, *,
                session_factory: SessionFactory | None = None,
@@ -273,6 +312,8 @@ def create_app(settings: ServeSettings | None = None, *,
                 if state.active == 0:
                     break
                 await asyncio.sleep(0.1)
+            if state.shared_caps is not None:
+                await state.shared_caps.aclose()
             if state.resources is not None:
                 await state.resources.aclose()
 

@@ -37,6 +37,7 @@ from orchestrator.outbox import Outbox, error_json
 from orchestrator.protocol import ProtocolError, error_event
 from orchestrator.protocol.session import SessionConfig
 from orchestrator.settings import ServeSettings
+from orchestrator.shared_caps import new_member
 from orchestrator.store import StoreError, StoreUnavailable
 from orchestrator.webrtc.calls import Call
 
@@ -178,7 +179,8 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
         await _refuse(ws, subprotocol, CLOSE_POLICY, "invalid_resume",
                       "To resume a session send both 'session_id' and 'resume_token'.")
         return
-    refusal = state.admit(grant.tenant)  # counted from here: no await since its checks
+    member = resume_id or new_member()  # the session in the key's shared count
+    refusal = await state.enter(grant.tenant, member)  # counted from here
     if refusal is not None:
         await _refuse_for(ws, subprotocol, refusal)
         return
@@ -211,6 +213,7 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
             await outbox.send(error_json(exc.code, f"Cannot {what}: {exc}"))
             await outbox.finish(CLOSE_TRY_AGAIN if transient else CLOSE_POLICY, exc.code)
             return
+        member = state.rename_member(grant.tenant, member, session)
         await _run(ws, session, outbox, settings)
     except Exception:
         log.exception("realtime connection failed")
@@ -225,7 +228,7 @@ async def serve(state: ServerState, ws: WebSocket) -> None:
                 log.exception("session aclose failed")
         await outbox.finish()
         state.outboxes.discard(outbox)
-        state.release(grant.tenant)
+        state.leave(grant.tenant, member)
 
 
 async def _refuse_for(ws: WebSocket, subprotocol: str | None, refusal: Refusal) -> None:

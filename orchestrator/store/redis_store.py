@@ -105,6 +105,11 @@ class RedisStore:
             "SET_CONFIG", "SET_TURN", "TOUCH", "DELETE_SESSION", "ACQUIRE_LEASE",
             "RENEW_LEASE", "RELEASE_LEASE", "LEASE_OWNER", "GET_ITEM", "GET_CONFIG_TURN")}
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client (its pool), for state shared beside the sessions'."""
+        return self._redis
+
     @classmethod
     async def connect(cls, settings: StoreSettings) -> RedisStore:
         """A store whose Redis answered PING (fail at start-up, not at the first turn)."""

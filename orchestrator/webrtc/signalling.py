@@ -37,6 +37,7 @@ from orchestrator.limits import Refusal, refusal_response
 from orchestrator.protocol.errors import from_validation_error
 from orchestrator.protocol.session import SessionConfig
 from orchestrator.settings import ServeSettings
+from orchestrator.shared_caps import new_member
 from orchestrator.store import StoreError
 from orchestrator.webrtc import peer
 from orchestrator.webrtc.calls import Call, MakeSession, negotiate, new_call_id
@@ -64,11 +65,14 @@ class CallHost(Protocol):
         """None until the server is ready; its sessions belong to ``tenant``."""
         ...
 
-    def admit(self, tenant: str) -> Refusal | None:
-        """Count one more live session of ``tenant``, or why not (limits.py)."""
+    async def enter(self, tenant: str, member: str) -> Refusal | None:
+        """Count one more live session of ``tenant`` (``member``: its entry in the key's
+        count shared by the servers), or why not (limits.py, shared_caps.py)."""
         ...
 
-    def release(self, tenant: str) -> None: ...
+    def rename_member(self, tenant: str, member: str, session: object) -> str: ...
+
+    def leave(self, tenant: str, member: str) -> None: ...
 
 
 class BadRequest(Exception):
@@ -197,28 +201,30 @@ async def open_call(host: CallHost, request: Request) -> Response:
         if (resume_id is None) != (resume_token is None):
             raise BadRequest(400, "invalid_resume", "To resume a session send both "
                              "'session_id' and 'resume_token'.")
-        refusal = host.admit(grant.tenant)
+        member = resume_id or new_member()  # the session in the key's shared count
+        refusal = await host.enter(grant.tenant, member)
         if refusal is not None:
             metrics.REJECTED_CONNECTIONS.labels(refusal.reason).inc()
             return refusal_response(refusal)
     except BadRequest as err:
         return err.response()
     return await _set_up(host, make_session, sdp, configs, resume_id, resume_token,
-                         grant.tenant)
+                         grant.tenant, member)
 
 
 async def _set_up(host: CallHost, make_session: MakeSession, sdp: str,
                   configs: list[SessionConfig], resume_id: str | None,
-                  resume_token: str | None, tenant: str) -> Response:
+                  resume_token: str | None, tenant: str, member: str) -> Response:
     settings = host.settings
     peer.use_host_addresses(settings.ice_host_addresses)
     call_id = new_call_id()
+    entry = [member]  # its shared-count member: the session id once started
 
     def closed(call: Call) -> None:
         if host.calls.pop(call.id, None) is not None:
             metrics.WEBRTC_CALLS.dec()
             host.call_tenants.pop(call.id, None)
-            host.release(tenant)
+            host.leave(tenant, entry[0])
 
     call = Call(call_id, RTCPeerConnection(peer.configuration(settings)), settings, closed)
     host.calls[call_id] = call
@@ -228,6 +234,7 @@ async def _set_up(host: CallHost, make_session: MakeSession, sdp: str,
         answer = await negotiate(call, sdp)
         await call.start(make_session, configs=configs, resume_id=resume_id,
                          resume_token=resume_token)
+        entry[0] = host.rename_member(tenant, entry[0], call.session)
     except peer.InvalidOffer as exc:
         await call.close("invalid_offer")
         return error_response(400, "invalid_offer", str(exc), param="sdp")
