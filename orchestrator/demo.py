@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from orchestrator.backends import Backends, embedded_backends, remote_backends
+from stages.common.aiter import closing
 from stages.common.audio import ASR_RATE, REALTIME_RATE, write_wav
 from stages.llm.types import ChatMessage, LlmRequest
 
@@ -70,12 +71,13 @@ async def round_trip(backends: Backends, question: str, out_path: str,
 
     async def feed() -> None:
         nonlocal first_token
-        async for delta in backends.llm.stream(request):
-            if delta.text:
-                if first_token is None:
-                    first_token = time.perf_counter()
-                reply.append(delta.text)
-                await tts.push_text(delta.text)
+        async with closing(backends.llm.stream(request)) as deltas:
+            async for delta in deltas:
+                if delta.text:
+                    if first_token is None:
+                        first_token = time.perf_counter()
+                    reply.append(delta.text)
+                    await tts.push_text(delta.text)
         await tts.flush()
 
     feeder = asyncio.create_task(feed())

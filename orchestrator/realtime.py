@@ -101,6 +101,7 @@ from orchestrator.turn import (
     TurnEvent,
     VadLike,
 )
+from stages.common.aiter import closing
 from stages.common.audio import (
     ASR_RATE,
     AudioFormatError,
@@ -337,8 +338,9 @@ class RealtimeSession:
         """A prefill-only request: only the LLM's cache changes; failures are the turns'."""
         try:
             async with asyncio.timeout(self._settings.llm_first_token_timeout_s):
-                async for _ in self._backends.llm.stream(request):
-                    pass
+                async with closing(self._backends.llm.stream(request)) as deltas:
+                    async for _ in deltas:
+                        pass
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # only a cache warm-up: the turns will see real errors

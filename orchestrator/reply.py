@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from orchestrator.policy import StageDeadlines
+from stages.common.aiter import closing
 from stages.llm.types import LlmBackend, LlmDelta, LlmRequest, LlmUsage, ToolCallDelta
 from stages.tts.types import TtsBackend, TtsChunk, TtsStream
 
@@ -240,14 +241,18 @@ class ReplyRun:
         """The LLM's deltas, with the text collected, the first token stamped and the LLM's
         deadline running only while we wait on it (not while the caller handles a delta)."""
         self._waiting_llm(True)
-        async for delta in self._llm.stream(self.request):
-            self._waiting_llm(False)
-            if (delta.text or delta.tool_calls) and self.timings.first_token is None:
-                self.timings.first_token = time.monotonic()
-            self.text += delta.text
-            self.tokens += 1
-            yield delta
-            self._waiting_llm(True)
+        # aclosing: a reply cancelled while it handles a delta (barge-in) leaves the LLM
+        # stream suspended at a yield; closed only when collected, its HTTP connection
+        # stayed checked out of the client's pool (the soak filled the pool of 100 so).
+        async with closing(self._llm.stream(self.request)) as deltas:
+            async for delta in deltas:
+                self._waiting_llm(False)
+                if (delta.text or delta.tool_calls) and self.timings.first_token is None:
+                    self.timings.first_token = time.monotonic()
+                self.text += delta.text
+                self.tokens += 1
+                yield delta
+                self._waiting_llm(True)
         self._waiting_llm(False)
 
     async def _work_streaming(self) -> ReplyDone:
@@ -261,16 +266,17 @@ class ReplyRun:
                     tts = await self._tts.open_stream(voice=self._voice,
                                                       sample_rate=self._sample_rate)
                 pump = asyncio.create_task(self._pump_audio(tts), name="reply-audio")
-            async for delta in self._llm_deltas():
-                if delta.text:
-                    await self._out.put(ReplyText(delta.text))
-                    if tts is not None:
-                        async with self._tts_call():
-                            await tts.push_text(delta.text)
-                if delta.tool_calls:
-                    await self._out.put(ReplyToolCall(list(delta.tool_calls)))
-                finish = delta.finish_reason or finish
-                usage = delta.usage or usage
+            async with closing(self._llm_deltas()) as deltas:
+                async for delta in deltas:
+                    if delta.text:
+                        await self._out.put(ReplyText(delta.text))
+                        if tts is not None:
+                            async with self._tts_call():
+                                await tts.push_text(delta.text)
+                    if delta.tool_calls:
+                        await self._out.put(ReplyToolCall(list(delta.tool_calls)))
+                    finish = delta.finish_reason or finish
+                    usage = delta.usage or usage
             if tts is not None and pump is not None:
                 if self.text.strip():
                     async with self._tts_call():
@@ -295,13 +301,14 @@ class ReplyRun:
         held = self._held
         finish: str | None = None
         usage: LlmUsage | None = None
-        async for delta in self._llm_deltas():
-            if delta.text:
-                held.append(ReplyText(delta.text))
-            if delta.tool_calls:
-                held.append(ReplyToolCall(list(delta.tool_calls)))
-            finish = delta.finish_reason or finish
-            usage = delta.usage or usage
+        async with closing(self._llm_deltas()) as deltas:
+            async for delta in deltas:
+                if delta.text:
+                    held.append(ReplyText(delta.text))
+                if delta.tool_calls:
+                    held.append(ReplyToolCall(list(delta.tool_calls)))
+                finish = delta.finish_reason or finish
+                usage = delta.usage or usage
         if self._tts is not None and self.text.strip():
             async with self._tts_call():
                 chunks = await self._tts.synthesize(self.text, voice=self._voice,

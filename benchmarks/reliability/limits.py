@@ -6,7 +6,8 @@ per window). Each limit row sends what breaks the limit, records the error code 
 code the client got, and checks that a neighbour session of another key, open all along,
 still answers. The security rows try every endpoint that costs compute or reveals data
 with wrong keys, resume a session with another key, let an ``ek_`` key expire, grep the
-server's whole log for every key and token it saw, and measure the ids' entropy.
+server's whole log for every key and token it saw, and measure the ids' entropy. One row
+runs two more servers on one Redis, to hold a key's session cap across both.
 
 The quick variant (CI, ``tests/benchmarks/reliability/test_limits.py``) and the full one
 differ only in the process's session cap that is filled (8 or 32 sessions).
@@ -241,6 +242,52 @@ async def per_key_sessions(server: Server, seen: Seen) -> Row:
                f"the ek_ key: error {code} / {ek_code}, close {close}; after one closed a new "
                f"one was let in; the other key's and the live sessions unaffected: {fine}",
                ok, code=code, close=close)
+
+
+async def per_key_sessions_shared(limits: Limits, seen: Seen) -> Row:
+    """The "capped" key's cap over two servers sharing one Redis (shared_caps.py)."""
+    from benchmarks.reliability.fault_fleet import RedisProcess
+
+    cap = limits.capped_sessions
+    redis = RedisProcess()
+    redis.start()
+    try:
+        with contextlib.ExitStack() as servers:
+            a = servers.enter_context(limits_server(limits, redis_url=redis.url,
+                                                    name="serve-limits-a"))
+            b = servers.enter_context(limits_server(limits, keys=a.keys, redis_url=redis.url,
+                                                    name="serve-limits-b"))
+            key = a.keys["capped"]
+            async with contextlib.AsyncExitStack() as stack:
+                held = [await _opened(a, seen, key, stack)]
+                held += [await _opened(b, seen, key, stack) for _ in range(cap - 1)]
+                code_a, close_a = await refusal(a, key)
+                code_b, _ = await refusal(b, key)
+                await held.pop().aclose()  # one of b's closes: a place on either server
+                let_in = False
+                for _ in range(30):  # B's release reaches Redis in the background
+                    await asyncio.sleep(0.1)
+                    conn = await stack.enter_async_context(session(a, key))
+                    event = await conn.until("session.created", "error")
+                    seen.created(event)
+                    if event is not None and event["type"] == "session.created":
+                        stack.push_async_callback(_stop, asyncio.create_task(
+                            _keep_talking(conn)))
+                        held.append(conn)
+                        let_in = True
+                        break
+                    await conn.aclose()
+                alive = all([await c.alive() for c in held])
+    finally:
+        redis.close()
+    ok = (code_a == code_b == "key_session_limit_reached" and close_a == 1013 and let_in
+          and alive)
+    return row("limits", f"concurrent sessions per API key over two servers sharing Redis "
+               f"(capped: {cap})",
+               f"{cap} live (1 on server A, {cap - 1} on B), the next on A and on B: error "
+               f"{code_a} / {code_b}, close {close_a}; after one closed on B a new one was let "
+               f"in on A: {let_in}; live sessions unaffected: {alive}", ok,
+               code=code_a, close=close_a)
 
 
 async def per_key_rate(server: Server, seen: Seen) -> Row:
@@ -523,6 +570,11 @@ async def run(quick: bool) -> list[Row]:
                 rows.append(row("security", sec.__name__.replace("_", " "),
                                 f"the check failed: {type(exc).__name__}: {exc}", False))
         rows.append(await ek.check(server))
+        try:
+            rows.append(await per_key_sessions_shared(limits, seen))
+        except Exception as exc:
+            rows.append(row("limits", "concurrent sessions per API key over two servers",
+                            f"the check failed: {type(exc).__name__}: {exc}", False))
         rows.append(await cors(server))
         rows.append(constant_time())
         rows.append(ids_entropy(seen))

@@ -60,13 +60,17 @@ def new_key(name: str) -> str:
 
 
 @contextlib.contextmanager
-def limits_server(limits: Limits, ready_timeout: float = 180.0) -> Iterator[Server]:
-    """``cascade serve`` (remote stages that are never reached, the memory store) with
-    ``limits``, the standard key and two named keys: "capped" (few concurrent sessions)
-    and "rated" (few connections per window)."""
-    keys = {"default": new_key("default"), "capped": new_key("capped"),
-            "rated": new_key("rated")}
+def limits_server(limits: Limits, ready_timeout: float = 180.0, *,
+                  keys: dict[str, str] | None = None, redis_url: str = "",
+                  name: str = "serve-limits") -> Iterator[Server]:
+    """``cascade serve`` (remote stages that are never reached, the memory store, or
+    ``redis_url``'s) with ``limits``, the standard key and two named keys: "capped" (few
+    concurrent sessions) and "rated" (few connections per window); new keys unless
+    ``keys`` (servers sharing a Redis share their keys)."""
+    keys = keys or {"default": new_key("default"), "capped": new_key("capped"),
+                    "rated": new_key("rated")}
     env = {
+        "CASCADE_REDIS_URL": redis_url,
         "CASCADE_API_KEY": keys["default"],
         "CASCADE_API_KEYS": json.dumps([
             {"name": "capped", "key": keys["capped"], "max_sessions": limits.capped_sessions},
@@ -86,7 +90,7 @@ def limits_server(limits: Limits, ready_timeout: float = 180.0) -> Iterator[Serv
     }
     with mock.patch.dict(os.environ, env):  # the child copies the environment at spawn
         # DEBUG: the keys-not-logged row reads every line the server writes
-        proc = CascadeProcess("serve-limits", ["--log-level", "DEBUG", "serve"],
+        proc = CascadeProcess(name, ["--log-level", "DEBUG", "serve"],
                               "--asr-url", NOWHERE, "--llm-url", NOWHERE, "--tts-url", NOWHERE)
     try:
         url = proc.wait_ready(ready_timeout)

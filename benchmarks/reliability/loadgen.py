@@ -33,7 +33,6 @@ from websockets.exceptions import ConnectionClosed
 
 RATE = 24_000  # the Realtime default input and output format: pcm16 at 24 kHz
 FRAME_MS = 20
-FRAME_BYTES = RATE * FRAME_MS // 1000 * 2
 UTTERANCES = ("Could you tell me what the weather will be like tomorrow?",
               "And do I need an umbrella for the walk to work?",
               "Thanks, what about the weekend?")
@@ -42,8 +41,10 @@ GAP_MS = 40.0  # underruns shorter than this are jitter, not gaps
 CACHE = Path.home() / ".cache" / "cascade" / "reliability"
 
 
-def speech_frames() -> list[list[str]]:
-    """Each utterance as pre-encoded append events (piper's voice, cached on disk)."""
+def speech_frames(frame_ms: int = FRAME_MS) -> list[list[str]]:
+    """Each utterance as pre-encoded append events of ``frame_ms`` (piper's voice, cached
+    on disk)."""
+    frame_bytes = RATE * frame_ms // 1000 * 2
     out: list[list[str]] = []
     for text in UTTERANCES:
         key = hashlib.sha256(f"{text}|{RATE}".encode()).hexdigest()[:16]
@@ -54,8 +55,8 @@ def speech_frames() -> list[list[str]]:
             CACHE.mkdir(parents=True, exist_ok=True)
             path.write_bytes(piper_speech(text, RATE).tobytes())
         pcm = path.read_bytes()
-        pcm += b"\0" * (-len(pcm) % FRAME_BYTES)
-        out.append([_append(pcm[i:i + FRAME_BYTES]) for i in range(0, len(pcm), FRAME_BYTES)])
+        pcm += b"\0" * (-len(pcm) % frame_bytes)
+        out.append([_append(pcm[i:i + frame_bytes]) for i in range(0, len(pcm), frame_bytes)])
     return out
 
 
@@ -64,7 +65,6 @@ def _append(pcm: bytes) -> str:
                        "audio": base64.b64encode(pcm).decode()})
 
 
-SILENCE = _append(b"\0" * FRAME_BYTES)
 
 
 @dataclass
@@ -94,12 +94,14 @@ class LoadGen:
     """Runs sessions against ``url`` (``ws://host:port/v1/realtime``) until ``stop``."""
 
     def __init__(self, url: str, *, barge_in_p: float = 0.15, reconnect_p: float = 0.1,
-                 seed: int = 1) -> None:
+                 seed: int = 1, frame_ms: int = FRAME_MS) -> None:
         self.url = url
+        self.frame_ms = frame_ms  # each append's audio (the issue's load: 20 ms)
+        self.silence = _append(b"\0" * (RATE * frame_ms // 1000 * 2))
         self.barge_in_p = barge_in_p
         self.reconnect_p = reconnect_p
         self.rng = random.Random(seed)
-        self.frames = speech_frames()
+        self.frames = speech_frames(frame_ms)
         self.stats = Stats()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -226,7 +228,7 @@ class _Session:
         tick = time.monotonic()
         while not gen._stopping and not reader.done():
             now = time.monotonic()
-            if now - tick > FRAME_MS / 1000:
+            if now - tick > gen.frame_ms / 1000:
                 gen.stats.late_frames += 1
             frame = self._next_frame(now)
             if frame is None:  # the turn is over and the dice say: reconnect
@@ -237,7 +239,7 @@ class _Session:
                 stats.error("connection_closed")
                 return False
             gen.stats.frames += 1
-            tick += FRAME_MS / 1000
+            tick += gen.frame_ms / 1000
             delay = tick - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -278,11 +280,11 @@ class _Session:
                     self.speak_at = now + self.rng.uniform(0.5, 1.5)
                     return None
                 self.speak_at = now + self.rng.uniform(0.5, 1.5)
-            return SILENCE
+            return self.gen.silence
         if now >= self.speak_at:
             self._start_speaking()
             return self._next_frame(now)
-        return SILENCE
+        return self.gen.silence
 
     def _start_speaking(self) -> None:
         self.speech = self.rng.choice(self.gen.frames)

@@ -12,10 +12,13 @@ Figures: RSS per session (mean soak RSS minus the idle RSS before the first sess
 divided by the sessions); drift (mean RSS of the last ``window`` minus the first, window =
 5 min, or a third of a shorter soak; criterion within +-10 %); leaks (after every session
 closed and ``settle`` seconds: asyncio tasks, fds and sockets against the idle baseline
-taken before the first session; idle keep-alive connections of the LLM client's pool are
-counted apart, since httpx keeps up to 20 open by design). ``--quick``: 5 sessions, 30 s.
-The orchestrator is pinned to one CPU as in the load part; ``CASCADE_SOAK_PIN=0`` leaves
-it free (more sessions than one core holds: the soak judges memory and leaks, not lag).
+taken before the first session; the LLM client's pool connections are counted apart: httpx
+keeps the idle ones of its busiest moment, up to 100, until its next request closes those
+past their keep-alive, so one more session runs and they must drop to at most 20, or they
+were leaked). ``--quick``: 5 sessions, 30 s. The orchestrator is pinned to one CPU as in
+the load part; ``CASCADE_SOAK_PIN=0`` leaves it free (more sessions than one core holds:
+the soak judges memory and leaks, not lag). ``CASCADE_SOAK_FRAME_MS`` (default 20): the
+audio per append event (the load part's capacity figures are for 20 ms).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ async def run(quick: bool) -> list[Row]:
     warmup = 6.0 if quick else float(env.get("CASCADE_SOAK_WARMUP_S", "120"))
     every = 3.0 if quick else float(env.get("CASCADE_SOAK_EVERY_S", "10"))
     settle = 6.0 if quick else 15.0
+    frame_ms = 20 if quick else int(env.get("CASCADE_SOAK_FRAME_MS", "20"))
     window = min(300.0, duration / 3)
     orch_cpus, other_cpus = cpu_split(quick, "CASCADE_SOAK_PIN")
     rig = Rig(orchestrator_cpus=orch_cpus, others_cpus=other_cpus)
@@ -72,7 +76,7 @@ async def run(quick: bool) -> list[Row]:
         await asyncio.sleep(2.0)
         t0 = time.monotonic()
         idle = await sample(rig, 0, t0)
-        gen = LoadGen(rig.ws_url, seed=29)
+        gen = LoadGen(rig.ws_url, seed=29, frame_ms=frame_ms)
         try:
             await gen.add(sessions, spread_s=min(10.0, 0.1 * sessions))
             await asyncio.sleep(warmup)
@@ -91,6 +95,15 @@ async def run(quick: bool) -> list[Row]:
         stats = gen.reset()
         await asyncio.sleep(settle)
         end = await sample(rig, 0, t0)
+        # The LLM client's pool keeps idle connections until its next request, which
+        # closes those idle past keepalive_expiry (5 s): one more session shows whether
+        # the connections left are idle ones or leaked (checked out for good).
+        probe = LoadGen(rig.ws_url, seed=31, frame_ms=frame_ms)
+        await probe.add(1, spread_s=0.0)
+        await asyncio.sleep(10.0)
+        await probe.stop()
+        await asyncio.sleep(settle)
+        reused = await sample(rig, 0, t0)
         alive = rig.alive()
     finally:
         await rig.stop()
@@ -98,12 +111,13 @@ async def run(quick: bool) -> list[Row]:
                       cpu={"orchestrator": round(orch_cpu, 3)}, rss=end["rss_mb"],
                       lag_p50=lag.quantile(0.5) * 1000, lag_p99=lag.quantile(0.99) * 1000,
                       lag_samples=lag.count, alive=alive)
-    return rows(sessions, duration, window, idle, samples, end, turns, rig.pinned)
+    turns["frame_ms"] = frame_ms
+    return rows(sessions, duration, window, idle, samples, end, turns, rig.pinned, reused)
 
 
 def rows(sessions: int, duration: float, window: float, idle: dict[str, Any],
          samples: list[dict[str, Any]], end: dict[str, Any], turns: dict[str, Any],
-         pinned: bool) -> list[Row]:
+         pinned: bool, reused: dict[str, Any] | None = None) -> list[Row]:
     minutes = f"{duration / 60:g}-min"
     first = [s["rss_mb"] for s in samples if s["t"] <= window]
     last = [s["rss_mb"] for s in samples if s["t"] >= samples[-1]["t"] - window] if samples \
@@ -130,18 +144,25 @@ def rows(sessions: int, duration: float, window: float, idle: dict[str, Any],
     leaks = {"tasks": end["tasks"] - idle["tasks"], "fds": fds_end - fds_idle,
              "sockets": other_sockets_end - other_sockets_idle,
              "threads": end["threads"] - idle["threads"], "sessions": end["sessions"]}
+    # The LLM pool's idle connections: left by the busiest moment (httpx keeps up to
+    # max_connections, 100, until its next request), closed by that next request once
+    # past keepalive_expiry: one more session must bring them down to a handful.
+    llm_reused = llm_end if reused is None else reused["peers"].get("llm", 0)
     leak_ok = (leaks["tasks"] <= 0 and leaks["fds"] <= 0 and leaks["sockets"] <= 0
-               and end["sessions"] == 0 and llm_end <= KEEPALIVE_MAX)
+               and end["sessions"] == 0 and llm_reused <= KEEPALIVE_MAX)
+    pool = (f"idle LLM pool connections {llm_idle} -> {llm_end}"
+            + ("" if reused is None else f", {llm_reused} after one more session"))
     leak = Row(
         section="soak", name=f"leaks after the {minutes} soak (all sessions closed)",
         result=(f"asyncio tasks {idle['tasks']:.0f} -> {end['tasks']:.0f}, fds "
                 f"{idle['fds']} -> {end['fds']}, sockets {idle['sockets']} -> "
-                f"{end['sockets']} (of which idle LLM keep-alive {llm_idle} -> {llm_end}), "
-                f"threads {idle['threads']} -> {end['threads']}, live sessions "
-                f"{end['sessions']:.0f}"),
-        passed=leak_ok, command=reproduce(), figures={"idle": idle, "end": end, "leaks": leaks},
+                f"{end['sockets']} (of which {pool}), threads {idle['threads']} -> "
+                f"{end['threads']}, live sessions {end['sessions']:.0f}"),
+        passed=leak_ok, command=reproduce(),
+        figures={"idle": idle, "end": end, "reused": reused, "leaks": leaks},
         note=("threads are reported, not judged: the VAD batch thread starts with the first "
-              "session and stays" if leak_ok else f"not back to the idle baseline: {leaks}"))
+              "session and stays" if leak_ok else f"not back to the idle baseline: {leaks}, "
+              f"LLM pool connections after one more session {llm_reused}"))
     why = []
     if turns["unanswered"] or turns["failed"]:
         why.append(f"{turns['unanswered']} unanswered, {turns['failed']} failed")
@@ -153,7 +174,8 @@ def rows(sessions: int, duration: float, window: float, idle: dict[str, Any],
         why.append("no turn finished")
     activity = Row(
         section="soak", name=f"turns during the {minutes} soak",
-        result=(f"{turns['answered']}/{turns['finished']} turns answered, "
+        result=(f"{turns['answered']}/{turns['finished']} turns answered "
+                f"({turns.get('frame_ms', 20)} ms appends), "
                 f"{turns['barge_ins']} barge-ins, {turns['reconnects']} resumes, reply gaps "
                 f"{turns['gaps']}; loop lag p50 {turns['lag_p50_ms']:.1f} / p99 "
                 f"{turns['lag_p99_ms']:.1f} ms; orchestrator CPU "

@@ -43,6 +43,8 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from stages.common.aiter import closing
+
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
@@ -268,24 +270,13 @@ async def _client_stream(name: str, stage: str,
                          attributes: Mapping[str, Any] | None) -> AsyncIterator[T]:
     span = start_client(name, stage, attributes)
     try:
-        async with _closing(make(span)) as inner:
+        async with closing(make(span)) as inner:
             async for item in inner:
                 yield item
     except BaseException as exc:
         end(span, exc)
         raise
     end(span)
-
-
-@contextlib.asynccontextmanager
-async def _closing(items: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
-    """Close ``items`` (an async generator: ``aclose``) when the block ends, at once."""
-    try:
-        yield items
-    finally:
-        close = getattr(items, "aclose", None)
-        if close is not None:
-            await close()
 
 
 # ---------------------------------------------------------------------- server side
@@ -326,7 +317,7 @@ async def _server_stream(name: str, carrier: Mapping[str, str], items: AsyncIter
     span = start_server(name, carrier, attributes)
     count = 0
     try:
-        async with _closing(items) as inner:
+        async with closing(items) as inner:
             async for item in inner:
                 if count == 0 and span is not None:
                     span.add_event("first_token")

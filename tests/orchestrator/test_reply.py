@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 
 import pytest
@@ -73,6 +74,25 @@ async def test_unreleased_run_is_bounded_by_backpressure() -> None:
     run.release()
     events = await asyncio.wait_for(_drain(run), 5)
     assert sum(isinstance(e, ReplyText) for e in events) == 500
+
+
+async def test_a_run_cancelled_while_it_handles_a_delta_closes_the_llm_stream_at_once(
+) -> None:
+    """Cancelled in its loop body (held at the gate: a barge-in before release), the run
+    closes the LLM stream at once, not when the collector finds it: a real stream holds
+    an HTTP connection out of the client's pool until then (the soak filled the pool)."""
+    llm = FakeLlm([f" w{i}" for i in range(500)], interval_s=0.0)
+    run = ReplyRun(llm, None, REQUEST, max_buffered=8)
+    run.start()
+    await _until(lambda: llm.emitted >= 8)
+    await asyncio.sleep(0.02)  # parked on the full queue, the LLM stream at a yield
+    gc.disable()
+    try:
+        await run.cancel()
+        await asyncio.sleep(0)
+        assert llm.closed_early == 1
+    finally:
+        gc.enable()
 
 
 async def test_stage_failure_ends_the_reply_with_an_error() -> None:
