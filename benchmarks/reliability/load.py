@@ -190,6 +190,13 @@ def summary_row(results: list[dict[str, Any]], idle_rss: float, pinned: bool,
         parts.append("did not break within the steps tried")
     note = ("orchestrator pinned to its own core" if pinned else
             "not pinned: the generator and fakes share the orchestrator's cores")
+    if not quick:
+        note += ("; the ceiling is the one event loop per process (one core): each 20 ms "
+                 "append is a WebSocket message, a JSON/base64 parse, a resample, a Silero "
+                 "VAD window and a coalesced ASR push, and each reply an LLM token stream "
+                 "and paced audio events; `python -m benchmarks.reliability.profile "
+                 "--sessions N` shows the loop's time by what it ran. Past one process's "
+                 "ceiling, sessions scale out over orchestrator replicas sharing Redis")
     passed = best is not None if quick else (best is not None and best["sessions"] >= 200)
     return Row(section="load", name="sessions one orchestrator process holds (target >= 200)",
                result="; ".join(parts), passed=passed, command=reproduce(),
