@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import wave
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -58,42 +59,37 @@ class StreamResampler:
     matches a one-shot resample of the concatenated input.
     """
 
+    dtype = "float32"  # of the samples in and out
+
     def __init__(self, src_rate: int, dst_rate: int) -> None:
         self.src_rate = src_rate
         self.dst_rate = dst_rate
         self._stream: soxr.ResampleStream | None = (
             None
             if src_rate == dst_rate
-            else soxr.ResampleStream(src_rate, dst_rate, 1, dtype="float32", quality="HQ")
+            else soxr.ResampleStream(src_rate, dst_rate, 1, dtype=self.dtype, quality="HQ")
         )
 
     def process(self, samples: Float32Array, last: bool = False) -> Float32Array:
-        if self._stream is None:
-            return samples
-        out: Float32Array = self._stream.resample_chunk(samples, last=last)
+        out: Float32Array = self._resample(samples, last)
         return out
+
+    def _resample(self, samples: Any, last: bool) -> Any:
+        return samples if self._stream is None else self._stream.resample_chunk(samples,
+                                                                                last=last)
 
     def flush(self) -> Float32Array:
         return self.process(np.zeros(0, dtype=np.float32), last=True)
 
 
-class Pcm16StreamResampler:
+class Pcm16StreamResampler(StreamResampler):
     """``StreamResampler`` for int16 in and out: soxr converts inside, so a 20 ms frame
     costs one call instead of three (int16->float, resample, clip and back)."""
 
-    def __init__(self, src_rate: int, dst_rate: int) -> None:
-        self.src_rate = src_rate
-        self.dst_rate = dst_rate
-        self._stream: soxr.ResampleStream | None = (
-            None
-            if src_rate == dst_rate
-            else soxr.ResampleStream(src_rate, dst_rate, 1, dtype="int16", quality="HQ")
-        )
+    dtype = "int16"
 
-    def process(self, samples: Int16Array, last: bool = False) -> Int16Array:
-        if self._stream is None:
-            return samples
-        out: Int16Array = self._stream.resample_chunk(samples, last=last)
+    def process(self, samples: Int16Array, last: bool = False) -> Int16Array:  # type: ignore[override]
+        out: Int16Array = self._resample(samples, last)
         return out
 
 

@@ -69,10 +69,10 @@ async def test_a_failed_run_fails_its_frames(model: SileroVadModel) -> None:
     batcher.close()
 
 
-async def test_a_lone_stream_runs_inline_with_the_same_result(model: SileroVadModel) -> None:
-    samples = _audio(3, 0.5)
-    plain = VadStream(model).process(samples)
-    batcher = VadBatcher(model, inline_max=2)
+async def _run_watching_threads(model: SileroVadModel, batcher: VadBatcher,
+                                samples: np.ndarray) -> tuple[list[object], set[str]]:
+    """The frames of ``samples`` fed in 20 ms pieces through ``batcher``, and the names of
+    the threads the model ran on."""
     stream = BatchedVadStream(batcher)
     threads: set[str] = set()
     infer = model.infer_batch
@@ -87,6 +87,14 @@ async def test_a_lone_stream_runs_inline_with_the_same_result(model: SileroVadMo
                for f in await stream.process_async(samples[i:i + 320])]
     finally:
         del model.infer_batch
+    return got, threads
+
+
+async def test_a_lone_stream_runs_inline_with_the_same_result(model: SileroVadModel) -> None:
+    samples = _audio(3, 0.5)
+    plain = VadStream(model).process(samples)
+    batcher = VadBatcher(model, inline_max=2)
+    got, threads = await _run_watching_threads(model, batcher, samples)
     assert got == plain
     assert batcher.batches == batcher.frames == len(plain)  # one frame per run
     assert threads == {threading.current_thread().name}  # on the loop, no thread
@@ -102,20 +110,7 @@ async def test_with_several_cpus_every_batch_runs_on_the_worker_thread(
     samples = _audio(5, 0.5)
     plain = VadStream(model).process(samples)
     batcher = VadBatcher(model, inline_max=0)
-    stream = BatchedVadStream(batcher)
-    threads: set[str] = set()
-    infer = model.infer_batch
-
-    def spy(windows: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        threads.add(threading.current_thread().name)
-        return infer(windows, states)
-
-    model.infer_batch = spy  # type: ignore[method-assign]
-    try:
-        got = [f for i in range(0, samples.size, 320)
-               for f in await stream.process_async(samples[i:i + 320])]
-    finally:
-        del model.infer_batch
+    got, threads = await _run_watching_threads(model, batcher, samples)
     assert got == plain  # same probabilities from the thread
     assert threads and all(name.startswith("vad-batch") for name in threads)
     batcher.close()
