@@ -45,8 +45,9 @@ class QueuedReadsProtocol(WebSocketsSansIOProtocol):
         if self.queue.qsize() > before:
             self._sizes.append(size)
             self._queued_bytes += size
-        if not self.read_paused and (self.queue.qsize() >= self.max_queued_messages
-                                     or self._queued_bytes >= self.max_queued_bytes):
+        if not self.read_paused and not self.close_sent and (
+                self.queue.qsize() >= self.max_queued_messages
+                or self._queued_bytes >= self.max_queued_bytes):  # past close: keep reading
             self.read_paused = True
             self.transport.pause_reading()
 
