@@ -51,6 +51,73 @@ _MODELS_TIMEOUT_S = 5.0
 PREFILL_ONLY_HEADER = "X-Cascade-Prefill-Only"
 
 
+# Closing tasks still running: a task is only weakly referenced by the loop.
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
+def _close_later(resp: httpx.Response) -> asyncio.Task[None]:
+    task = asyncio.get_running_loop().create_task(resp.aclose(), name="llm-response-close")
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
+    return task
+
+
+async def _close_shielded(resp: httpx.Response) -> None:
+    """``resp.aclose()`` that a second cancellation cannot cut short: interrupted half-way,
+    the close left its connection checked out of the pool for good (a reply cancelled
+    twice, by a barge-in and the session's end, leaked one connection each time until the
+    pool's 100 were gone and every LLM request waited)."""
+    await asyncio.shield(_close_later(resp))
+
+
+async def _lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """``resp.aiter_lines()``, read by a task of its own. Cancelled while it reads, httpcore
+    closes the response itself, and a second cancellation during that close (a reply
+    cancelled by a barge-in, then by the session's end) left the connection checked out
+    of the pool for good, its response marked closed: 100 such and every LLM request
+    waited for a connection. Here the reading task is cancelled once, by this generator,
+    whatever happens to its consumer."""
+    queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue(maxsize=256)
+
+    async def pump() -> None:
+        try:
+            async for line in resp.aiter_lines():
+                await queue.put(line)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the consumer raises it
+            await queue.put(exc)
+            return
+        await queue.put(None)
+
+    reader = asyncio.get_running_loop().create_task(pump(), name="llm-response-read")
+    try:
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if not reader.done():
+            reader.cancel()
+        await asyncio.shield(asyncio.gather(reader, return_exceptions=True))
+
+
+async def _send_or_close(http: httpx.AsyncClient, req: httpx.Request) -> httpx.Response:
+    """``http.send(req, stream=True)``; cancelled while it runs, the request goes on in the
+    background and its response, if one comes, is closed (its connection back to the
+    pool) instead of left open."""
+    sending = asyncio.ensure_future(http.send(req, stream=True))
+    try:
+        return await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        def settle(done: asyncio.Future[httpx.Response]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                _close_later(done.result())
+
+        sending.add_done_callback(settle)
+        raise
+
+
 class OpenAICompatLlm:
     """``LlmBackend`` speaking to any OpenAI-compatible ``/v1/chat/completions``."""
 
@@ -133,7 +200,7 @@ class OpenAICompatLlm:
             req = self._http.build_request("POST", f"{replica.url}/chat/completions",
                                            json=body, headers=headers)
             try:
-                resp = await self._http.send(req, stream=True)
+                resp = await _send_or_close(self._http, req)
             except httpx.TransportError as exc:
                 raise ReplicaUnreachable(f"{type(exc).__name__}: {exc}") from exc
             if resp.status_code in (429, 503):
@@ -170,7 +237,7 @@ class OpenAICompatLlm:
             try:
                 if resp.status_code != 200:
                     raise _http_error(resp.status_code, await resp.aread())
-                async for line in resp.aiter_lines():
+                async for line in _lines(resp):
                     if not line.startswith("data:"):
                         continue  # blank separators, comments, "event:" lines
                     data = line[5:].strip()
@@ -198,7 +265,8 @@ class OpenAICompatLlm:
                 raise LlmError(f"LLM server unreachable at {url}: {exc}", code="unavailable",
                                status=503) from exc
             finally:
-                await resp.aclose()  # mid-body: closes the connection, the server aborts
+                # mid-body: closes the connection, the server aborts
+                await _close_shielded(resp)
                 self.replicas.finished(replica)
         if finish is not None or usage is not None:
             yield LlmDelta(finish_reason=finish or "stop", usage=usage)
