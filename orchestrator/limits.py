@@ -29,6 +29,7 @@ import hmac
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ DEFAULT_TENANT = "default"
 # tenant is refused like a wrong token). Not a protocol field: the session drops it.
 TENANT_FIELD = "_tenant"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def new_member() -> str:
+    """A new session's entry in its key's count shared by the servers (``shared_caps.py``)
+    until its id is known."""
+    return "c_" + secrets.token_urlsafe(12)
 
 
 class ApiKeyConfig(BaseModel):

@@ -29,9 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from fastapi import FastAPI, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
@@ -61,14 +62,15 @@ from orchestrator.outbox import Outbox
 from orchestrator.playout import MediaPort
 from orchestrator.protocol.session import SessionConfig
 from orchestrator.settings import ServeSettings
-from orchestrator.shared_caps import SharedSessionCaps
 from orchestrator.store import SessionStore, open_store
-from orchestrator.store.redis_store import RedisStore
 from orchestrator.webrtc import signalling
 from orchestrator.webrtc.calls import Call, CallSession, MakeSession
 from stages.common import tracing
 from stages.common.service import Drain
 from stages.vad.model import SileroVadModel
+
+if TYPE_CHECKING:
+    from orchestrator.shared_caps import SharedSessionCaps
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +196,12 @@ class ServerState:
         try:
             resources = await self.loader(self.settings)
             self.secrets = keys.ClientSecrets(resources.store)
-            if isinstance(resources.store, RedisStore):
+            # Only a Redis store has imported redis-py (which imports the OpenTelemetry
+            # SDK): the memory store's servers never import it.
+            redis_store = sys.modules.get("orchestrator.store.redis_store")
+            if redis_store is not None and isinstance(resources.store, redis_store.RedisStore):
+                from orchestrator.shared_caps import SharedSessionCaps
+
                 self.shared_caps = SharedSessionCaps(resources.store.client,
                                                      resources.store.settings.key_prefix)
             self.resources = resources

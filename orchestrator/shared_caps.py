@@ -9,7 +9,10 @@ script, so two servers admitting at once cannot both take the last place. Each s
 renews its own entries every ``ttl_s / 3``; the entries of a server that dies (SIGKILL)
 lapse within ``ttl_s``, so its sessions stop counting without anyone cleaning up. A resume
 re-uses the session's member, so a session that moves to another server after a crash is
-counted once. Times come from Redis (``TIME``): the servers' clocks do not matter.
+counted once. Times come from Redis (``TIME``): the servers' clocks do not matter. (A
+member before the session's id is known: ``limits.new_member()``.)
+
+Imported only with the Redis store: importing redis-py imports the OpenTelemetry SDK.
 
 If Redis cannot be reached the check is skipped (logged): each server's own count still
 holds, and the session store refuses new sessions anyway until Redis is back.
@@ -20,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -62,11 +64,6 @@ end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
-
-
-def new_member() -> str:
-    """A session's member before its id is known (a new session)."""
-    return "c_" + secrets.token_urlsafe(12)
 
 
 class SharedSessionCaps:

@@ -31,13 +31,12 @@ from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 
 from orchestrator.auth import AuthUnavailable, Grant, authorize, presented_keys
-from orchestrator.limits import Refusal, own
+from orchestrator.limits import Refusal, new_member, own
 from orchestrator.metrics import REJECTED_CONNECTIONS
 from orchestrator.outbox import Outbox, error_json
 from orchestrator.protocol import ProtocolError, error_event
 from orchestrator.protocol.session import SessionConfig
 from orchestrator.settings import ServeSettings
-from orchestrator.shared_caps import new_member
 from orchestrator.store import StoreError, StoreUnavailable
 from orchestrator.webrtc.calls import Call
 

@@ -33,11 +33,10 @@ from starlette.datastructures import UploadFile
 from orchestrator import metrics
 from orchestrator.auth import AuthUnavailable, Grant, authorize, presented_keys
 from orchestrator.keys import ClientSecrets, error_response, read_body
-from orchestrator.limits import Refusal, refusal_response
+from orchestrator.limits import Refusal, new_member, refusal_response
 from orchestrator.protocol.errors import from_validation_error
 from orchestrator.protocol.session import SessionConfig
 from orchestrator.settings import ServeSettings
-from orchestrator.shared_caps import new_member
 from orchestrator.store import StoreError
 from orchestrator.webrtc import peer
 from orchestrator.webrtc.calls import Call, MakeSession, negotiate, new_call_id
