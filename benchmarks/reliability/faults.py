@@ -64,6 +64,7 @@ MID_REPLY_S = 0.5  # a: the kill comes this long after the first audio of a repl
 MARGIN_S = 5.0  # slack on a deadline for a loaded 2-core machine
 WAIT_S = 30.0  # bound on any single wait
 REQUESTS = 300  # d2: retrieves of a 200 KB item sent by the client that stopped reading
+SLOW_READER_LIMIT_S = 120.0  # d2 as a whole: every step of it is bounded well below
 SLOW_CLIENTS = r'cascade_rejected_connections_total\{reason="slow_client"\}'
 # Fake stages: a reply of ~24 words, ~7 s of audio played at real time.
 FAKE_TIMING = {"llm_reply_tokens": 24, "llm_tokens_per_s": 40}
@@ -512,23 +513,32 @@ class Bystander:
         self.f = f
         self.latencies: list[float] = []
         self.errors = 0
+        self.codes: dict[str, int] = {}  # the errors' codes, counted
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         async with open_client(self.f.c) as client:
             await session_of(client)
+            created: list[str] = []
             n = 0
             while True:
                 started = time.monotonic()
                 got = await create_item(client, f"Bystander {n}.")
-                if got["type"] != "conversation.item.done":
+                if got["type"] == "conversation.item.done":
+                    created.append(got["item"]["id"])
+                else:
                     self.errors += 1
+                    code = str(got.get("error", {}).get("code"))
+                    self.codes[code] = self.codes.get(code, 0) + 1
                 self.latencies.append(time.monotonic() - started)
                 n += 1
-                if n % 200 == 0:  # stay under the session's item limit
-                    for item_id in seen_items(client.drain()):
+                if len(created) >= 100:  # stay far under the session's item limit
+                    for item_id in created:
                         await send(client, {"type": "conversation.item.delete",
                                             "item_id": item_id})
+                        await client.until("conversation.item.deleted", "error",
+                                           limit_s=WAIT_S)
+                    created.clear()
                 await asyncio.sleep(0.2)
 
     async def __aenter__(self) -> Bystander:
@@ -545,7 +555,9 @@ class Bystander:
             await self._task
 
     def summary(self) -> str:
-        return f"bystander writes {pct(self.latencies)}, errors {self.errors}"
+        codes = f" {self.codes}" if self.codes else ""
+        return (f"bystander writes {pct(self.latencies)} ({len(self.latencies)} writes), "
+                f"errors {self.errors}{codes}")
 
 
 async def client_vanishes(f: Fleet, s: Sizes) -> Row:
@@ -594,12 +606,23 @@ async def slow_reader(f: Fleet, s: Sizes) -> Row:
     sampler = asyncio.create_task(sample())
     sent = 0
     dropped: float | None = None
+    phases: dict[str, float] = {}  # seconds each step took: a stuck one is named
+    phase, mark = "bystander", time.monotonic()
+
+    def step(name: str) -> None:
+        nonlocal phase, mark
+        now = time.monotonic()
+        phases[phase] = round(now - mark, 2)
+        phase, mark = name, now
+
     try:
-        async with Bystander(f) as bystander:
+        async with asyncio.timeout(SLOW_READER_LIMIT_S), Bystander(f) as bystander:
+            step("connect")
             async with connect(ws_url(f.c), additional_headers=HEADERS, max_size=2**24,
-                               max_queue=1, open_timeout=20) as ws:
+                               max_queue=1, open_timeout=20, close_timeout=2) as ws:
                 first = json.loads(await ws.recv())
                 assert first["type"] == "session.created", first
+                step("create")
                 await ws.send(json.dumps({"type": "conversation.item.create",
                                           "item": user_item("x" * 200_000, "big")}))
                 while True:  # the last events it reads
@@ -608,6 +631,7 @@ async def slow_reader(f: Fleet, s: Sizes) -> Row:
                         raise AssertionError(f"the item was refused: {got}")
                     if got["type"] == "conversation.item.done":
                         break
+                step("requests")
                 ws.transport.pause_reading()  # from now on nothing leaves its socket
                 started = time.monotonic()
 
@@ -619,14 +643,22 @@ async def slow_reader(f: Fleet, s: Sizes) -> Row:
                         await asyncio.wait_for(ws.send(json.dumps(
                             {"type": "conversation.item.retrieve", "item_id": "big"})), 5)
                         sent += 1
-                waited = time.monotonic()
-                while time.monotonic() - waited < 30:
+                step("closed")
+                while time.monotonic() - started < 30:
                     if await closed_as_slow():
                         dropped = time.monotonic() - started
                         break
                     await asyncio.sleep(0.1)
+                step("abort")
                 ws.transport.abort()
+            step("settle")
             cleaned = await f.probe.settle(sessions + 1, fds + 1, limit_s=20)
+            step("bystander_exit")
+        step("done")
+    except TimeoutError:
+        raise AssertionError(f"stuck in {phase!r} for {time.monotonic() - mark:.1f} s "
+                             f"(the row's bound is {SLOW_READER_LIMIT_S:g} s); steps "
+                             f"before it took {phases}") from None
     finally:
         sampler.cancel()
     growth = max(samples, default=rss_before) - rss_before
@@ -638,14 +670,15 @@ async def slow_reader(f: Fleet, s: Sizes) -> Row:
                result=(f"closed by the server as too slow {when} after it stopped reading "
                        f"({sent} requests sent); orchestrator RSS +{growth:.0f} MB at peak, "
                        f"{rss_after - rss_before:+.0f} MB after; cleaned up "
-                       f"{cleaned is not None}; {bystander.summary()}"),
+                       f"{cleaned is not None}; {bystander.summary()}; steps {phases}"),
                passed=passed, command=COMMAND,
                note=("before the fix (6f58ed0, outbox bounded in events only) the same "
                      "client held ~90 MB in its queue, kept after the close"),
                figures={"rss_before_mb": round(rss_before), "rss_peak_growth_mb": round(growth),
                         "rss_after_mb": round(rss_after),
                         "disconnect_s": None if dropped is None else round(dropped, 2),
-                        "requests_sent": sent, "bystander_errors": bystander.errors})
+                        "requests_sent": sent, "bystander_errors": bystander.errors,
+                        "steps_s": phases})
 
 
 async def reconnect_loop(f: Fleet, s: Sizes) -> Row:
