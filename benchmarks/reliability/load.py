@@ -98,6 +98,7 @@ def summarize(sessions: int, live: int, stats: Stats, *, tasks: float, sockets: 
         "first_audio_p50_ms": round(quantile(stats.first_audio_ms, 0.5), 1),
         "first_audio_p95_ms": round(quantile(stats.first_audio_ms, 0.95), 1),
         "late_frames": stats.late_frames, "frames": stats.frames,
+        "sessions_lost": stats.ended,
     }
 
 
@@ -119,6 +120,8 @@ def verdict(step: dict[str, Any], capacity: bool = True) -> list[str]:
         why.append("no turn finished")
     if step["live"] < step["sessions"]:
         why.append(f"only {step['live']}/{step['sessions']} sessions connected")
+    if step.get("sessions_lost"):
+        why.append(f"sessions lost: {step['sessions_lost']}")
     if step["connect_failures"] or step["reconnect_failures"]:
         why.append(f"{step['connect_failures']} connects and {step['reconnect_failures']} "
                    "resumes failed")

@@ -85,6 +85,10 @@ class Stats:
     first_audio_ms: list[float] = field(default_factory=list)  # end of speech -> audio
     late_frames: int = 0  # sends more than one frame behind schedule
     frames: int = 0
+    ended: dict[str, int] = field(default_factory=dict)  # sessions lost before stop, why
+
+    def lost(self, why: str) -> None:
+        self.ended[why] = self.ended.get(why, 0) + 1
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -208,6 +212,8 @@ class _Session:
             try:
                 reader = asyncio.create_task(self._read(self.ws))
                 reconnect = await self._send(self.ws, reader)
+                if not reconnect and not gen._stopping:
+                    gen.stats.lost(self._why_ended(reader))
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
                 with contextlib.suppress(Exception):
@@ -220,6 +226,16 @@ class _Session:
                 gen.stats.reconnect_failures += 1
                 return
             gen.stats.reconnects += 1
+
+    def _why_ended(self, reader: asyncio.Task[None]) -> str:
+        """Why the connection ended before the generator stopped it."""
+        if reader.done() and not reader.cancelled() and reader.exception() is not None:
+            exc = reader.exception()
+            return f"reader raised {type(exc).__name__}: {exc}"[:160]
+        ws = self.ws
+        code = ws.close_code if ws is not None else None
+        reason = ws.close_reason if ws is not None else ""
+        return f"closed {code} {reason!r}" if code is not None else "closed (no close frame)"
 
     async def _send(self, ws: ClientConnection, reader: asyncio.Task[None]) -> bool:
         """Stream frames until stopped (False) or it is time to reconnect (True)."""

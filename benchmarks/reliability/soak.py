@@ -107,7 +107,8 @@ async def run(quick: bool) -> list[Row]:
         alive = rig.alive()
     finally:
         await rig.stop()
-    turns = summarize(sessions, sessions, stats, tasks=end["tasks"], sockets=end["sockets"],
+    live = min((s["client_live"] for s in samples), default=0)  # the fewest connected
+    turns = summarize(sessions, live, stats, tasks=end["tasks"], sockets=end["sockets"],
                       cpu={"orchestrator": round(orch_cpu, 3)}, rss=end["rss_mb"],
                       lag_p50=lag.quantile(0.5) * 1000, lag_p99=lag.quantile(0.99) * 1000,
                       lag_samples=lag.count, alive=alive)
@@ -172,6 +173,9 @@ def rows(sessions: int, duration: float, window: float, idle: dict[str, Any],
         why.append("the orchestrator died")
     if turns["finished"] == 0:
         why.append("no turn finished")
+    if turns.get("sessions_lost"):
+        lost = sum(turns["sessions_lost"].values())
+        why.append(f"{lost} sessions lost before the end: {turns['sessions_lost']}")
     activity = Row(
         section="soak", name=f"turns during the {minutes} soak",
         result=(f"{turns['answered']}/{turns['finished']} turns answered "

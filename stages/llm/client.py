@@ -36,6 +36,7 @@ import httpx
 
 from stages.common import tracing
 from stages.common.access import StageAccess
+from stages.common.aiter import closing
 from stages.common.replicas import (
     NoReplicaError,
     Replica,
@@ -52,7 +53,7 @@ PREFILL_ONLY_HEADER = "X-Cascade-Prefill-Only"
 
 
 # Closing tasks still running: a task is only weakly referenced by the loop.
-_CLOSING: set[asyncio.Task[None]] = set()
+_CLOSING: set[asyncio.Task[Any]] = set()
 
 
 def _close_later(resp: httpx.Response) -> asyncio.Task[None]:
@@ -70,27 +71,46 @@ async def _close_shielded(resp: httpx.Response) -> None:
     await asyncio.shield(_close_later(resp))
 
 
+async def _read_body(resp: httpx.Response) -> bytes:
+    """``resp.aread()`` in a task of its own: a cancelled caller leaves the read (and the
+    close that ends it) to finish instead of cutting httpcore's close short."""
+    reading = asyncio.get_running_loop().create_task(resp.aread(), name="llm-body-read")
+    _CLOSING.add(reading)
+    reading.add_done_callback(_CLOSING.discard)
+    return await asyncio.shield(reading)
+
+
 async def _lines(resp: httpx.Response) -> AsyncIterator[str]:
-    """``resp.aiter_lines()``, read by a task of its own. Cancelled while it reads, httpcore
-    closes the response itself, and a second cancellation during that close (a reply
-    cancelled by a barge-in, then by the session's end) left the connection checked out
-    of the pool for good, its response marked closed: 100 such and every LLM request
-    waited for a connection. Here the reading task is cancelled once, by this generator,
-    whatever happens to its consumer."""
+    """``resp.aiter_lines()``, read by a task of its own that is **never cancelled**.
+
+    httpcore gives a connection back to its pool in a close guarded by anyio's
+    ``CancelScope(shield=True)``, which does not hold off asyncio's ``task.cancel()``: a
+    cancellation landing in that close (a reply cancelled twice, by a barge-in and the
+    session's end; or a reader cancelled just as the body ended and httpcore was closing
+    it) left the connection checked out for good, its response marked closed. 100 such
+    and every LLM request waited for a connection (found by the 30-minute soak, twice).
+    So a consumer that stops early does not cancel the reader: it closes the response
+    from a task of its own (``_close_later``), the reader's pending read fails, and the
+    reader ends by itself. The generator must be closed (``stages.common.aiter.closing``)."""
     queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue(maxsize=256)
+    stop = asyncio.Event()
 
     async def pump() -> None:
         try:
-            async for line in resp.aiter_lines():
-                await queue.put(line)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # the consumer raises it
-            await queue.put(exc)
+            async with closing(resp.aiter_lines()) as lines:
+                async for line in lines:
+                    await queue.put(line)
+                    if stop.is_set():
+                        return
+        except BaseException as exc:  # the consumer raises it (once the read was closed
+            if not stop.is_set():  # under it, nobody is left to hear)
+                await queue.put(exc)
             return
         await queue.put(None)
 
     reader = asyncio.get_running_loop().create_task(pump(), name="llm-response-read")
+    _CLOSING.add(reader)  # a task is only weakly referenced by the loop
+    reader.add_done_callback(_CLOSING.discard)
     try:
         while (item := await queue.get()) is not None:
             if isinstance(item, BaseException):
@@ -98,7 +118,10 @@ async def _lines(resp: httpx.Response) -> AsyncIterator[str]:
             yield item
     finally:
         if not reader.done():
-            reader.cancel()
+            stop.set()
+            _close_later(resp)  # a pending read fails: the reader ends by itself
+            while not queue.empty():  # a put waiting on a full queue goes through
+                queue.get_nowait()
         await asyncio.shield(asyncio.gather(reader, return_exceptions=True))
 
 
@@ -204,8 +227,8 @@ class OpenAICompatLlm:
             except httpx.TransportError as exc:
                 raise ReplicaUnreachable(f"{type(exc).__name__}: {exc}") from exc
             if resp.status_code in (429, 503):
-                await resp.aread()
-                await resp.aclose()
+                await _read_body(resp)
+                await _close_shielded(resp)
                 last_refusal[:] = [resp]
                 raise ReplicaRefused(f"HTTP {resp.status_code}")
             return replica, resp
@@ -236,27 +259,28 @@ class OpenAICompatLlm:
             url = f"{replica.url}/chat/completions"
             try:
                 if resp.status_code != 200:
-                    raise _http_error(resp.status_code, await resp.aread())
-                async for line in _lines(resp):
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, "event:" lines
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = _parse_chunk(data)
-                    if chunk.get("usage"):
-                        u = chunk["usage"]
-                        usage = LlmUsage(prompt_tokens=int(u.get("prompt_tokens", 0)),
-                                         completion_tokens=int(u.get("completion_tokens", 0)))
-                    for choice in chunk.get("choices") or []:
-                        finish = choice.get("finish_reason") or finish
-                        delta = choice.get("delta") or {}
-                        text = delta.get("content") or ""
-                        calls = [ToolCallDelta.model_validate(c)
-                                 for c in delta.get("tool_calls") or []]
-                        if (text or calls) and not request.prefill_only:
-                            yielded = True
-                            yield LlmDelta(text=text, tool_calls=calls or None)
+                    raise _http_error(resp.status_code, await _read_body(resp))
+                async with closing(_lines(resp)) as lines:
+                    async for line in lines:
+                        if not line.startswith("data:"):
+                            continue  # blank separators, comments, "event:" lines
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        chunk = _parse_chunk(data)
+                        if chunk.get("usage"):
+                            u = chunk["usage"]
+                            usage = LlmUsage(prompt_tokens=int(u.get("prompt_tokens", 0)),
+                                             completion_tokens=int(u.get("completion_tokens", 0)))
+                        for choice in chunk.get("choices") or []:
+                            finish = choice.get("finish_reason") or finish
+                            delta = choice.get("delta") or {}
+                            text = delta.get("content") or ""
+                            calls = [ToolCallDelta.model_validate(c)
+                                     for c in delta.get("tool_calls") or []]
+                            if (text or calls) and not request.prefill_only:
+                                yielded = True
+                                yield LlmDelta(text=text, tool_calls=calls or None)
                 break
             except httpx.HTTPError as exc:
                 self.replicas.failed(replica, f"{type(exc).__name__}: {exc}")
