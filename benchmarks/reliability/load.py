@@ -98,7 +98,7 @@ def summarize(sessions: int, live: int, stats: Stats, *, tasks: float, sockets: 
         "first_audio_p50_ms": round(quantile(stats.first_audio_ms, 0.5), 1),
         "first_audio_p95_ms": round(quantile(stats.first_audio_ms, 0.95), 1),
         "late_frames": stats.late_frames, "frames": stats.frames,
-        "sessions_lost": stats.ended,
+        "sessions_lost": stats.ended, "items_deleted": stats.deleted,
     }
 
 

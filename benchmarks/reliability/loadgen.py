@@ -86,6 +86,7 @@ class Stats:
     late_frames: int = 0  # sends more than one frame behind schedule
     frames: int = 0
     ended: dict[str, int] = field(default_factory=dict)  # sessions lost before stop, why
+    deleted: int = 0  # items deleted (keep_items)
 
     def lost(self, why: str) -> None:
         self.ended[why] = self.ended.get(why, 0) + 1
@@ -98,8 +99,12 @@ class LoadGen:
     """Runs sessions against ``url`` (``ws://host:port/v1/realtime``) until ``stop``."""
 
     def __init__(self, url: str, *, barge_in_p: float = 0.15, reconnect_p: float = 0.1,
-                 seed: int = 1, frame_ms: int = FRAME_MS) -> None:
+                 seed: int = 1, frame_ms: int = FRAME_MS, keep_items: int = 0) -> None:
         self.url = url
+        # > 0: each session deletes its oldest items between turns beyond this many, as a
+        # long-running client bounds its conversation (the soak: flat memory is then
+        # the server's, not the conversations' growth); 0 keeps every item.
+        self.keep_items = keep_items
         self.frame_ms = frame_ms  # each append's audio (the issue's load: 20 ms)
         self.silence = _append(b"\0" * (RATE * frame_ms // 1000 * 2))
         self.barge_in_p = barge_in_p
@@ -180,6 +185,7 @@ class _Session:
         self.first_audio: float | None = None
         self.buffered_until = 0.0  # the client's playout: audio received runs out then
         self.reply_done = False
+        self.items: list[str] = []  # the conversation's item ids, oldest first
 
     async def _connect(self, resume: bool) -> bool:
         url = self.gen.url
@@ -249,6 +255,16 @@ class _Session:
             frame = self._next_frame(now)
             if frame is None:  # the turn is over and the dice say: reconnect
                 return True
+            keep = gen.keep_items
+            if keep and len(self.items) > keep and not (self.speech or self.waiting):
+                stale = self.items.pop(0)  # between turns: one delete per frame
+                try:
+                    await ws.send(json.dumps({"type": "conversation.item.delete",
+                                              "item_id": stale}))
+                    stats.deleted += 1
+                except ConnectionClosed:
+                    stats.error("connection_closed")
+                    return False
             try:
                 await ws.send(frame)
             except ConnectionClosed:
@@ -334,6 +350,10 @@ class _Session:
                             stats.unanswered += 1
                             self.waiting = False
                             self.speak_at = now + self.rng.uniform(0.5, 1.5)
+                elif kind == "conversation.item.added":
+                    item_id = (event.get("item") or {}).get("id")
+                    if item_id and item_id not in self.items[-4:]:
+                        self.items.append(item_id)
                 elif kind == "error":
                     stats.error(str((event.get("error") or {}).get("code")))
 

@@ -15,10 +15,15 @@ closed and ``settle`` seconds: asyncio tasks, fds and sockets against the idle b
 taken before the first session; the LLM client's pool connections are counted apart: httpx
 keeps the idle ones of its busiest moment, up to 100, until its next request closes those
 past their keep-alive, so one more session runs and they must drop to at most 20, or they
-were leaked). ``--quick``: 5 sessions, 30 s. The orchestrator is pinned to one CPU as in
+were leaked). ``--quick``: 5 sessions, 30 s, conversations bounded to 4 items. The
+orchestrator is pinned to one CPU as in
 the load part; ``CASCADE_SOAK_PIN=0`` leaves it free (more sessions than one core holds:
 the soak judges memory and leaks, not lag). ``CASCADE_SOAK_FRAME_MS`` (default 20): the
 audio per append event (the load part's capacity figures are for 20 ms).
+``CASCADE_SOAK_KEEP_ITEMS`` (default 0: keep all): each session deletes its oldest items
+between turns beyond this many. A conversation keeps every item it was given, so with 0
+the RSS grows with the conversations themselves (~5 turns a minute per session); with a
+bound, what still grows is the server's own.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ async def run(quick: bool) -> list[Row]:
     every = 3.0 if quick else float(env.get("CASCADE_SOAK_EVERY_S", "10"))
     settle = 6.0 if quick else 15.0
     frame_ms = 20 if quick else int(env.get("CASCADE_SOAK_FRAME_MS", "20"))
+    keep_items = 4 if quick else int(env.get("CASCADE_SOAK_KEEP_ITEMS", "0"))
     window = min(300.0, duration / 3)
     orch_cpus, other_cpus = cpu_split(quick, "CASCADE_SOAK_PIN")
     rig = Rig(orchestrator_cpus=orch_cpus, others_cpus=other_cpus)
@@ -76,7 +82,7 @@ async def run(quick: bool) -> list[Row]:
         await asyncio.sleep(2.0)
         t0 = time.monotonic()
         idle = await sample(rig, 0, t0)
-        gen = LoadGen(rig.ws_url, seed=29, frame_ms=frame_ms)
+        gen = LoadGen(rig.ws_url, seed=29, frame_ms=frame_ms, keep_items=keep_items)
         try:
             await gen.add(sessions, spread_s=min(10.0, 0.1 * sessions))
             await asyncio.sleep(warmup)
@@ -113,6 +119,7 @@ async def run(quick: bool) -> list[Row]:
                       lag_p50=lag.quantile(0.5) * 1000, lag_p99=lag.quantile(0.99) * 1000,
                       lag_samples=lag.count, alive=alive)
     turns["frame_ms"] = frame_ms
+    turns["keep_items"] = keep_items
     return rows(sessions, duration, window, idle, samples, end, turns, rig.pinned, reused)
 
 
@@ -131,7 +138,9 @@ def rows(sessions: int, duration: float, window: float, idle: dict[str, Any],
         f"{minutes} soak",
         result=(f"RSS idle {idle['rss_mb']:.0f} MB, loaded {mean_rss:.0f} MB: "
                 f"{per_session:.2f} MB per session; drift {drift * 100:+.1f} % (mean of the "
-                f"last {window:.0f} s vs the first; criterion +-{DRIFT_MAX * 100:.0f} %)"),
+                f"last {window:.0f} s vs the first; criterion +-{DRIFT_MAX * 100:.0f} %); "
+                + (f"each conversation bounded to its last {turns['keep_items']} items"
+                   if turns.get("keep_items") else "conversations kept whole")),
         passed=bool(samples) and abs(drift) <= DRIFT_MAX, command=reproduce(),
         figures={"idle": idle, "samples": samples, "per_session_mb": round(per_session, 3),
                  "drift": round(drift, 4), "window_s": window, "pinned": pinned},

@@ -15,3 +15,6 @@ async def test_quick_soak_keeps_memory_flat_and_leaks_nothing() -> None:
     assert leaks.passed, leaks.result
     assert turns.figures["answered"] >= 1 and turns.figures["reconnects"] >= 0
     assert turns.passed, turns.note
+    # the sessions bound their conversations (keep_items 4): deletes went through
+    assert turns.figures["items_deleted"] > 0
+    assert not turns.figures["errors"], turns.figures["errors"]
