@@ -352,7 +352,7 @@ class _Session:
                             self.speak_at = now + self.rng.uniform(0.5, 1.5)
                 elif kind == "conversation.item.added":
                     item_id = (event.get("item") or {}).get("id")
-                    if item_id and item_id not in self.items[-4:]:
+                    if item_id:
                         self.items.append(item_id)
                 elif kind == "error":
                     stats.error(str((event.get("error") or {}).get("code")))

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import httpx
 
@@ -52,15 +52,22 @@ _MODELS_TIMEOUT_S = 5.0
 PREFILL_ONLY_HEADER = "X-Cascade-Prefill-Only"
 
 
-# Closing tasks still running: a task is only weakly referenced by the loop.
+T = TypeVar("T")
+
+# Reads and closes still running: a task is only weakly referenced by the loop.
 _CLOSING: set[asyncio.Task[Any]] = set()
 
 
-def _close_later(resp: httpx.Response) -> asyncio.Task[None]:
-    task = asyncio.get_running_loop().create_task(resp.aclose(), name="llm-response-close")
+def _spawn(coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+    """A task nobody cancels, kept referenced until it ends."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
     _CLOSING.add(task)
     task.add_done_callback(_CLOSING.discard)
     return task
+
+
+def _close_later(resp: httpx.Response) -> asyncio.Task[None]:
+    return _spawn(resp.aclose(), "llm-response-close")
 
 
 async def _close_shielded(resp: httpx.Response) -> None:
@@ -74,10 +81,7 @@ async def _close_shielded(resp: httpx.Response) -> None:
 async def _read_body(resp: httpx.Response) -> bytes:
     """``resp.aread()`` in a task of its own: a cancelled caller leaves the read (and the
     close that ends it) to finish instead of cutting httpcore's close short."""
-    reading = asyncio.get_running_loop().create_task(resp.aread(), name="llm-body-read")
-    _CLOSING.add(reading)
-    reading.add_done_callback(_CLOSING.discard)
-    return await asyncio.shield(reading)
+    return await asyncio.shield(_spawn(resp.aread(), "llm-body-read"))
 
 
 async def _lines(resp: httpx.Response) -> AsyncIterator[str]:
@@ -108,9 +112,7 @@ async def _lines(resp: httpx.Response) -> AsyncIterator[str]:
             return
         await queue.put(None)
 
-    reader = asyncio.get_running_loop().create_task(pump(), name="llm-response-read")
-    _CLOSING.add(reader)  # a task is only weakly referenced by the loop
-    reader.add_done_callback(_CLOSING.discard)
+    reader = _spawn(pump(), "llm-response-read")
     try:
         while (item := await queue.get()) is not None:
             if isinstance(item, BaseException):
