@@ -28,6 +28,7 @@ properties; they are reported, never asserted: the machine is shared and noisy.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -105,7 +106,8 @@ def _assert_spoken_turn(r: dict[str, Any], step: str, sentence: str, context: st
     # The latency panel: this turn's row with the server's first_audio_ms.
     timings = turn["timings"]
     assert timings is not None and isinstance(timings["first_audio_ms"], int | float), turn
-    shown = f"{round(timings['first_audio_ms'])} ms"
+    # The page rounds with Math.round (half up); Python's round() goes half to even.
+    shown = f"{math.floor(timings['first_audio_ms'] + 0.5)} ms"
     rows = [row for row in r["page"]["latency"] if row["response_id"] == mark["response_id"]]
     assert [row["total"] for row in rows] == [shown], r["page"]["latency"]
     assert any(text == shown[:-3] for _, text in r["mic"]["v2v"]), r["mic"]["v2v"]
