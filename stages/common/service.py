@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from stages.common import tracing
+from stages.common import event_loop, tracing
 from stages.common.access import StageKeyGuard
 from stages.common.load import StageLoad
 from stages.common.metrics import (
@@ -186,6 +186,12 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info", *,
     """Run one service with uvicorn. SIGTERM/SIGINT: a stage service drains its streams
     first (``Drain``), then uvicorn shuts down gracefully. ``ssl_certfile`` and
     ``ssl_keyfile`` (PEM): serve HTTPS and WSS only."""
+    try:
+        loop_name = event_loop.configured()
+        event_loop.loop_factory(loop_name)
+    except event_loop.EventLoopError as exc:
+        sys.exit(f"error: {exc}")
+    log.info("event loop: %s", loop_name)
     config = uvicorn.Config(
         app,
         host=host,
@@ -201,7 +207,7 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info", *,
     )
     drain = drain_of(app)
     server = _Server(config) if drain is None else _DrainingServer(config, drain)
-    asyncio.run(server.serve())
+    event_loop.run(server.serve(), loop_name)
     # Shut down cleanly (lifespan closed every model and connection): exit now. Left to
     # the interpreter, the exit waits on the models' idle worker threads, ~5 s inside a
     # container where PID 1 ignores the SIGTERM uvicorn re-raises, and a `docker stop`
