@@ -28,7 +28,10 @@ from benchmarks.reliability.loadgen import LoadGen
 from benchmarks.reliability.procs import CpuMeter, Rig
 
 _PATH = re.compile(r" \(([^)]*/)?([^/)]+?)(:\d+)?\)$")
-_ENTRY = "Handle._run (events.py)"  # what the event loop runs: a callback or a task step
+# Where what the event loop runs (a callback or a task step) starts in a stack: asyncio's
+# loop calls it from Handle._run; uvloop's C loop leaves no frame between the runner's
+# and the callback's own.
+_ENTRIES = ("Handle._run (events.py)", "Runner.run (runners.py)")
 
 class Node:
     """A call-tree node: samples spent in it (and below), its callees by name."""
@@ -67,7 +70,9 @@ def main_thread_tree(raw: str) -> tuple[Counter[str], Node]:
             continue
         root.samples += n
         names = [frame_name(f) for f in frames[1:]]
-        path = names[names.index(_ENTRY) + 1:] if _ENTRY in names else ["(the loop itself)"]
+        starts = [i for i, name in enumerate(names) if name in _ENTRIES]
+        path = names[starts[-1] + 1:] if starts else []
+        path = path or ["(the loop itself)"]
         node = root
         for name in path[:12]:
             node = node.children.setdefault(name, Node())

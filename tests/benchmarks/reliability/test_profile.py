@@ -43,3 +43,22 @@ def test_the_report_cuts_the_tree_at_the_minimum_share() -> None:
     assert "   60.0% handle (realtime.py)" in lines
     assert " 15.0% ReplyRun._run (reply.py)" in lines
     assert not any("the loop itself" in line for line in lines)  # 5 % < 10 %
+
+
+UVLOOP = ("thread: MainThread (7);_run_module_as_main (<frozen runpy>:198);"
+          "run (/app/stages/common/event_loop.py:59);Runner.run (/py/asyncio/runners.py:118)")
+
+
+def test_under_uvloop_the_tree_starts_below_the_runner() -> None:
+    """uvloop's C loop calls callbacks and task steps with no Python frame of its own."""
+    raw = "\n".join([
+        f"{UVLOOP};_read_loop (/app/orchestrator/websocket.py:127) 30",
+        f"{UVLOOP};ReplyRun._run (/app/orchestrator/reply.py:90) 10",
+        f"{UVLOOP} 60",  # in the loop's C code: polling, transports
+    ])
+    _threads, tree = main_thread_tree(raw)
+    assert tree.children["_read_loop (websocket.py)"].samples == 30
+    assert tree.children["ReplyRun._run (reply.py)"].samples == 10
+    assert tree.children["(the loop itself)"].samples == 60
+    assert set(tree.children) == {"_read_loop (websocket.py)", "ReplyRun._run (reply.py)",
+                                  "(the loop itself)"}
