@@ -313,6 +313,10 @@ class FakeStages:
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
+        except asyncio.CancelledError:
+            # Shutdown cancels the handler mid-reply: end quietly (Python 3.11's stream
+            # server logs a handler that ends cancelled as "Exception in callback").
+            pass
         finally:
             self._llm_writers.discard(writer)
             writer.close()
