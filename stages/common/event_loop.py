@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Coroutine
-from typing import Any, Literal, TypeVar, get_args
+from collections.abc import Callable
+from typing import Literal, get_args
 
-T = TypeVar("T")
 LoopName = Literal["uvloop", "asyncio"]
 ENV = "CASCADE_EVENT_LOOP"
 
@@ -47,13 +46,3 @@ def loop_factory(name: LoopName) -> Callable[[], asyncio.AbstractEventLoop] | No
                              f"it or set {ENV}=asyncio") from None
     return uvloop.new_event_loop
 
-
-def run(main: Coroutine[Any, Any, T], name: LoopName | None = None) -> T:
-    """``asyncio.run(main)`` on the configured loop."""
-    try:
-        factory = loop_factory(configured() if name is None else name)
-    except EventLoopError:
-        main.close()  # never awaited: no "coroutine was never awaited" warning
-        raise
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)

@@ -188,7 +188,7 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info", *,
     ``ssl_keyfile`` (PEM): serve HTTPS and WSS only."""
     try:
         loop_name = event_loop.configured()
-        event_loop.loop_factory(loop_name)
+        new_loop = event_loop.loop_factory(loop_name)
     except event_loop.EventLoopError as exc:
         sys.exit(f"error: {exc}")
     log.info("event loop: %s", loop_name)
@@ -207,7 +207,8 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info", *,
     )
     drain = drain_of(app)
     server = _Server(config) if drain is None else _DrainingServer(config, drain)
-    event_loop.run(server.serve(), loop_name)
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(server.serve())
     # Shut down cleanly (lifespan closed every model and connection): exit now. Left to
     # the interpreter, the exit waits on the models' idle worker threads, ~5 s inside a
     # container where PID 1 ignores the SIGTERM uvicorn re-raises, and a `docker stop`

@@ -5,20 +5,17 @@ served process answering and draining on either loop."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import signal
 import subprocess
 import sys
-import time
-import warnings
 
 import httpx
 import pytest
 import uvloop
 
-from orchestrator.launcher import free_port
 from stages.common import event_loop
+from tests.support.procs import first_answer, free_port
 
 
 def test_unset_or_empty_means_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,21 +36,16 @@ async def _loop_type() -> type[asyncio.AbstractEventLoop]:
     return type(asyncio.get_running_loop())
 
 
-def test_run_uses_the_named_loop() -> None:
-    assert event_loop.run(_loop_type(), "uvloop") is uvloop.Loop
-    plain = event_loop.run(_loop_type(), "asyncio")
-    assert not issubclass(plain, uvloop.Loop) and issubclass(plain, asyncio.BaseEventLoop)
+def test_each_name_gives_its_loop() -> None:
+    with asyncio.Runner(loop_factory=event_loop.loop_factory("uvloop")) as runner:
+        assert runner.run(_loop_type()) is uvloop.Loop
+    assert event_loop.loop_factory("asyncio") is None  # asyncio.Runner's default loop
 
 
-def test_a_missing_uvloop_is_a_clear_error_and_the_coroutine_is_closed(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_uvloop_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import fails as if not installed
-    main = _loop_type()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # "coroutine ... was never awaited" would fail
-        with pytest.raises(event_loop.EventLoopError, match=r"not installed.*=asyncio"):
-            event_loop.run(main, "uvloop")
-    assert inspect.getcoroutinestate(main) == inspect.CORO_CLOSED
+    with pytest.raises(event_loop.EventLoopError, match=r"not installed.*=asyncio"):
+        event_loop.loop_factory("uvloop")
 
 
 APP = (
@@ -84,15 +76,7 @@ def test_a_served_process_runs_on_the_configured_loop_and_drains(loop: str,
     port = free_port()
     proc = _spawn(port, loop)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"the server exited early: {proc.communicate()}"
-            try:
-                answer = httpx.get(f"http://127.0.0.1:{port}/loop", timeout=1.0)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.1)
+        answer = first_answer(proc, f"http://127.0.0.1:{port}/loop")
         assert answer.status_code == 200 and answer.json() == module
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5.0).status_code == 200
         proc.send_signal(signal.SIGTERM)

@@ -7,12 +7,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
-from orchestrator.launcher import free_port
+from tests.support.procs import first_answer, free_port
 
 APP = {
     "plain": "from fastapi import FastAPI; app = FastAPI()",
@@ -31,15 +29,7 @@ def test_sigterm_exits_0_after_the_graceful_shutdown(kind: str) -> None:
             f"serve(app, '127.0.0.1', {port}, log_level='warning')")
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "the server exited early"
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1.0)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.1)
+        first_answer(proc, f"http://127.0.0.1:{port}/docs")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
