@@ -170,7 +170,8 @@ async def fuzz_session(open_: Connect, cases: Iterable[Case] | AsyncIterable[Cas
 
 class Bystander:
     """A well-behaved session on the fuzzed server: it must keep working throughout (an
-    item added and deleted every second), and at the end get a real reply."""
+    item added and deleted every second, and once more when the fuzzing ends), and at the
+    end get a real reply."""
 
     def __init__(self, open_: Connect) -> None:
         self._open = open_
@@ -191,6 +192,7 @@ class Bystander:
                 await self._item(ws, n)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
+            await self._item(ws, n + 1)  # after the fuzzing too, however short it was
             await self._reply(ws)
         except (Closed, ConnectionClosed, TimeoutError) as exc:
             self.failures.append(f"bystander session broke: {exc!r}")
